@@ -1,0 +1,237 @@
+"""The `kiln` command line. Only this module reads flags; each command fills an options
+dataclass and hands it to its job function."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from jobs.options import GenerateOptions, LabelOptions, TrainOptions
+
+console = Console(stderr=True)
+app = typer.Typer(
+    name="kiln",
+    help="Train CNNs and char-RNNs with Ray Train; bulk-label images and bulk-generate text "
+    "with Ray Data. Every URI is a local path or s3://bucket/prefix.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+train_app = typer.Typer(help="Train a model with Ray Train.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                       help="Ray cluster address; default: a local Ray for this command.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    from jobs.redact import redact
+
+    console.print(f"[bold red]error:[/] {redact(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def job(module: str, function: str):
+    """A job function, or a plain 'not built yet' exit for a command still to come."""
+    try:
+        return getattr(importlib.import_module(f"jobs.{module}"), function)
+    except (ModuleNotFoundError, AttributeError):
+        fail(f"`kiln {module}` is not built yet in this version of kiln", code=3)
+
+
+def run_job(fn, *args):
+    """Runs a job; known failures become one clear line and exit code 2."""
+    from models import ModelFolderError
+    from pipelines.sink import OutputError
+    from pipelines.storage import StorageError
+
+    try:
+        return fn(*args)
+    except (ModelFolderError, StorageError, OutputError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume", code=130)
+
+
+@train_app.command("cnn", epilog="Example: kiln train cnn --data digits.tar --out runs/digits")
+def train_cnn(
+    data: str = typer.Option(..., help="Parquet (image, label) or a class-per-folder dir/archive."),
+    out: str = typer.Option(..., help="Run folder: model/, metrics.jsonl, curves.png."),
+    val: str = typer.Option(None, help="Validation data; default: hold out --val-fraction."),
+    val_fraction: float = typer.Option(0.1, help="Share of --data held out for validation."),
+    arch: str = typer.Option("mnist_cnn", help="mnist_cnn, resnet8, resnet20, or a torchvision "
+                             "name such as resnet18."),
+    epochs: int = typer.Option(10, help="Passes over the training data."),
+    batch_size: int = typer.Option(64, help="Images per step on each worker."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (Adam, cosine decay)."),
+    workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
+    image_size: int = typer.Option(28, help="Images are resized to SIZE x SIZE."),
+    channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB)."),
+    time_limit: float = typer.Option(None, help="Minutes; stop cleanly and keep the best."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    seed: int = typer.Option(0, help="Random seed."),
+    address: str = ADDRESS,
+):
+    """Train an image classifier."""
+    opts = TrainOptions("cnn", data, out, val, val_fraction, epochs, None, time_limit, batch_size,
+                        lr, workers, gpu, resume, seed, arch=arch, image_size=image_size,
+                        channels=channels, address=address)
+    run_job(job("train", "run_train"), opts)
+
+
+@train_app.command("rnn", epilog="Example: kiln train rnn --data corpus.txt --out runs/chars "
+                   "--max-steps 2000")
+def train_rnn(
+    data: str = typer.Option(..., help="UTF-8 text file(s) or Parquet with a `text` column."),
+    out: str = typer.Option(..., help="Run folder."),
+    val: str = typer.Option(None, help="Validation text; default: hold out --val-fraction."),
+    val_fraction: float = typer.Option(0.1, help="Share of the text held out (its end)."),
+    cell: str = typer.Option("lstm", help="lstm, gru or rnn."),
+    layers: int = typer.Option(2, help="Recurrent layers."),
+    hidden: int = typer.Option(256, help="Hidden units per layer."),
+    embed: int = typer.Option(64, help="Character embedding size."),
+    dropout: float = typer.Option(0.0, help="Dropout between layers."),
+    seq_len: int = typer.Option(128, help="Characters per training sequence (BPTT length)."),
+    epochs: int = typer.Option(10, help="Passes over the text."),
+    max_steps: int = typer.Option(None, help="Stop after this many steps in total."),
+    batch_size: int = typer.Option(64, help="Sequences per step on each worker."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (Adam, cosine decay)."),
+    workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
+    time_limit: float = typer.Option(None, help="Minutes; stop cleanly and keep the best."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    seed: int = typer.Option(0, help="Random seed."),
+    address: str = ADDRESS,
+):
+    """Train a character-level language model (char-rnn)."""
+    opts = TrainOptions("rnn", data, out, val, val_fraction, epochs, max_steps, time_limit,
+                        batch_size, lr, workers, gpu, resume, seed, cell=cell, layers=layers,
+                        hidden=hidden, embed=embed, dropout=dropout, seq_len=seq_len,
+                        address=address)
+    run_job(job("train", "run_train"), opts)
+
+
+@app.command(epilog="Example: kiln label --model runs/digits --input 'photos/*.tar' "
+             "--output labels/ --top-k 3 --report")
+def label(
+    model: str = typer.Option(..., help="A trained CNN: the run folder or its model/ folder."),
+    input: list[str] = typer.Option(..., "--input", help="Directories, archives (.tar .tar.gz "
+                                    ".tgz .zip), Parquet with `image`, or globs; repeatable."),
+    output: str = typer.Option(..., help="Output folder: Parquet parts + summary.json."),
+    top_k: int = typer.Option(5, help="Class names and scores kept per image."),
+    batch_size: int = typer.Option(128, help="Images per forward pass."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
+    report: bool = typer.Option(False, "--report", help="Also write report.html beside it."),
+    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
+    address: str = ADDRESS,
+):
+    """Label every image of the inputs with a trained CNN."""
+    opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
+                        actors, address)
+    run_job(job("label", "run_label"), opts)
+
+
+@app.command(epilog="Example: kiln generate --model runs/chars --num-samples 100 "
+             "--output gen/ --temperature 0.8")
+def generate(
+    model: str = typer.Option(..., help="A trained char-RNN: run folder or model/ folder."),
+    output: str = typer.Option(..., help="Output folder: Parquet parts + summary.json."),
+    prompts: str = typer.Option(None, help="Text file (one prompt a line) or Parquet `prompt`."),
+    num_samples: int = typer.Option(None, help="Unconditional samples, when no --prompts."),
+    max_chars: int = typer.Option(200, help="Characters generated per row."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, help="Sample among the K likeliest characters; 0: all."),
+    seed: int = typer.Option(0, help="Each row is seeded from (seed, row id)."),
+    stop: str = typer.Option(None, help="Cut each text before this string."),
+    batch_size: int = typer.Option(64, help="Sequences sampled together per step."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
+    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
+    address: str = ADDRESS,
+):
+    """Generate text from prompts (or unconditionally) with a trained char-RNN."""
+    if (prompts is None) == (num_samples is None):
+        fail("give exactly one of --prompts or --num-samples")
+    opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
+                           seed, stop, batch_size, gpu, overwrite, actors, address)
+    run_job(job("generate", "run_generate"), opts)
+
+
+@app.command(epilog="Example: kiln info runs/digits")
+def info(
+    uri: str = typer.Argument(..., help="A run folder or model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print config.json as it is."),
+):
+    """Print the model card of a trained model."""
+    from jobs.report import model_card
+    from pipelines.storage import load_model
+
+    loaded = run_job(load_model, uri)
+    if as_json:
+        print(json.dumps(loaded.config, indent=2))
+    else:
+        Console().print(model_card(loaded), highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Example: kiln submit --address http://127.0.0.1:8265 -- kiln label "
+             "--model s3://b/run --input s3://b/imgs.tar --output s3://b/labels")
+def submit(
+    ctx: typer.Context,
+    address: str = ADDRESS,
+    gpus: float = typer.Option(0, help="GPUs the job's driver reserves."),
+    cpus: float = typer.Option(1, help="CPUs the job's driver reserves."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return once submitted."),
+):
+    """Run a kiln job on a Ray cluster through Ray Jobs (the args after --)."""
+    from jobs.options import SubmitOptions
+
+    opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait)
+    run_job(job("submit", "submit"), opts)
+
+
+@app.command()
+def status(job_id: str, address: str = ADDRESS):
+    """Show a submitted job's status."""
+    run_job(job("submit", "status"), job_id, address)
+
+
+@app.command()
+def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
+         address: str = ADDRESS):
+    """Print a submitted job's logs."""
+    run_job(job("submit", "logs"), job_id, address, follow)
+
+
+@app.command()
+def stop(job_id: str, address: str = ADDRESS):
+    """Stop a submitted job."""
+    run_job(job("submit", "stop"), job_id, address)
+
+
+@app.command("list")
+def list_jobs(address: str = ADDRESS):
+    """List the jobs of a Ray cluster."""
+    run_job(job("submit", "list_jobs"), address)
+
+
+@app.command(epilog="Example: kiln demo --out demo-output")
+def demo(
+    out: str = typer.Option("demo-output", help="Where the demo writes everything."),
+    small: bool = typer.Option(False, "--small", help="A faster, smaller run (for tests)."),
+):
+    """The whole flow on embedded data: build data sets, train, label, generate, report."""
+    run_job(job("demo", "run_demo"), out, small)
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    sys.exit(app())

@@ -1,0 +1,80 @@
+"""The Ray connection: an embedded local Ray by default (bounded object store, its own short
+temp dir, quiet logs), or a running cluster named by --address / RAY_ADDRESS. Token
+authentication stays on either way."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+DEFAULT_OBJECT_STORE_MB = 1536
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray for this command
+    num_cpus: int | None = None  # local Ray only; None: every core
+    num_gpus: int | None = None
+    object_store_mb: int = int(os.environ.get("KILN_OBJECT_STORE_MB", DEFAULT_OBJECT_STORE_MB))
+    include_dashboard: bool = False
+
+
+def ensure_token_auth() -> None:
+    """Ray 2.60 turns token auth on for local clusters; say so up front (no warning), and give
+    a client the token file if it has none, as `ray get-auth-token --generate` would."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"].lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if not os.path.exists(path):
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+
+
+def _quiet_data_context() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # kiln prints its own progress
+    ctx.print_on_execution_start = False
+    with contextlib.suppress(AttributeError):
+        ctx.enable_operator_progress_bars = False
+
+
+@contextlib.contextmanager
+def ray_session(opts: RayOptions | None = None):
+    """Connects for the duration of a command; a local Ray started here stops with it."""
+    import ray
+
+    opts = opts or RayOptions()
+    ensure_token_auth()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():  # tests and notebooks bring their own
+        _quiet_data_context()
+        yield
+        return
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=opts.num_cpus,
+            num_gpus=opts.num_gpus,
+            object_store_memory=opts.object_store_mb * 1024 * 1024,
+            _temp_dir=os.path.join(tempfile.gettempdir(), f"kiln-ray-{os.getuid()}"),
+            include_dashboard=opts.include_dashboard,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            # Workers import kiln from the same interpreter; no runtime_env upload is needed.
+        )
+    _quiet_data_context()
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,79 @@
+"""The settings of each job, as typed dataclasses with their defaults. The CLI fills them from
+flags; the job functions take them as they are and read no flags or environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainOptions:
+    kind: str  # "cnn" or "rnn"
+    data: str  # training data URI
+    out: str  # run folder URI
+    val: str | None = None  # validation data URI; else a --val-fraction of data is held out
+    val_fraction: float = 0.1
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    time_limit: float | None = None  # minutes; stops cleanly after the epoch that passes it
+    batch_size: int = 64
+    lr: float = 2e-3
+    workers: int = 2
+    gpu: bool = False
+    resume: bool = False
+    seed: int = 0
+    # CNN
+    arch: str = "mnist_cnn"
+    image_size: int = 28
+    channels: int = 1
+    # RNN
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 256
+    embed: int = 64
+    dropout: float = 0.0
+    seq_len: int = 128
+    address: str | None = None
+
+
+@dataclass
+class LabelOptions:
+    model: str
+    inputs: list[str]
+    output: str
+    top_k: int = 5
+    batch_size: int = 128
+    gpu: bool = False
+    overwrite: bool = False
+    report: bool = False
+    actors: int | None = None  # None: one per 1 CPU (or GPU) the cluster has
+    address: str | None = None
+
+
+@dataclass
+class GenerateOptions:
+    model: str
+    output: str
+    prompts: str | None = None  # a text file (one prompt a line) or Parquet with `prompt`
+    num_samples: int | None = None  # unconditional samples when no prompts are given
+    max_chars: int = 200
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: str | None = None
+    batch_size: int = 64
+    gpu: bool = False
+    overwrite: bool = False
+    actors: int | None = None
+    address: str | None = None
+
+
+@dataclass
+class SubmitOptions:
+    entrypoint: list[str]
+    address: str | None = None
+    gpus: float = 0
+    cpus: float = 1
+    wait: bool = True
+    working_dir: str = "."
+    env: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,26 @@
+"""Pure PyTorch: the CNN and char-RNN families, the char vocabulary, batched sampling and the
+model folder format. Importing this package never imports Ray."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import (  # noqa: E402
+    CNNSpec,
+    LoadedModel,
+    ModelFolderError,
+    RNNSpec,
+    build_model,
+    load_folder,
+    model_from_bytes,
+    model_to_bytes,
+    save_folder,
+)
+from .cnn import CNN_ARCHS, build_cnn  # noqa: E402
+from .rnn import CELLS, CharRNN  # noqa: E402
+from .sampling import SamplingSettings, row_seed, sample  # noqa: E402
+from .vocab import UNK, CharVocab  # noqa: E402
+
+__all__ = [
+    "CELLS", "CNN_ARCHS", "UNK", "CNNSpec", "CharRNN", "CharVocab", "LoadedModel",
+    "ModelFolderError", "RNNSpec", "SamplingSettings", "build_cnn", "build_model", "load_folder",
+    "model_from_bytes", "model_to_bytes", "row_seed", "sample", "save_folder",
+]

@@ -1,0 +1,99 @@
+"""The model folder: round trips locally and through S3, and clear errors for bad folders."""
+
+import json
+
+import pytest
+import torch
+
+from models import CNNSpec, ModelFolderError, RNNSpec, build_model, load_folder, save_folder
+from models.checkpoint import model_to_bytes
+from pipelines import storage
+
+
+def cnn():
+    spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)], 1, 28)
+    return build_model("cnn", spec), spec
+
+
+def rnn():
+    spec = RNNSpec(list("abc \n"), "gru", 8, 16, 2)
+    return build_model("rnn", spec), spec
+
+
+@pytest.mark.parametrize("make", [cnn, rnn])
+def test_local_round_trip(tmp_path, make):
+    model, spec = make()
+    cfg = save_folder(tmp_path / "m", model, "cnn" if isinstance(spec, CNNSpec) else "rnn",
+                      spec, {"metrics": {"val_loss": 1.5}})
+    loaded = load_folder(tmp_path / "m")
+    assert loaded.spec == spec and loaded.id == cfg["id"]
+    assert loaded.config["metrics"] == {"val_loss": 1.5}
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.model.state_dict().items(),
+                               strict=True):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_run_folder_resolves_to_model(tmp_path):
+    model, spec = cnn()
+    save_folder(tmp_path / "run" / "model", model, "cnn", spec)
+    assert load_folder(tmp_path / "run").kind == "cnn"
+    assert storage.load_model(str(tmp_path / "run")).kind == "cnn"
+
+
+def test_s3_round_trip(s3_bucket):
+    model, spec = rnn()
+    uri = f"{s3_bucket}/runs/r1/model"
+    storage.save_model(uri, model_to_bytes(model, "rnn", spec))
+    loaded = storage.load_model(f"{s3_bucket}/runs/r1", expect_kind="rnn")
+    assert loaded.spec == spec
+    x = torch.randint(0, 6, (2, 5))
+    torch.testing.assert_close(loaded.model(x)[0], model.eval()(x)[0])
+
+
+def test_corrupt_weights_give_a_clear_error(tmp_path):
+    model, spec = cnn()
+    save_folder(tmp_path, model, "cnn", spec)
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelFolderError, match="weights.safetensors is corrupt or truncated"):
+        load_folder(tmp_path)
+    weights.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelFolderError, match="corrupt or truncated"):
+        load_folder(tmp_path)
+
+
+def test_wrong_kind_and_mismatched_config(tmp_path):
+    model, spec = rnn()
+    save_folder(tmp_path, model, "rnn", spec)
+    with pytest.raises(ModelFolderError, match="holds a RNN model, but this command needs a CNN"):
+        load_folder(tmp_path, expect_kind="cnn")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["spec"]["hidden"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match="does not match config.json"):
+        load_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match="not valid JSON"):
+        load_folder(tmp_path)
+    cfg["kind"] = "transformer"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match="names kind 'transformer'"):
+        load_folder(tmp_path)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(ModelFolderError, match="config.json is missing"):
+        load_folder(tmp_path)
+    with pytest.raises(ModelFolderError, match="is missing"):
+        storage.load_model(str(tmp_path))
+
+
+def test_weights_are_never_unpickled(tmp_path):
+    """A pickle in place of the weights is refused, not executed."""
+    import pickle
+
+    model, spec = cnn()
+    save_folder(tmp_path, model, "cnn", spec)
+    (tmp_path / "weights.safetensors").write_bytes(pickle.dumps(model.state_dict()))
+    with pytest.raises(ModelFolderError, match="corrupt or truncated"):
+        load_folder(tmp_path)

@@ -1,0 +1,136 @@
+"""Unit tests of models/: shapes, learning, sampling and the vocabulary. No Ray."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models import (
+    CNN_ARCHS, CharRNN, CharVocab, SamplingSettings, build_cnn, row_seed, sample,
+)
+
+
+@pytest.mark.parametrize("arch", ["mnist_cnn", "resnet8", "resnet20", "resnet18",
+                                  "mobilenet_v3_small"])
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (1, 40), (3, 64)])
+def test_cnn_output_shape(arch, channels, size):
+    net = build_cnn(arch, num_classes=7, channels=channels, image_size=size).eval()
+    with torch.no_grad():
+        out = net(torch.randn(3, channels, size, size))
+    assert out.shape == (3, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_unknown_arch_lists_the_valid_ones():
+    with pytest.raises(ValueError) as e:
+        build_cnn("nope", 10, 1, 28)
+    assert "mnist_cnn" in str(e.value) and "resnet8" in str(e.value)
+    assert len(CNN_ARCHS) >= 5
+
+
+def test_cnn_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    net = build_cnn("mnist_cnn", 4, 1, 28)
+    net.eval()  # no dropout: the loss must fall by itself
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 4, (16,))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    first = None
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_rnn_shapes_and_step_matches_forward(cell):
+    torch.manual_seed(0)
+    net = CharRNN(30, cell, embed=8, hidden=16, layers=2).eval()
+    x = torch.randint(0, 30, (4, 9))
+    logits, _ = net(x)
+    assert logits.shape == (4, 9, 30)
+    state = net.init_state(4)
+    for t in range(9):
+        step_logits, state = net.step(x[:, t], state)
+    torch.testing.assert_close(step_logits, logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_rnn_overfits_a_tiny_batch(cell):
+    torch.manual_seed(0)
+    net = CharRNN(12, cell, embed=16, hidden=64, layers=2)
+    x = torch.randint(0, 12, (8, 21))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    first = None
+    for _ in range(200):
+        logits, _ = net(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 12), x[:, 1:].reshape(-1))
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10
+
+
+def test_vocab_round_trip_and_unknown_policy():
+    text = "hello, wörld!\n\tπ"
+    v = CharVocab.build(text)
+    assert v.decode(v.encode(text)) == text
+    assert v.encode("z") == [0] and v.count_unknown("hez€") == 2
+    assert CharVocab(v.chars) == v
+    rare = CharVocab.build("aaab", min_count=2)
+    assert rare.chars == ["a"] and rare.encode("b") == [0]
+    with pytest.raises(ValueError):
+        CharVocab(["a", "a"])
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    torch.manual_seed(0)
+    vocab = CharVocab.build("abcdefgh \n")
+    return CharRNN(len(vocab), "lstm", embed=8, hidden=32, layers=2).eval(), vocab
+
+
+def test_sampling_is_reproducible_per_seed(tiny_lm):
+    net, vocab = tiny_lm
+    s = SamplingSettings(max_chars=40, temperature=1.0)
+    a = sample(net, vocab, ["abc", "h"], [1, 2], s)
+    assert a == sample(net, vocab, ["abc", "h"], [1, 2], s)
+    assert all(len(t) == 40 and set(t) <= set(vocab.chars) for t in a)
+    assert sample(net, vocab, ["abc"], [3], s) != a[:1]
+
+
+def test_sampling_does_not_depend_on_the_batch(tiny_lm):
+    net, vocab = tiny_lm
+    prompts = ["a", "bbbbbbbbbbbbbb", "", "cafe", "h", "deadbeef"] * 3
+    seeds = [row_seed(7, i) for i in range(len(prompts))]
+    s = SamplingSettings(max_chars=30, temperature=0.9, top_k=5, lanes=4)
+    together = sample(net, vocab, prompts, seeds, s)
+    alone = [sample(net, vocab, [p], [sd], s)[0] for p, sd in zip(prompts, seeds, strict=True)]
+    reversed_ = sample(net, vocab, prompts[::-1], seeds[::-1], s)[::-1]
+    assert together == alone == reversed_
+
+
+def test_greedy_top_k_and_stop(tiny_lm):
+    net, vocab = tiny_lm
+    g = SamplingSettings(max_chars=25, temperature=0)
+    assert sample(net, vocab, ["ab"], [1], g) == sample(net, vocab, ["ab"], [999], g)
+    one = sample(net, vocab, ["ab"] * 3, [1, 2, 3], SamplingSettings(max_chars=25, top_k=1))
+    assert one[0] == one[1] == one[2] == sample(net, vocab, ["ab"], [1], g)[0]
+    full = sample(net, vocab, ["a"], [5], SamplingSettings(max_chars=60))[0]
+    stop = full[10:12]
+    cut = sample(net, vocab, ["a"], [5], SamplingSettings(max_chars=60, stop=stop))[0]
+    assert cut == full.split(stop, 1)[0] and stop not in cut
+
+
+def test_row_seed_depends_on_seed_and_id():
+    assert row_seed(0, "a") == row_seed(0, "a")
+    assert len({row_seed(0, "a"), row_seed(1, "a"), row_seed(0, "b")}) == 3
+
+
+def test_import_models_does_not_import_ray():
+    code = "import sys, models; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
