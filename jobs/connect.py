@@ -25,7 +25,11 @@ class RayOptions:
 def ensure_token_auth() -> None:
     """Ray 2.60 turns token auth on for local clusters; say so up front (no warning), and give
     a client the token file if it has none, as `ray get-auth-token --generate` would."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray read its config at import: make it see token mode
     if os.environ["RAY_AUTH_MODE"].lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
         return
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")

@@ -163,3 +163,41 @@ def load_folder(folder: str | Path, expect_kind: str | None = None) -> LoadedMod
             raise ModelFolderError(f"{folder} is not a model folder: {name} is missing")
     return model_from_bytes((folder / CONFIG_FILE).read_bytes(),
                             (folder / WEIGHTS_FILE).read_bytes(), expect_kind, str(folder))
+
+
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
+
+
+def save_training_state(folder: str | Path, optimizer: torch.optim.Optimizer, state: dict
+                        ) -> None:
+    """Beside a model folder: the optimizer's tensors as safetensors, its settings and the
+    trainer's progress (`state`, JSON-able) as JSON. Resume reads these back, no pickle."""
+    folder = Path(folder)
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per_param in opt["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    (folder / OPTIMIZER_FILE).write_bytes(st_save(tensors))
+    (folder / STATE_FILE).write_text(json.dumps(
+        {"trainer": state, "param_groups": opt["param_groups"], "scalars": scalars}, indent=1))
+
+
+def load_training_state(folder: str | Path, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restores the optimizer (when given) and returns the trainer's progress."""
+    folder = Path(folder)
+    try:
+        saved = json.loads((folder / STATE_FILE).read_text())
+        tensors = st_load((folder / OPTIMIZER_FILE).read_bytes())
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{folder}: the training checkpoint is incomplete: {e}") from None
+    if optimizer is not None:
+        state: dict = {}
+        for name, value in list(tensors.items()) + list(saved["scalars"].items()):
+            idx, key = name.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    return saved["trainer"]

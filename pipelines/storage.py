@@ -60,6 +60,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (other processes have other working directories)."""
+    return str(uri) if is_s3(uri) else str(Path(uri).expanduser().absolute())
+
+
 def join(uri: str, *parts: str) -> str:
     return posixpath.join(str(uri).rstrip("/"), *parts) if is_s3(uri) else str(Path(uri, *parts))
 

@@ -1,0 +1,227 @@
+"""The per-worker training function, one loop for both model kinds. What differs between a
+CNN and a char-RNN lives in a small task object: a batch -> (loss, samples), and how
+validation sums up into metrics."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from models import build_model
+from models.checkpoint import (
+    SPECS,
+    load_folder,
+    load_training_state,
+    model_to_bytes,
+    save_folder,
+    save_training_state,
+)
+from pipelines import storage
+from pipelines.transforms import augment_batch
+
+LN2 = math.log(2)
+
+
+class CNNTask:
+    metric, mode, clip = "val_accuracy", "max", None
+
+    def __init__(self, spec):
+        self.index = {c: i for i, c in enumerate(spec.classes)}
+
+    def collate(self, batch: dict) -> dict:
+        """numpy rows -> tensors; class names -> indices (-1: a class training never saw)."""
+        return {"x": torch.from_numpy(batch["x"]),
+                "y": torch.tensor([self.index.get(c, -1) for c in batch["label"]])}
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        x = augment_batch(batch["x"])  # (B, C, S, S), randomly shifted
+        return F.cross_entropy(model(x), batch["y"]), len(x)
+
+    def eval_sums(self, model, batch) -> torch.Tensor:
+        logits = model(batch["x"])  # (B, classes)
+        loss = F.cross_entropy(logits.float(), batch["y"], reduction="sum", ignore_index=-1)
+        correct = (logits.argmax(1) == batch["y"]).sum()
+        return torch.stack([loss, correct.float(), torch.tensor(float(len(logits)))])
+
+    def metrics(self, sums: list[float]) -> dict:
+        loss, correct, n = sums
+        return {"val_loss": loss / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+
+class RNNTask:
+    metric, mode, clip = "val_loss", "min", 5.0  # char-rnn clips gradients at 5
+
+    def __init__(self, spec):
+        pass
+
+    def collate(self, batch: dict) -> dict:
+        return {"ids": torch.from_numpy(batch["ids"])}
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        ids = batch["ids"]  # (B, T + 1)
+        logits, _ = model(ids[:, :-1])  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               ids[:, 1:].reshape(-1))
+        return loss, ids[:, 1:].numel()
+
+    def eval_sums(self, model, batch) -> torch.Tensor:
+        ids = batch["ids"]
+        logits, _ = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               ids[:, 1:].reshape(-1), reduction="sum")
+        return torch.stack([loss, torch.tensor(float(ids[:, 1:].numel()))])
+
+    def metrics(self, sums: list[float]) -> dict:
+        nats = sums[0] / max(sums[1], 1)
+        return {"val_loss": nats, "bits_per_char": nats / LN2}
+
+
+TASKS = {"cnn": CNNTask, "rnn": RNNTask}
+
+
+@dataclass
+class Progress:
+    """What resume restores besides the weights and the optimizer."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    elapsed_s: float = 0.0  # training time before this attempt
+    history: list = field(default_factory=list)
+    best: float | None = None
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over 2% of the steps, then cosine decay to a tenth of the peak."""
+    warm = max(1, total // 50)
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def all_sum(values: torch.Tensor) -> list[float]:
+    values = values.double().cpu()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return values.tolist()
+
+
+def better(task, value: float, best: float | None) -> bool:
+    return best is None or (value > best if task.mode == "max" else value < best)
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"] + rank)
+    kind = cfg["kind"]
+    spec = SPECS[kind](**cfg["spec"])
+    task = TASKS[kind](spec)
+    model = build_model(kind, spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    prog = Progress()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume, or a worker group restarted after a failure
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_folder(d).model.state_dict())
+            prog = Progress(**load_training_state(d, opt))
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    raw = model.module if hasattr(model, "module") else model
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    shards = {n: ray.train.get_dataset_shard(n) for n in ("train", "val")}
+    start, stop = time.monotonic(), False
+    while prog.epoch < cfg["epochs"] and not stop:
+        model.train()
+        t0, sums, seen = time.monotonic(), torch.zeros(2, dtype=torch.float64), 0
+        for batch in shards["train"].iter_torch_batches(
+            batch_size=cfg["batch_size"], collate_fn=task.collate, drop_last=True,
+            local_shuffle_buffer_size=cfg["shuffle_buffer"], local_shuffle_seed=prog.epoch,
+        ):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            for group in opt.param_groups:
+                group["lr"] = lr_at(prog.step, cfg["total_steps"], cfg["lr"])
+            with autocast:
+                loss, n = task.loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if task.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
+            opt.step()
+            prog.step += 1
+            sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+            seen += n
+            stop = prog.step >= cfg["max_steps"] or (
+                prog.step % 10 == 0 and past_deadline(cfg["deadline"]))
+            if stop:
+                break
+        train_time = time.monotonic() - t0
+        record = evaluate(task, raw, shards["val"], cfg, device, autocast)
+        total = all_sum(torch.cat([sums, torch.tensor([train_time])]))
+        prog.epoch += 1
+        mean_time = total[2] / ctx.get_world_size()  # total = [loss sum, samples, seconds]
+        record = {"epoch": prog.epoch, "step": prog.step, "train_loss": total[0] / max(total[1], 1),
+                  **record, "samples_per_s": total[1] / max(mean_time, 1e-9),
+                  "elapsed_s": prog.elapsed_s + time.monotonic() - start}
+        prog.history.append(record)
+        is_best = better(task, record[task.metric], prog.best)
+        if is_best:
+            prog.best = record[task.metric]
+        report(raw, opt, prog, record, cfg, spec, rank, is_best, start)
+        stop = stop or past_deadline(cfg["deadline"])
+
+
+def past_deadline(deadline: float | None) -> bool:
+    """Every worker must agree, or one would wait forever in the next collective."""
+    late = torch.tensor([1.0 if deadline and time.time() > deadline else 0.0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
+@torch.no_grad()
+def evaluate(task, model, shard, cfg, device, autocast) -> dict:
+    model.eval()
+    sums = None
+    for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"] * 2,
+                                          collate_fn=task.collate):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            s = task.eval_sums(model, batch).double().cpu()
+        sums = s if sums is None else sums + s
+    width = 3 if isinstance(task, CNNTask) else 2
+    return task.metrics(all_sum(sums if sums is not None else torch.zeros(width)))
+
+
+def report(model, opt, prog: Progress, record: dict, cfg, spec, rank: int, is_best: bool,
+           start: float) -> None:
+    """Checkpoint every epoch through Ray Train; rank 0 also keeps the run folder current:
+    metrics.jsonl, and model/ whenever validation improves."""
+    import json
+
+    import ray.train
+
+    prog.elapsed_s = record["elapsed_s"]
+    extra = {"metrics": record, "trained_on": cfg["data"], "train": cfg["train_settings"]}
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            save_folder(d, model, cfg["kind"], spec, extra)
+            save_training_state(d, opt, prog.__dict__)
+            lines = "".join(json.dumps(r) + "\n" for r in prog.history)
+            storage.write_bytes(storage.join(cfg["out"], "metrics.jsonl"), lines.encode())
+            if is_best:
+                storage.save_model(storage.join(cfg["out"], "model"),
+                                   model_to_bytes(model, cfg["kind"], spec, extra))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(record, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{prog.epoch:04d}")
