@@ -26,6 +26,7 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train a model with Ray Train.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
+TIME_LIMIT_HELP = "Minutes of training (start-up excluded); then stop cleanly, keep the best."
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
 
@@ -74,7 +75,7 @@ def train_cnn(
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
     image_size: int = typer.Option(28, help="Images are resized to SIZE x SIZE."),
     channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB)."),
-    time_limit: float = typer.Option(None, help="Minutes; stop cleanly and keep the best."),
+    time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     seed: int = typer.Option(0, help="Random seed."),
     address: str = ADDRESS,
@@ -105,7 +106,7 @@ def train_rnn(
     lr: float = typer.Option(2e-3, help="Peak learning rate (Adam, cosine decay)."),
     workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
-    time_limit: float = typer.Option(None, help="Minutes; stop cleanly and keep the best."),
+    time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     seed: int = typer.Option(0, help="Random seed."),
     address: str = ADDRESS,

@@ -118,7 +118,7 @@ def fit(opts: TrainOptions, data: dict):
         "weight_decay": 0.0 if opts.kind == "rnn" else 1e-4,
         "threads": max(1, int(per_worker)),
         "shuffle_buffer": 2000 if opts.kind == "cnn" else 500,
-        "deadline": time.time() + opts.time_limit * 60 if opts.time_limit else None,
+        "time_limit_s": opts.time_limit * 60 if opts.time_limit else None,
         "train_settings": settings,
     }
     fs, path = storage.filesystem(opts.out)

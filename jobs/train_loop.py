@@ -4,6 +4,7 @@ validation sums up into metrics."""
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -120,6 +121,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line an epoch is enough
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg["threads"])
@@ -140,7 +142,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     raw = model.module if hasattr(model, "module") else model
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     shards = {n: ray.train.get_dataset_shard(n) for n in ("train", "val")}
-    start, stop = time.monotonic(), False
+    start, stop, val_cache = time.monotonic(), False, []
+    # --time-limit counts training time (start-up excluded), across resumed attempts too.
+    limit = cfg["time_limit_s"]
+    deadline = time.time() + limit - prog.elapsed_s if limit else None
     while prog.epoch < cfg["epochs"] and not stop:
         model.train()
         t0, sums, seen = time.monotonic(), torch.zeros(2, dtype=torch.float64), 0
@@ -162,11 +167,11 @@ def train_loop_per_worker(cfg: dict) -> None:
             sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
             seen += n
             stop = prog.step >= cfg["max_steps"] or (
-                prog.step % 10 == 0 and past_deadline(cfg["deadline"]))
+                prog.step % 10 == 0 and past_deadline(deadline))
             if stop:
                 break
         train_time = time.monotonic() - t0
-        record = evaluate(task, raw, shards["val"], cfg, device, autocast)
+        record = evaluate(task, raw, shards["val"], cfg, device, autocast, val_cache)
         total = all_sum(torch.cat([sums, torch.tensor([train_time])]))
         prog.epoch += 1
         mean_time = total[2] / ctx.get_world_size()  # total = [loss sum, samples, seconds]
@@ -178,7 +183,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         if is_best:
             prog.best = record[task.metric]
         report(raw, opt, prog, record, cfg, spec, rank, is_best, start)
-        stop = stop or past_deadline(cfg["deadline"])
+        stop = stop or past_deadline(deadline)
 
 
 def past_deadline(deadline: float | None) -> bool:
@@ -189,12 +194,23 @@ def past_deadline(deadline: float | None) -> bool:
     return bool(late.item())
 
 
+VAL_CACHE_BYTES = 256 * 1024 * 1024
+
+
 @torch.no_grad()
-def evaluate(task, model, shard, cfg, device, autocast) -> dict:
+def evaluate(task, model, shard, cfg, device, autocast, cache: list) -> dict:
+    """Validation sums over this worker's shard, all-reduced into metrics. A small shard is
+    kept in memory after the first pass: streaming it again costs seconds every epoch."""
     model.eval()
     sums = None
-    for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"] * 2,
-                                          collate_fn=task.collate):
+    batches = cache or shard.iter_torch_batches(batch_size=cfg["batch_size"] * 2,
+                                                collate_fn=task.collate)
+    size, keep = 0, not cache
+    for batch in batches:
+        if keep:
+            size += sum(v.numel() * v.element_size() for v in batch.values())
+            keep = size < VAL_CACHE_BYTES
+            cache.append(batch) if keep else cache.clear()
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
             s = task.eval_sums(model, batch).double().cpu()
