@@ -3,8 +3,14 @@ prompt, the sequence's seed and the settings: never on which other sequences sha
 
 Two things make that hold. Randomness is counter-based: the j-th character of a sequence is
 drawn with a uniform number hashed from (its seed, j), not from a shared generator. And every
-step runs a fixed number of lanes (rows padded with dummies), so the matrix kernels, whose
-rounding can depend on the batch shape, always see the same shape."""
+step runs a fixed number of lanes (idle lanes compute on dummies), so the matrix kernels, whose
+rounding can depend on the batch shape, always see the same shape; each lane's row of a matrix
+product depends only on that lane's own inputs.
+
+Lanes are refilled as they finish (continuous batching): a sequence that ends early, through
+--stop or a short prompt, frees its lane for the next one instead of idling until the longest
+of its group is done. A lane starts each sequence from the zero state, as the model was
+trained to."""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 from .rnn import CharRNN
 from .vocab import CharVocab
 
-MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+LANES = 64  # sequences advanced together each step; fixed so no row depends on the batch
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class SamplingSettings:
     temperature: float = 1.0  # 0 is greedy
     top_k: int = 0  # 0 keeps every character
     stop: str | None = None  # the continuation is cut before its first occurrence
-    lanes: int = 64  # sequences advanced together each step
+    lanes: int = LANES  # sequences advanced together each step
     max_prompt_chars: int = 2000  # longer prompts keep their last characters
 
     def __post_init__(self):
@@ -78,6 +84,87 @@ def encode_prompt(vocab: CharVocab, prompt: str, max_chars: int) -> tuple[list[i
     return vocab.encode(prompt), vocab.count_unknown(prompt)
 
 
+class Stepper:
+    """CharRNN.step with its weights rearranged for one-character steps, about 1.5x faster on
+    a CPU: the first layer's input projection is a table lookup (the embedding times W_ih,
+    precomputed once per vocabulary entry), and an upper LSTM/RNN layer does one matrix
+    product over [input, hidden] instead of two. Same model, rounding differs from `step`."""
+
+    def __init__(self, model: CharRNN, device: torch.device | str | None = None):
+        r, self.cell, self.layers = model.rnn, model.cell, model.layers
+        self.relu = getattr(r, "nonlinearity", "tanh") == "relu"
+        self.device = torch.device(device or "cpu")
+        g = lambda name: getattr(r, name).detach().double()  # noqa: E731
+        fuse_bias = self.cell != "gru"  # a GRU's b_hn sits inside r * (W_hn h + b_hn)
+        # (V, G*H); built in float64 so its float32 bits do not depend on the GEMM kernel.
+        table = model.embed.weight.detach().double() @ g("weight_ih_l0").T + g("bias_ih_l0")
+        if fuse_bias:
+            table = table + g("bias_hh_l0")
+        self.table = self._put(table)
+        self.w, self.b = [], []  # per layer: weights transposed for addmm, and biases
+        for k in range(self.layers):
+            w_ih, w_hh, b_ih, b_hh = (g(f"{n}_l{k}") for n in ("weight_ih", "weight_hh",
+                                                                "bias_ih", "bias_hh"))
+            if k == 0 or not fuse_bias:
+                self.w.append((self._put(w_ih.T), self._put(w_hh.T)))
+                self.b.append((self._put(b_ih), self._put(b_hh)))
+            else:  # [x, h] (B, 2H) @ [W_ih; W_hh]^T (2H, G*H)
+                self.w.append((self._put(torch.cat([w_ih, w_hh], 1).T), None))
+                self.b.append((self._put(b_ih + b_hh), None))
+        self.head_w = self._put(model.head.weight.detach().double().T)  # (H, V)
+        self.head_b = self._put(model.head.bias.detach().double())
+        self.hidden = model.hidden
+
+    def _put(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float().contiguous().to(self.device)
+
+    def init_state(self, lanes: int) -> list[torch.Tensor]:
+        """[h_0, .., h_{L-1}] (+ [c_0, ..] for an LSTM), each (lanes, H)."""
+        n = self.layers * (2 if self.cell == "lstm" else 1)
+        return [torch.zeros(lanes, self.hidden, device=self.device) for _ in range(n)]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, state: list[torch.Tensor]):
+        """x (B,) int64 -> logits (B, V) float32, new state."""
+        n_layers, inp, new = self.layers, None, list(state)
+        for k in range(n_layers):
+            h = state[k]
+            (w_a, w_b), (b_a, b_b) = self.w[k], self.b[k]
+            if self.cell == "gru":
+                gi = self.table[x] if k == 0 else torch.addmm(b_a, inp, w_a)  # (B, 3H)
+                h = self._gru(gi.float(), torch.addmm(b_b, h, w_b).float(), h)
+            else:
+                if k == 0:
+                    gates = torch.addmm(self.table[x], h, w_b)  # (B, G*H)
+                else:
+                    gates = torch.addmm(b_a, torch.cat([inp, h], 1), w_a)
+                gates = gates.float()  # under bf16 autocast the state stays float32
+                if self.cell == "lstm":
+                    h, new[n_layers + k] = self._lstm(gates, state[n_layers + k])
+                else:
+                    h = torch.relu(gates) if self.relu else torch.tanh(gates)
+            new[k] = inp = h  # (B, H)
+        return torch.addmm(self.head_b, inp, self.head_w), new
+
+    @staticmethod
+    def _lstm(gates, c):
+        # PyTorch's gate order: input, forget, cell, output. One sigmoid over all four gates
+        # (the cell gate's is unused) costs less than three calls on the small tensors.
+        g4 = gates.view(gates.shape[0], 4, -1)  # (B, 4, H)
+        s = torch.sigmoid(g4)
+        c = s[:, 1] * c + s[:, 0] * torch.tanh(g4[:, 2])
+        return s[:, 3] * torch.tanh(c), c
+
+    @staticmethod
+    def _gru(gi, gh, h):
+        # PyTorch's gate order: reset, update, new.
+        ir, iz, i_n = gi.chunk(3, 1)
+        hr, hz, hn = gh.chunk(3, 1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(i_n + r * hn)
+        return n + z * (h - n)
+
+
 @torch.no_grad()
 def sample(
     model: CharRNN,
@@ -85,53 +172,86 @@ def sample(
     prompts: list[str],
     seeds: list[int],
     settings: SamplingSettings,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """The continuation of each prompt (the prompt itself is not repeated)."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt is required")
+    if settings.max_chars == 0 or not prompts:
+        return [""] * len(prompts)
     model.eval()
-    # Similar lengths side by side waste fewer steps; the order cannot change any row's text.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [""] * len(prompts)
-    for start in range(0, len(order), settings.lanes):
-        chunk = order[start : start + settings.lanes]
-        texts = _sample_lanes(
-            model, vocab, [prompts[i] for i in chunk], [seeds[i] for i in chunk], settings
-        )
-        for i, text in zip(chunk, texts, strict=True):
-            out[i] = text
-    return out
+    return _Lanes(Stepper(model, device), vocab, prompts, seeds, settings).run()
 
 
-def _sample_lanes(model, vocab, prompts, seeds, settings: SamplingSettings) -> list[str]:
-    n, lanes, stop = len(prompts), settings.lanes, settings.stop
-    if settings.max_chars == 0:
-        return [""] * n
-    ids = [encode_prompt(vocab, p, settings.max_prompt_chars)[0] for p in prompts]
-    lengths = np.array([len(x) for x in ids] + [1] * (lanes - n))  # (lanes,)
-    feed = np.zeros((lanes, int(lengths.max()) + settings.max_chars), dtype=np.int64)
-    for r, x in enumerate(ids):
-        feed[r, : len(x)] = x  # row r's prompt, then what it generates, in one (lanes, T) array
-    seed_arr = np.array(list(seeds) + [0] * (lanes - n), dtype=np.uint64)
-    state = model.init_state(lanes)
-    done = np.arange(lanes) >= n
-    rows = np.arange(lanes)
-    for t in range(int(lengths[:n].max()) + settings.max_chars - 1):
-        logits, state = model.step(torch.from_numpy(feed[:, t]), state)  # (lanes, V)
-        j = t - lengths + 1  # which generated character this step chooses, per row
-        choose = (j >= 0) & (j < settings.max_chars) & ~done
-        if not choose.any():
-            continue
-        u = _uniform(seed_arr, np.maximum(j, 0))
-        picked = pick(logits, u, settings.temperature, settings.top_k)
-        feed[rows[choose], t + 1] = picked[choose]
-        if stop:
-            for r in np.flatnonzero(choose & (picked == vocab.stoi.get(stop[-1], -1))):
-                start = lengths[r]
-                tail = vocab.decode(feed[r, max(start, t + 2 - len(stop)) : t + 2])
-                done[r] = tail == stop
-        done |= j >= settings.max_chars - 1
-        if done.all():
-            break
-    texts = [vocab.decode(feed[r, lengths[r] : lengths[r] + settings.max_chars]) for r in range(n)]
-    return [t.split(stop, 1)[0] if stop else t for t in texts]
+class _Lanes:
+    """The sampling loop: `lanes` sequences advance one character a step; a lane whose
+    sequence ends takes the next waiting prompt."""
+
+    def __init__(self, stepper: Stepper, vocab: CharVocab, prompts, seeds, settings):
+        self.stepper, self.vocab, self.s = stepper, vocab, settings
+        self.ids = [encode_prompt(vocab, p, settings.max_prompt_chars)[0] for p in prompts]
+        self.seeds = np.array(seeds, dtype=np.uint64)
+        # Longest first: the long ones start early, and the tail ends evenly.
+        self.queue = sorted(range(len(prompts)), key=lambda i: -len(self.ids[i]))[::-1]
+        n = settings.lanes
+        width = max(len(x) for x in self.ids) + settings.max_chars
+        self.buf = np.zeros((n, width), dtype=np.int64)  # lane: its prompt, then its text
+        self.row = np.full(n, -1)  # which prompt each lane holds; -1: idle
+        self.pos = np.zeros(n, dtype=np.int64)  # the buf column fed at this step
+        self.plen = np.ones(n, dtype=np.int64)
+        self.seed = np.zeros(n, dtype=np.uint64)
+        self.out: list[str] = [""] * len(prompts)
+        stop = settings.stop or None
+        self.stop_id = vocab.stoi.get(stop[-1], -1) if stop else -2  # never a picked index
+
+    def _fill(self, lanes: np.ndarray, state: list[torch.Tensor]) -> None:
+        for lane in lanes:
+            if not self.queue:
+                self.row[lane], self.pos[lane] = -1, 0  # idle: computes on a dummy
+                continue
+            r = self.queue.pop()
+            x = self.ids[r]
+            self.row[lane], self.pos[lane], self.plen[lane] = r, 0, len(x)
+            self.seed[lane] = self.seeds[r]
+            self.buf[lane, : len(x)] = x
+        idx = torch.from_numpy(np.asarray(lanes, dtype=np.int64)).to(self.stepper.device)
+        for t in state:
+            t.index_fill_(0, idx, 0.0)  # a new sequence starts from the zero state
+
+    def _finish(self, lane: int, length: int) -> None:
+        start = self.plen[lane]
+        text = self.vocab.decode(self.buf[lane, start : start + length])
+        self.out[self.row[lane]] = text.split(self.s.stop, 1)[0] if self.s.stop else text
+
+    def run(self) -> list[str]:
+        s, lanes = self.s, np.arange(self.s.lanes)
+        state = self.stepper.init_state(s.lanes)
+        self._fill(lanes, state)
+        dev = self.stepper.device
+        while (self.row >= 0).any():
+            x = torch.from_numpy(self.buf[lanes, self.pos]).to(dev)
+            logits, state = self.stepper(x, state)  # (lanes, V)
+            active = self.row >= 0
+            j = self.pos - self.plen + 1  # which generated character this step picks
+            choose = active & (j >= 0)
+            finished = np.zeros_like(active)
+            if choose.any():
+                u = _uniform(self.seed, np.maximum(j, 0))
+                picked = pick(logits.float().cpu(), u, s.temperature, s.top_k)
+                self.buf[lanes[choose], self.pos[choose] + 1] = picked[choose]
+                finished = choose & (j >= s.max_chars - 1)
+                for lane in np.flatnonzero(choose & (picked == self.stop_id) & ~finished):
+                    finished[lane] = self._stopped(lane, j[lane] + 1)
+            self.pos[active] += 1
+            done = np.flatnonzero(finished)
+            for lane in done:
+                self._finish(lane, j[lane] + 1)
+            if len(done):
+                self._fill(done, state)
+        return self.out
+
+    def _stopped(self, lane: int, length: int) -> bool:
+        """Whether the first `length` generated characters of a lane end with the stop text."""
+        stop, start = self.s.stop, self.plen[lane]
+        tail = self.buf[lane, max(start, start + length - len(stop)) : start + length]
+        return self.vocab.decode(tail) == stop

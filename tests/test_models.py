@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from models import (
-    CNN_ARCHS, CharRNN, CharVocab, SamplingSettings, build_cnn, row_seed, sample,
+    CNN_ARCHS,
+    CharRNN,
+    CharVocab,
+    SamplingSettings,
+    build_cnn,
+    row_seed,
+    sample,
 )
 
 
@@ -134,3 +140,30 @@ def test_row_seed_depends_on_seed_and_id():
 def test_import_models_does_not_import_ray():
     code = "import sys, models; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_stepper_matches_step(cell):
+    from models.sampling import Stepper
+
+    torch.manual_seed(0)
+    net = CharRNN(30, cell, embed=8, hidden=16, layers=3).eval()
+    fast = Stepper(net)
+    a, b = net.init_state(5), fast.init_state(5)
+    for _ in range(12):
+        x = torch.randint(0, 30, (5,))
+        la, a = net.step(x, a)
+        lb, b = fast(x, b)
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+
+
+def test_long_prompts_keep_their_end_and_lanes_refill(tiny_lm):
+    net, vocab = tiny_lm
+    s = SamplingSettings(max_chars=20, lanes=3, max_prompt_chars=50, stop="a")
+    long = "abcdefgh " * 20  # 180 chars: the last 50 are fed
+    prompts = [long, "h", "", long[-50:], "ab", "c"]
+    seeds = [11, 12, 13, 11, 15, 16]
+    got = sample(net, vocab, prompts, seeds, s)
+    assert got[0] == got[3]
+    alone = [sample(net, vocab, [p], [sd], s)[0] for p, sd in zip(prompts, seeds, strict=True)]
+    assert got == alone and all("a" not in t for t in got)
