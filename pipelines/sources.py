@@ -9,12 +9,16 @@ members a few at a time. read_unit() yields Records; nothing is ever extracted o
 
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
@@ -84,33 +88,131 @@ def _chunks(source: str, kind: str, items: list, chunk: int) -> list[Unit]:
 def _plan_one(uri: str, chunk: int) -> list[Unit]:
     kind = input_kind(uri)
     if kind == "dir":
-        fs, base = storage.filesystem(uri)
-        files = [(posixpath.relpath(i.path, base), storage.to_uri(uri, i.path), i.size)
-                 for i in storage.list_files(uri)]
-        return _chunks(uri, "files", files, chunk)
+        return _chunks(uri, "files", _dir_items(uri), chunk)
     if kind == "file":
-        return [Unit(uri, "files", [(posixpath.basename(uri), uri, storage.info(uri).size)])]
+        return [Unit(uri, "files", [(posixpath.basename(uri), uri, storage.info(uri).size, None)])]
     if kind == "tarstream":
         return [Unit(uri, "tarstream")]
     fs, path = storage.filesystem(uri)
     if kind == "parquet":
-        with fs.open_input_file(path) as f:
-            groups = list(range(pq.ParquetFile(f).num_row_groups))
-        return _chunks(uri, "parquet", groups, 1)
+        return _plan_parquet(uri)
     with fs.open_input_file(path) as f:
         if kind == "tar":
             try:
-                with tarfile.open(fileobj=f, mode="r:") as tar:
-                    members = [_tar_item(m) for m in tar]  # headers only; data is skipped
+                tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo)
             except tarfile.TarError as e:
                 return [Unit(uri, "broken", [str(e)])]
-            return _chunks(uri, "tar", [m for m in members if m], chunk)
+            return _chunks(uri, "tar", _scan_tar(tar, f), chunk)
         try:
             with zipfile.ZipFile(f) as zf:
                 names = [i.filename for i in zf.infolist() if not i.is_dir()]
-        except (zipfile.BadZipFile, OSError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
             return [Unit(uri, "broken", [str(e)])]
         return _chunks(uri, "zip", names, chunk)
+
+
+def _plan_parquet(uri: str) -> list[Unit]:
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            groups, names = pf.num_row_groups, pf.schema_arrow.names
+    except (pa.ArrowException, OSError) as e:
+        return [Unit(uri, "broken", [str(e)])]
+    if "image" not in names:
+        raise storage.StorageError(f"{uri}: Parquet input needs an 'image' column (encoded "
+                                   f"image bytes); it has {', '.join(names)}")
+    return _chunks(uri, "parquet", list(range(groups)), 1)
+
+
+def _dir_items(uri: str) -> list[tuple]:
+    """(path under the directory, URI, size, error) of every entry but directories. A local
+    walk uses lstat so that links to regular files are followed but broken links, links to
+    directories (never followed: they can loop) and FIFOs or devices (reading one can block
+    forever) become error rows instead of vanishing or hanging a reader."""
+    if storage.is_s3(uri):
+        _, base = storage.filesystem(uri)
+        return [(posixpath.relpath(i.path, base), storage.to_uri(uri, i.path), i.size, None)
+                for i in storage.list_files(uri)]
+    _, base = storage.filesystem(uri)
+    items = []
+
+    def unlistable(e: OSError) -> None:
+        rel = os.path.relpath(e.filename or base, base)
+        items.append((rel, e.filename or base, None, f"unreadable: cannot list directory: {e}"))
+
+    for root, dirs, files in os.walk(base, onerror=unlistable):
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)):
+                full = os.path.join(root, name)
+                items.append((os.path.relpath(full, base), full, None,
+                              "not_a_file: link to a directory (not followed)"))
+        for name in files:
+            full = os.path.join(root, name)
+            items.append((os.path.relpath(full, base), full, *_file_status(full)))
+    return sorted(items)
+
+
+def _file_status(path: str) -> tuple[int | None, str | None]:
+    try:
+        st = os.stat(path)  # follows links
+    except OSError:
+        return None, "not_a_file: broken link"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not_a_file: device, fifo, socket or other special file"
+    return st.st_size, None
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive silently at a bad header after the first; this notes the
+    error on the TarFile so the reader can report the rest of the archive as unreadable."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+            raise  # a normal end of archive
+        except tarfile.HeaderError as e:
+            tf.kiln_error = (tf.offset, e)
+            raise
+
+
+def _tar_end_error(tar: tarfile.TarFile, last: str | None) -> tuple | None:
+    """An error item for an archive that ended at a bad header, else None."""
+    bad = getattr(tar, "kiln_error", None)
+    if bad is None:
+        return None
+    offset, e = bad
+    kind = "truncated" if isinstance(e, tarfile.TruncatedHeaderError) else "corrupt"
+    after = f" after {last}" if last else ""
+    return (f"<archive byte {offset}>", 0, 0, f"{kind}: bad member header{after}: {e}")
+
+
+def _scan_tar(tar: tarfile.TarFile, f) -> list[tuple]:
+    """The members of a seekable tar from their headers (the data is skipped), and an error
+    item where the archive turns out truncated or corrupt; members before it are kept."""
+    items, last = [], None
+    while True:
+        try:
+            m = tar.next()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if "end of data" in str(e) and items and items[-1][2] > 0:
+                break  # the last member's data runs past the end: its own row says so
+            kind = "truncated" if "end of data" in str(e) else "corrupt"
+            items.append((f"<archive byte {tar.offset}>", 0, 0, f"{kind}: {e}"))
+            break
+        if m is None:
+            end = _tar_end_error(tar, last)
+            if end:
+                items.append(end)
+            break
+        tar.members.clear()  # tarfile keeps every header otherwise: memory for huge archives
+        last = m.name
+        item = _tar_item(m)
+        if item:
+            items.append(item)
+    return items
 
 
 def _tar_item(m: tarfile.TarInfo):
@@ -144,16 +246,18 @@ def _read_broken(unit: Unit, skip) -> Iterator[Record]:
 
 
 def _read_files(unit: Unit, skip) -> Iterator[Record]:
-    for rel, uri, size in unit.items:
+    for rel, uri, size, error in unit.items:
         if rel in skip:
             continue
-        if size is not None and size > MAX_MEMBER_BYTES:
+        if error:
+            yield Record(unit.source, rel, None, error)
+        elif size is not None and size > MAX_MEMBER_BYTES:
             yield Record(unit.source, rel, None, f"too_large: {size} bytes")
-            continue
-        try:
-            yield Record(unit.source, rel, storage.read_bytes(uri))
-        except storage.StorageError as e:
-            yield Record(unit.source, rel, None, f"unreadable: {e}")
+        else:
+            try:
+                yield Record(unit.source, rel, storage.read_bytes(uri))
+            except storage.StorageError as e:
+                yield Record(unit.source, rel, None, f"unreadable: {e}")
 
 
 def _read_tar(unit: Unit, skip) -> Iterator[Record]:
@@ -165,7 +269,11 @@ def _read_tar(unit: Unit, skip) -> Iterator[Record]:
             if error:
                 yield Record(unit.source, name, None, error)
                 continue
-            data = f.read_at(size, offset)
+            try:
+                data = f.read_at(size, offset)
+            except OSError as e:
+                yield Record(unit.source, name, None, f"unreadable: {e}")
+                continue
             if len(data) != size:
                 yield Record(unit.source, name, None, "truncated: archive ends inside member")
             else:
@@ -176,8 +284,10 @@ def _read_tarstream(unit: Unit, skip) -> Iterator[Record]:
     fs, path = storage.filesystem(unit.source)
     name = None
     try:
-        with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fs.open_input_stream(path) as f, \
+                tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
             for m in tar:
+                tar.members.clear()  # memory stays flat on a huge archive
                 name = m.name
                 item = _tar_item(m)
                 if item is None or m.name in skip:
@@ -186,10 +296,23 @@ def _read_tarstream(unit: Unit, skip) -> Iterator[Record]:
                     yield Record(unit.source, m.name, None, item[3])
                     continue
                 yield Record(unit.source, m.name, tar.extractfile(m).read())
-    except (tarfile.TarError, OSError, EOFError) as e:
+            end = _tar_end_error(tar, name)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         # The stream cannot go past this point; what came before is kept.
         where = f" after {name}" if name else ""
-        yield Record(unit.source, f"<archive{where}>", None, f"truncated: {e}")
+        end = (f"<archive{where}>", 0, 0, f"truncated: {e}")
+    if end and end[0] not in skip:
+        yield Record(unit.source, end[0], None, end[3])
+
+
+def _zip_member_error(info: zipfile.ZipInfo) -> str | None:
+    if unsafe_name(info.filename):
+        return "unsafe_path: absolute or '..' member name"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "not_a_file: link member"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return f"too_large: {info.file_size} bytes"
+    return None
 
 
 def _read_zip(unit: Unit, skip) -> Iterator[Record]:
@@ -198,18 +321,18 @@ def _read_zip(unit: Unit, skip) -> Iterator[Record]:
         for name in unit.items:
             if name in skip:
                 continue
-            if unsafe_name(name):
-                yield Record(unit.source, name, None, "unsafe_path: absolute or '..' member name")
-                continue
             info = zf.getinfo(name)
-            if info.file_size > MAX_MEMBER_BYTES:
-                yield Record(unit.source, name, None, f"too_large: {info.file_size} bytes")
+            error = _zip_member_error(info)
+            if error:
+                yield Record(unit.source, name, None, error)
                 continue
             try:
+                # zipfile stops at the size the directory declares, so a lying member cannot
+                # inflate past MAX_MEMBER_BYTES; a bad CRC or stream raises instead.
                 with zf.open(info) as member:
-                    data = member.read(MAX_MEMBER_BYTES + 1)
-            except (zipfile.BadZipFile, OSError, NotImplementedError, EOFError) as e:
-                yield Record(unit.source, name, None, f"unreadable: {e}")
+                    data = member.read()
+            except Exception as e:  # BadZipFile, zlib.error, RuntimeError (encrypted), ...
+                yield Record(unit.source, name, None, f"unreadable: {type(e).__name__}: {e}")
                 continue
             yield Record(unit.source, name, data)
 
@@ -219,23 +342,32 @@ def _read_parquet(unit: Unit, skip) -> Iterator[Record]:
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        if "image" not in names:
-            raise storage.StorageError(f"{unit.source}: Parquet input needs an 'image' column")
         key = "path" if "path" in names else "id" if "id" in names else None
         cols = ["image"] + [c for c in (key, "label") if c and c in names]
         for group in unit.items:
-            table = pf.read_row_group(group, columns=cols)
-            images = table.column("image").to_pylist()
-            keys = (table.column(key).to_pylist() if key
-                    else [None] * len(images))
-            labels = (table.column("label").to_pylist() if "label" in names
-                      else [None] * len(images))
-            base = sum(pf.metadata.row_group(g).num_rows for g in range(group))
-            for i, (img, k, lab) in enumerate(zip(images, keys, labels, strict=True)):
-                path_ = str(k) if k is not None else f"row-{base + i}"
-                if path_ in skip:
-                    continue
-                if img is None:
-                    yield Record(unit.source, path_, None, "empty: null image", lab)
-                else:
-                    yield Record(unit.source, path_, bytes(img), None, lab)
+            try:
+                table = pf.read_row_group(group, columns=cols)
+            except (pa.ArrowException, OSError) as e:
+                where = f"<row group {group}>"
+                if where not in skip:
+                    yield Record(unit.source, where, None, f"unreadable: {e}")
+                continue
+            yield from _parquet_records(unit.source, pf, group, table, key, skip)
+
+
+def _parquet_records(source, pf, group, table, key, skip) -> Iterator[Record]:
+    images = table.column("image").to_pylist()
+    keys = table.column(key).to_pylist() if key else [None] * len(images)
+    labels = (table.column("label").to_pylist() if "label" in table.column_names
+              else [None] * len(images))
+    base = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+    for i, (img, k, lab) in enumerate(zip(images, keys, labels, strict=True)):
+        path_ = str(k) if k is not None else f"row-{base + i}"
+        if path_ in skip:
+            continue
+        if img is None:
+            yield Record(source, path_, None, "empty: null image", lab)
+        elif not isinstance(img, bytes | bytearray):
+            yield Record(source, path_, None, "not_image: image column is not binary", lab)
+        else:
+            yield Record(source, path_, bytes(img), None, lab)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 # Pillow's own bomb guard is replaced by the per-preset max_pixels check below.
 Image.MAX_IMAGE_PIXELS = None
@@ -55,7 +56,6 @@ def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> I
             if draft_size and img.format == "JPEG":
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()
-            return ImageOps.exif_transpose(img) or img
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -65,13 +65,36 @@ def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> I
         raise ImageError(kind, str(e)[:200]) from None
     except Exception as e:  # decoders raise assorted errors on hostile input
         raise ImageError("corrupt", f"{type(e).__name__}: {str(e)[:200]}") from None
+    return _upright(img)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Applies the EXIF orientation. Only images that carry EXIF pay for parsing it (most
+    do not), and a broken EXIF block leaves the pixels as they are rather than failing."""
+    if "exif" not in img.info and img.format not in ("TIFF", "MPO"):
+        return img
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception:
+        return img
+
+
+def _white_level(mode: str, brightest: float) -> float:
+    """The value that means white in a high-depth image: its format's range where it has
+    one, else the smallest usual range that holds its brightest pixel (floats often 0..1)."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    for top in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
+        if brightest <= top:
+            return top
+    return brightest
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Any Pillow mode (palette, CMYK, 16-bit, float, alpha) -> 'L' or 'RGB'."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        top = _white_level(img.mode, float(arr.max(initial=0)))
         img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -79,37 +102,90 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("L" if channels == 1 else "RGB")
+    if img.mode == "LAB":  # Pillow has no direct LAB -> RGB conversion; a CMS transform does
+        img = ImageCms.applyTransform(img, _lab_to_srgb())
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
 
 
-def to_array(img: Image.Image, preset: ImagePreset, train: bool = False,
+@lru_cache(maxsize=1)
+def _lab_to_srgb():
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                   "LAB", "RGB")
+
+
+def to_uint8(img: Image.Image, preset: ImagePreset, train: bool = False,
              rng: np.random.Generator | None = None) -> np.ndarray:
-    """A decoded image -> normalized (C, S, S) float32. Training shifts it by up to 1/14 of
-    its size (random crop of a padded copy), as the reference recipes do for small images."""
+    """A decoded image -> (C, S, S) uint8 at the preset's size and channels. Training shifts
+    it by up to 1/14 of its size (random crop of an edge-padded copy), as the reference
+    recipes do for small images."""
     s = preset.image_size
     img = to_mode(img, preset.channels)
     if img.size != (s, s):
         img = img.resize((s, s), Image.BILINEAR, reducing_gap=3.0)
-    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)  # (S, S) or (S, S, 3)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, S, S)
+    # frombuffer on tobytes() skips numpy's slower __array_interface__ path.
+    arr = np.frombuffer(img.tobytes(), dtype=np.uint8)
+    arr = arr.reshape(1, s, s) if preset.channels == 1 else arr.reshape(s, s, 3).transpose(2, 0, 1)
     if train:
         rng = rng or np.random.default_rng()
         pad = max(1, s // 14)
         padded = np.pad(arr, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
         dy, dx = rng.integers(0, 2 * pad + 1, size=2)
         arr = padded[:, dy : dy + s, dx : dx + s]
+    return arr
+
+
+@lru_cache(maxsize=16)
+def _mean_std(preset: ImagePreset) -> tuple[np.ndarray, np.ndarray]:
     mean = np.asarray(preset.mean, dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(preset.std, dtype=np.float32).reshape(-1, 1, 1)
-    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+    return mean, std
+
+
+def normalize(arr: np.ndarray, preset: ImagePreset) -> np.ndarray:
+    """uint8 (..., C, S, S) -> normalized float32 of the same shape; batches welcome."""
+    mean, std = _mean_std(preset)
+    x = arr.astype(np.float32) * np.float32(1.0 / 255.0)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def to_array(img: Image.Image, preset: ImagePreset, train: bool = False,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+    """A decoded image -> normalized (C, S, S) float32."""
+    return normalize(to_uint8(img, preset, train, rng), preset)
+
+
+def decode_uint8(data: bytes, preset: ImagePreset, train: bool = False,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """Encoded bytes -> (C, S, S) uint8, not yet normalized (labeling normalizes whole
+    batches at once); raises ImageError."""
+    img = open_image(data, preset.max_pixels, draft_size=preset.image_size)
+    try:
+        return to_uint8(img, preset, train, rng)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError("corrupt", f"cannot convert mode {img.mode}: {e}") from None
 
 
 def decode(data: bytes, preset: ImagePreset, train: bool = False,
            rng: np.random.Generator | None = None) -> np.ndarray:
     """Encoded bytes -> normalized (C, S, S) float32; raises ImageError."""
-    img = open_image(data, preset.max_pixels, draft_size=preset.image_size)
-    try:
-        return to_array(img, preset, train, rng)
-    except ImageError:
-        raise
-    except Exception as e:
-        raise ImageError("corrupt", f"cannot convert mode {img.mode}: {e}") from None
+    return normalize(decode_uint8(data, preset, train, rng), preset)
+
+
+def augment_batch(x):
+    """Training augmentation on a (B, C, S, S) tensor batch: each image shifted by up to 1/14
+    of its size (a random crop of an edge-padded copy), as decode(train=True) does."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c, s, _ = x.shape
+    pad = max(1, s // 14)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # (B, C, S+2p, S+2p)
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), device=x.device)
+    span = torch.arange(s, device=x.device)
+    rows = (offsets[0][:, None] + span)[:, None, :, None].expand(-1, c, -1, s + 2 * pad)
+    out = padded.gather(2, rows)  # (B, C, S, S+2p)
+    cols = (offsets[1][:, None] + span)[:, None, None, :].expand(-1, c, s, -1)
+    return out.gather(3, cols)  # (B, C, S, S)
