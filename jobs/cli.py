@@ -145,14 +145,16 @@ def label(
 def generate(
     model: str = typer.Option(..., help="A trained char-RNN: run folder or model/ folder."),
     output: str = typer.Option(..., help="Output folder: Parquet parts + summary.json."),
-    prompts: str = typer.Option(None, help="Text file (one prompt a line) or Parquet `prompt`."),
+    prompts: str = typer.Option(None, help="UTF-8 text file, one prompt a line (id: the line "
+                                "number), or Parquet with `prompt` (and optional `id`)."),
     num_samples: int = typer.Option(None, help="Unconditional samples, when no --prompts."),
     max_chars: int = typer.Option(200, help="Characters generated per row."),
     temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, help="Sample among the K likeliest characters; 0: all."),
     seed: int = typer.Option(0, help="Each row is seeded from (seed, row id)."),
     stop: str = typer.Option(None, help="Cut each text before this string."),
-    batch_size: int = typer.Option(64, help="Sequences sampled together per step."),
+    batch_size: int = typer.Option(64, help="Rows per actor call and Parquet part (sampling "
+                                   "always advances 64 sequences together)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),

@@ -1,0 +1,252 @@
+"""kiln generate: prompt reading and its bad inputs, and the job on a local Ray with a char-RNN
+trained here: columns, reproducibility across batch sizes and actor counts, resume after a
+kill, and clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import embedded
+from jobs.generate import run_generate
+from jobs.options import GenerateOptions
+from models import (
+    CharRNN,
+    CharVocab,
+    CNNSpec,
+    ModelFolderError,
+    RNNSpec,
+    SamplingSettings,
+    build_model,
+    load_folder,
+    row_seed,
+    sample,
+    save_folder,
+)
+from pipelines import generate as gen
+from pipelines.sink import OutputDir, OutputError
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["id", "prompt", "text", "seed", "temperature", "top_k", "max_chars",
+           "unknown_chars", "model"]
+
+
+@pytest.fixture(scope="module")
+def rnn_model(tmp_path_factory):
+    """A small char-LSTM trained for a few seconds on the standard library's source."""
+    torch.manual_seed(0)
+    text = embedded.stdlib_corpus(100_000)
+    vocab = CharVocab.build(text)
+    spec = RNNSpec(vocab.chars, "lstm", embed=32, hidden=128, layers=2)
+    model = CharRNN(len(vocab), "lstm", 32, 128, 2)
+    data = torch.tensor(vocab.encode(text))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    deadline = time.monotonic() + 5
+    for _ in range(200):
+        starts = torch.randint(0, len(data) - 65, (32,))
+        batch = torch.stack([data[s : s + 65] for s in starts])  # (32, 65)
+        logits, _ = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)),
+                                                 batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if time.monotonic() > deadline:
+            break
+    folder = tmp_path_factory.mktemp("rnn") / "run" / "model"
+    save_folder(folder, model.eval(), "rnn", spec)
+    return folder.parent
+
+
+def opts(model, output, **kw) -> GenerateOptions:
+    kw.setdefault("max_chars", 40)
+    return GenerateOptions(model=str(model), output=str(output), **kw)
+
+
+def rows(output) -> dict:
+    table = OutputDir(str(output), {}).read_table()
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+# --- prompt inputs (no Ray) ----------------------------------------------------------------
+
+def test_text_prompts_ids_are_line_numbers(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffone\r\n\nthree ☃\n".encode())
+    t = gen.read_prompts(str(f))
+    assert t.column("id").to_pylist() == [1, 2, 3]
+    assert t.column("prompt").to_pylist() == ["one", "", "three ☃"]
+
+
+def test_non_utf8_prompt_file_names_the_line(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"fine\nalso fine\nbad \xe9t\xe9\nfine\n")
+    with pytest.raises(gen.PromptError, match=r"line 3 is not valid UTF-8.*column 5"):
+        gen.read_prompts(str(f))
+
+
+def test_parquet_prompts_with_and_without_ids(tmp_path):
+    pq.write_table(pa.table({"prompt": ["a", None], "id": ["x", "y"]}), tmp_path / "a.parquet")
+    t = gen.read_prompts(str(tmp_path / "a.parquet"))
+    assert t.column("id").to_pylist() == ["x", "y"]
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "b.parquet")
+    assert gen.read_prompts(str(tmp_path / "b.parquet")).column("id").to_pylist() == [0, 1]
+    pq.write_table(pa.table({"prompt": ["a", "b"], "id": [7, 7]}), tmp_path / "c.parquet")
+    with pytest.raises(gen.PromptError, match="repeats 7"):
+        gen.read_prompts(str(tmp_path / "c.parquet"))
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "d.parquet")
+    with pytest.raises(gen.PromptError, match="no `prompt` column"):
+        gen.read_prompts(str(tmp_path / "d.parquet"))
+
+
+def test_prompts_from_s3(s3_bucket):
+    boto3.client("s3").put_object(Bucket=s3_bucket[5:], Key="in/p.txt", Body=b"a\nb\n")
+    t = gen.read_prompts(f"{s3_bucket}/in/p.txt")
+    assert t.column("prompt").to_pylist() == ["a", "b"]
+
+
+def test_prompt_policy_counts():
+    vocab = CharVocab("abc \n")
+    stats, unknown = gen.prompt_stats(["ab", "", None, "a☃☃", "x" * 30], vocab, 10)
+    assert (stats.empty, stats.truncated, stats.with_unknown) == (2, 1, 2)
+    assert stats.unknown_chars == 2 + 10 and unknown == [0, 0, 0, 2, 10]
+
+
+def test_wrong_kind_model_is_a_clear_error(tmp_path):
+    spec = CNNSpec("mnist_cnn", ["a", "b"])
+    save_folder(tmp_path / "cnn", build_model("cnn", spec), "cnn", spec)
+    with pytest.raises(ModelFolderError, match="holds a CNN model.*needs a RNN model"):
+        run_generate(opts(tmp_path / "cnn", tmp_path / "out", num_samples=3))
+
+
+def test_cli_bad_prompt_file_is_one_line(tmp_path, rnn_model):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"ok\n\xff\xfe\n")
+    res = subprocess.run([sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model),
+                          "--prompts", str(f), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2
+    err = " ".join(res.stderr.split())  # Rich wraps long lines
+    assert "line 2 is not valid UTF-8" in err and "Traceback" not in err
+
+
+# --- the job on a local Ray ----------------------------------------------------------------
+
+PROMPTS = ["def ", "import os", "", "class Foo(object):", "    return self.", "snow ☃ man",
+           "x" * 300, "#", "for i in range(", "if __name__ == '__main__':"] * 4
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return f
+
+
+def test_generate_rows_columns_and_summary(ray_local, rnn_model, prompt_file, tmp_path):
+    out = tmp_path / "gen"
+    summary = run_generate(opts(rnn_model, out, prompts=str(prompt_file), seed=3, top_k=20))
+    table = OutputDir(str(out), {}).read_table()
+    assert table.column_names == COLUMNS and table.num_rows == len(PROMPTS)
+    got = rows(out)
+    assert sorted(got) == list(range(1, len(PROMPTS) + 1))
+    loaded = load_folder(rnn_model)
+    settings = SamplingSettings(max_chars=40, top_k=20)
+    for i in (1, 3, 7):  # the text is the continuation alone, as models.sample gives it
+        r = got[i]
+        assert r["prompt"] == PROMPTS[i - 1] and r["seed"] == row_seed(3, i)
+        assert r["text"] == sample(loaded.model, loaded.vocab, [r["prompt"]], [r["seed"]],
+                                   settings)[0]
+        assert r["model"] == loaded.id and r["temperature"] == 1.0 and r["top_k"] == 20
+    assert all(len(r["text"]) == 40 for r in got.values())
+    assert got[6]["unknown_chars"] == 1 and got[1]["unknown_chars"] == 0
+    assert summary["rows_in"] == summary["rows_written"] == len(PROMPTS)
+    assert summary["unknown_chars"] == 4 and summary["prompts_with_unknown_chars"] == 4
+    assert summary["empty_prompts"] == 4 and summary["truncated_prompts"] == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["model"] == loaded.id and summary["arguments"]["seed"] == 3
+
+    again = run_generate(opts(rnn_model, out, prompts=str(prompt_file), seed=3, top_k=20))
+    assert again["rows_written"] == 0 and again["rows_in_output"] == len(PROMPTS)
+    assert OutputDir(str(out), {}).read_table().num_rows == len(PROMPTS)  # not appended to
+    with pytest.raises(OutputError, match="differs in: seed"):
+        run_generate(opts(rnn_model, out, prompts=str(prompt_file), seed=4, top_k=20))
+    fresh = run_generate(opts(rnn_model, out, prompts=str(prompt_file), seed=4, top_k=20,
+                              overwrite=True))
+    assert fresh["rows_written"] == len(PROMPTS) and len(rows(out)) == len(PROMPTS)
+
+
+def test_texts_do_not_depend_on_batch_size_or_actors(ray_local, rnn_model, prompt_file,
+                                                     tmp_path):
+    a = run_generate(opts(rnn_model, tmp_path / "a", prompts=str(prompt_file), batch_size=64,
+                          actors=1, temperature=0.8))
+    b = run_generate(opts(rnn_model, tmp_path / "b", prompts=str(prompt_file), batch_size=7,
+                          actors=2, temperature=0.8))
+    assert a["rows_written"] == b["rows_written"] == len(PROMPTS)
+    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert {k: r["text"].encode() for k, r in ra.items()} == \
+        {k: r["text"].encode() for k, r in rb.items()}
+    assert len({r["text"] for r in ra.values()}) > 10  # sampled, not all the same
+
+
+def test_unconditional_greedy_with_stop(ray_local, rnn_model, tmp_path):
+    out = tmp_path / "u"
+    summary = run_generate(opts(rnn_model, out, num_samples=5, temperature=0, stop="\n",
+                                max_chars=80))
+    got = rows(out)
+    assert sorted(got) == [0, 1, 2, 3, 4] and summary["empty_prompts"] == 5
+    texts = {r["text"] for r in got.values()}
+    assert len(texts) == 1  # greedy: the seed does not matter
+    assert "\n" not in texts.pop()
+
+
+def test_killed_run_resumes_with_every_prompt_once(rnn_model, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"def f{i}(x):" for i in range(600)) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model), "--prompts",
+           str(prompts), "--output", str(out), "--max-chars", "300", "--batch-size", "16"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    env["KILN_OBJECT_STORE_MB"] = "200"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(out.glob("part-*.parquet"))) < 2:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no part was written in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait(30)
+    written = OutputDir(str(out), {}).done_keys(["id"])
+    assert 0 < len(written) < 600
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ids = OutputDir(str(out), {}).read_table().column("id").to_pylist()
+    assert sorted(ids) == list(range(1, 601))  # every prompt exactly once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_already_done"] == len(written)
+    assert summary["rows_written"] == 600 - len(written)
+
+
+def test_parquet_with_string_ids(ray_local, rnn_model, tmp_path):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a/1", "b 2", "c"], "prompt": ["def ", "", "x"]}), buf)
+    (tmp_path / "p.parquet").write_bytes(buf.getvalue())
+    run_generate(opts(rnn_model, tmp_path / "o", prompts=str(tmp_path / "p.parquet")))
+    got = rows(tmp_path / "o")
+    assert sorted(got) == ["a/1", "b 2", "c"]
+    assert got["a/1"]["seed"] == row_seed(0, "a/1")
