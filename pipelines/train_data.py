@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import ray.data
+from ray.data.expressions import col
 
 from models import CharVocab
 
@@ -61,15 +62,16 @@ def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
                              override_num_blocks=len(units))
     ds = ds.map_batches(_decode_units, batch_size=1, fn_kwargs={
         "units": units, "preset": preset, "val_fraction": val_fraction}).materialize()
-    skipped = [r["error"] for r in ds.filter(expr="error != ''").select_columns(["error"])
+    skipped = [r["error"] for r in ds.filter(expr=col("error") != "").select_columns(["error"])
                .iter_rows()]
-    good = ds.filter(expr="error == ''").drop_columns(["error"])
+    good = ds.filter(expr=col("error") == "").drop_columns(["error"])
     classes = sorted(good.unique("label"))
     if not classes:
         raise ValueError(f"{uri}: no decodable, labelled images (layout: CLASS_NAME/file.png, "
                          "or Parquet with image and label columns)")
-    train = good.filter(expr="not val").drop_columns(["val"])
-    val = good.filter(expr="val").drop_columns(["val"]) if val_fraction > 0 else None
+    held_out = col("val") == True  # noqa: E712 (an expression, not a comparison)
+    train = good.filter(expr=~held_out).drop_columns(["val"])
+    val = good.filter(expr=held_out).drop_columns(["val"]) if val_fraction > 0 else None
     return ImageData(train.materialize(), val.materialize() if val else None, classes, skipped)
 
 

@@ -29,7 +29,7 @@ def ray_local():
     ensure_token_auth()
     tmp = tempfile.mkdtemp(prefix="kr-", dir="/tmp")
     ray.init(address="local", num_cpus=2, object_store_memory=600 * 1024 * 1024, _temp_dir=tmp,
-             include_dashboard=False, logging_level="WARNING")
+             include_dashboard=True, logging_level="WARNING")
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
