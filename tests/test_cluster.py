@@ -1,0 +1,134 @@
+"""Many nodes and object storage end to end: a head and two worker nodes from
+ray.cluster_utils.Cluster, checkpoints and data on a moto S3 server, nodes removed mid-run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import embedded
+from jobs.connect import ensure_token_auth
+from jobs.generate import run_generate
+from jobs.label import run_label
+from jobs.options import GenerateOptions, LabelOptions, TrainOptions
+from jobs.train import run_train
+from pipelines import storage
+from pipelines.sink import OutputDir
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def upload(local: str, uri: str) -> str:
+    with open(local, "rb") as f:
+        storage.write_bytes(uri, f.read())
+    return uri
+
+
+def test_s3_end_to_end_train_label_generate(ray_local, s3_bucket, digits_files, tmp_path):
+    """Every URI is s3://: data in, checkpoints, model folders, outputs."""
+    b = s3_bucket
+    tar = upload(str(digits_files["tar"]), f"{b}/data/digits.tar")
+    run_train(TrainOptions("cnn", tar, f"{b}/runs/digits", epochs=2, batch_size=32))
+    assert storage.exists(f"{b}/runs/digits/model/weights.safetensors")
+    assert storage.exists(f"{b}/runs/digits/checkpoints")
+    pngs = digits_files["test_images"][:50]
+    local = embedded.write_flat_archive(tmp_path / "x.zip", pngs,
+                                        [f"{i}.png" for i in range(len(pngs))])
+    summary = run_label(LabelOptions(f"{b}/runs/digits", [upload(str(local), f"{b}/in/x.zip")],
+                                     f"{b}/labels", top_k=2))
+    assert summary["rows_written"] == 50
+    rows = OutputDir(f"{b}/labels", {}).read_table().to_pylist()
+    assert len(rows) == 50 and all(r["label"] is not None for r in rows)
+    assert storage.exists(f"{b}/labels/summary.json")
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in storage.read_bytes(
+        f"{b}/labels/summary.json").decode()
+
+    text = upload_text(f"{b}/data/corpus.txt", embedded.stdlib_corpus(60_000))
+    run_train(TrainOptions("rnn", text, f"{b}/runs/chars", max_steps=10, hidden=32, layers=1,
+                           seq_len=32, batch_size=16))
+    prompts = upload_text(f"{b}/data/prompts.txt", "def \nclass \nimport \n")
+    run_generate(GenerateOptions(f"{b}/runs/chars", f"{b}/gen", prompts=prompts, max_chars=20))
+    gen = OutputDir(f"{b}/gen", {}).read_table().to_pylist()
+    assert sorted(r["prompt"] for r in gen) == ["class ", "def ", "import "]
+    assert all(len(r["text"]) == 20 for r in gen)
+
+
+def upload_text(uri: str, text: str) -> str:
+    storage.write_bytes(uri, text.encode())
+    return uri
+
+
+@pytest.fixture
+def cluster(s3_server):
+    """A head (no CPUs: work lands on the workers) and two one-CPU worker nodes."""
+    from ray.cluster_utils import Cluster
+
+    ensure_token_auth()
+    tmp = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
+        "temp_dir": tmp, "object_store_memory": 200 * 1024 * 1024})
+    workers = [c.add_node(num_cpus=1, object_store_memory=200 * 1024 * 1024) for _ in range(2)]
+    yield c, workers
+    c.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kiln(address: str, *args) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address}
+    return subprocess.Popen([sys.executable, "-m", "jobs", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the job ended early:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_training_survives_losing_a_node(cluster, s3_bucket, digits_files):
+    c, workers = cluster
+    tar = upload(str(digits_files["tar"]), f"{s3_bucket}/data/digits.tar")
+    run = f"{s3_bucket}/runs/multi"
+    proc = kiln(c.address, "train", "cnn", "--data", tar, "--out", run, "--epochs", "4",
+                "--batch-size", "32", "--workers", "2")
+    metrics = f"{run}/metrics.jsonl"
+    wait_for(lambda: storage.exists(metrics), proc)
+    c.remove_node(workers[1])  # one training worker goes with it
+    c.add_node(num_cpus=1, object_store_memory=200 * 1024 * 1024)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    epochs = [json.loads(x)["epoch"] for x in storage.read_bytes(metrics).decode().splitlines()]
+    assert epochs == [1, 2, 3, 4]  # finished from the last checkpoint: nothing lost or repeated
+    assert storage.exists(f"{run}/model/config.json")
+
+
+def test_labeling_survives_losing_a_node(cluster, digits_data, tmp_path):
+    c, workers = cluster
+    pngs, _ = digits_data
+    names = [f"img/{i:05d}.png" for i in range(6000)]
+    tar = embedded.write_flat_archive(tmp_path / "many.tar", [pngs[i % len(pngs)] for i in
+                                                              range(6000)], names)
+    from models import CNNSpec, build_model, save_folder
+
+    spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)])
+    save_folder(tmp_path / "model", build_model("cnn", spec), "cnn", spec)
+    out = tmp_path / "labels"
+    proc = kiln(c.address, "label", "--model", str(tmp_path / "model"), "--input", str(tar),
+                "--output", str(out), "--batch-size", "64")
+    wait_for(lambda: out.exists() and any(out.glob("part-*.parquet")), proc)
+    c.remove_node(workers[1])
+    c.add_node(num_cpus=1, object_store_memory=200 * 1024 * 1024)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    paths = [p for f in out.glob("part-*.parquet") for p in pq.read_table(f)["path"].to_pylist()]
+    assert sorted(paths) == names  # each input exactly once
