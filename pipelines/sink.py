@@ -52,7 +52,16 @@ class OutputDir:
                 "or choose another --output"
             )
         storage.write_bytes(job_uri, json.dumps(self.job, indent=2, sort_keys=True).encode())
+        self._remove_leftovers()
         return self.done_keys(key_columns)
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of writes that a killed run never finished (storage.write_bytes
+        renames them into place only once whole)."""
+        if storage.exists(self.uri):
+            for i in storage.list_files(self.uri):
+                if i.path.endswith(".tmp"):
+                    storage.delete_dir(storage.to_uri(self.uri, i.path))
 
     def parts(self) -> list[str]:
         if not storage.exists(self.uri):

@@ -1,0 +1,375 @@
+"""Bulk labeling on Ray Data: one small item per source Unit goes through an actor pool; each
+actor loads the model once, reads its unit's records itself (image bytes never travel through
+the object store), decodes the next batch in background threads while the model runs on the
+current one, writes the labels of each part straight to the output as Parquet, and hands back
+only a small stats row per part for the driver's progress and summary.
+
+A part's file name depends on its unit and its place in the unit, so a task that Ray retries
+overwrites its own parts; a later run skips every (source, path) already written."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import io
+import json
+import pickle
+import queue
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from . import sink, storage
+from .sources import Record, Unit, read_unit
+from .transforms import ImageError, ImagePreset, decode_uint8, open_image
+
+SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("path", pa.string()),
+    ("label", pa.string()),
+    ("confidence", pa.float32()),
+    ("top_labels", pa.list_(pa.string())),
+    ("top_scores", pa.list_(pa.float32())),
+    ("error", pa.string()),
+    ("model", pa.string()),
+])
+THUMB_PX = 96
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """What every actor needs; the driver fills it from the job's options."""
+
+    model: str  # model URI (run folder or model/ folder)
+    output: str  # output folder URI
+    run_id: str  # this run's part-name suffix (sink.OutputDir.run_id)
+    top_k: int = 5
+    batch_size: int = 128
+    gpu: bool = False
+    threads: int = 1  # torch intra-op threads per actor (CPU)
+    decode_threads: int = 1  # background decode threads per actor
+    part_rows: int = 1000  # rows per Parquet part at most
+    thumbs: int = 0  # least-confident thumbnails returned per part, for the report
+
+
+def error_kind(error: str) -> str:
+    return error.split(":", 1)[0]
+
+
+def unit_paths(unit: Unit) -> list[str] | None:
+    """Every path a unit yields when it is known without reading it, else None."""
+    if unit.kind in ("files", "tar"):
+        return [item[0] for item in unit.items]
+    if unit.kind == "zip":
+        return list(unit.items)
+    if unit.kind == "broken":
+        return [""]
+    return None  # parquet and streamed tars only learn their paths as they read
+
+
+def make_tasks(units: list[Unit], done: set[tuple[str, str]]) -> list[dict]:
+    """One from_items row per unit that still has work, carrying the unit and the paths of
+    it that are already written (`skip`), pickled so that Arrow leaves its shape alone."""
+    by_source: dict[str, set[str]] = {}
+    for source, path in done:
+        by_source.setdefault(source, set()).add(path)
+    tasks = []
+    for unit in units:
+        done_here = by_source.get(unit.source, set())
+        paths = unit_paths(unit)
+        if paths is not None:
+            skip = frozenset(p for p in paths if p in done_here)
+            if len(skip) == len(paths) and paths:
+                continue  # the whole unit is written already
+        else:
+            skip = frozenset(done_here)
+        tasks.append({"task": pickle.dumps((unit, skip), protocol=5)})
+    return tasks
+
+
+def count_known(units: list[Unit]) -> int | None:
+    """How many rows the units hold, when every unit knows without reading."""
+    total = 0
+    for unit in units:
+        paths = unit_paths(unit)
+        if paths is None:
+            return None
+        total += len(paths)
+    return total
+
+
+def part_name(unit: Unit, index: int) -> str:
+    return f"{hashlib.sha1(unit.key.encode()).hexdigest()[:16]}-{index:05d}"
+
+
+class LabelPredictor:
+    """The Ray Data actor: loads the model once, then labels whole units per call."""
+
+    settings: LabelSettings | None = None  # set on the subclass that label_dataset makes
+
+    def __init__(self, settings: LabelSettings | None = None):
+        import torch
+
+        settings = settings or self.settings
+
+        self.torch, self.s = torch, settings
+        torch.set_num_threads(max(1, settings.threads))
+        # A decode thread holding the GIL would otherwise make the model thread wait a whole
+        # switch interval (5 ms) after each of its ops.
+        sys.setswitchinterval(0.0005)
+        loaded = storage.load_model(settings.model, expect_kind="cnn")
+        self.device = torch.device("cuda" if settings.gpu else "cpu")
+        self.model = loaded.model.to(self.device).eval()
+        self.model_id, self.preset = loaded.id, ImagePreset.from_spec(loaded.spec)
+        self.classes = np.asarray(loaded.spec.classes, dtype=object)
+        self.k = min(settings.top_k, len(self.classes))
+        std = torch.tensor(self.preset.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(self.preset.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add on the whole uint8 batch.
+        self.scale = (1.0 / (255.0 * std)).to(self.device)
+        self.shift = (-mean / std).to(self.device)
+        self.out = sink.OutputDir(settings.output, {})
+        self.out.run_id = settings.run_id
+        self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), "kiln-decode")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
+        for task in batch["task"]:
+            unit, skip = pickle.loads(task)
+            for stats in self.label_unit(unit, skip):
+                yield {"stats": [json.dumps(stats)]}
+
+    def label_unit(self, unit: Unit, skip: frozenset[str]) -> Iterator[dict]:
+        """Labels one unit; yields the stats of each part once it is written."""
+        rows: list[tuple] = []
+        index = 0
+        thumbs = Thumbs(self.s.thumbs)
+        for records, predictions in self._predicted(self._decoded(read_unit(unit, skip))):
+            rows.extend(zip(records, predictions, strict=True))
+            thumbs.offer(records, predictions)  # drops the bytes of all others
+            if len(rows) >= self.s.part_rows:
+                yield self._write_part(part_name(unit, index), rows, thumbs)
+                rows, index, thumbs = [], index + 1, Thumbs(self.s.thumbs)
+        if rows:
+            yield self._write_part(part_name(unit, index), rows, thumbs)
+
+    def _decoded(self, records: Iterator[Record]) -> Iterator[tuple[list, np.ndarray, list]]:
+        """(records, uint8 (n, C, S, S) of the good ones, their indices) a batch at a time,
+        read and decoded ahead of the model by background threads."""
+        return prefetch(_batches(records, self.s.batch_size), self.pool,
+                        lambda recs: decode_batch(recs, self.preset),
+                        depth=self.s.decode_threads + 1)
+
+    def _predicted(self, batches) -> Iterator[tuple[list, list]]:
+        for records, images, good in batches:
+            predictions: list = [None] * len(records)
+            if len(good):
+                for i, p in zip(good, self.predict(images), strict=True):
+                    predictions[i] = p
+            yield records, predictions
+
+    def predict(self, images: np.ndarray) -> list[tuple]:
+        """uint8 (B, C, S, S) -> per image (top-k class indices, top-k probabilities)."""
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(images).to(self.device, non_blocking=True).float()
+            x = x * self.scale + self.shift  # (B, C, S, S) normalized
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.gpu):
+                logits = self.model(x)  # (B, classes)
+            probs = torch.softmax(logits.float(), dim=1)
+            scores, idx = probs.topk(self.k, dim=1)  # (B, k) each
+        return list(zip(idx.cpu().numpy(), scores.cpu().numpy(), strict=True))
+
+    def _write_part(self, name: str, rows: list[tuple], thumbs: Thumbs) -> dict:
+        table = label_table(rows, self.classes, self.model_id)
+        sink.write_part(self.out.part_uri(name), table)
+        errors = Counter(error_kind(r.error) for r, _ in rows if r.error)
+        labels = Counter(self.classes[p[0][0]] for _, p in rows if p is not None)
+        stats = {"part": name, "rows": len(rows), "errors": dict(errors), "labels": dict(labels)}
+        if self.s.thumbs:
+            stats["thumbs"] = thumbs.render(self.classes)
+        return stats
+
+
+class Thumbs:
+    """The n least confident labeled records of a part, for the report's contact sheet. Only
+    they keep their image bytes; every other record drops them at once, so a part of large
+    photos does not sit in memory."""
+
+    def __init__(self, n: int):
+        self.n, self.heap = n, []  # max-heap on confidence: (-confidence, seq, record, pred)
+        self.seq = 0
+
+    def offer(self, records: list[Record], predictions: list) -> None:
+        for rec, pred in zip(records, predictions, strict=True):
+            if pred is None or self.n == 0:
+                rec.data = None
+                continue
+            self.seq += 1
+            item = (-float(pred[1][0]), self.seq, rec, pred)
+            if len(self.heap) < self.n:
+                heapq.heappush(self.heap, item)
+            elif item[0] > self.heap[0][0]:  # less confident than the most confident kept
+                heapq.heapreplace(self.heap, item)[2].data = None
+            else:
+                rec.data = None
+
+    def render(self, classes: np.ndarray) -> list[dict]:
+        kept = sorted(self.heap, key=lambda t: -t[0])
+        return [{"source": r.source, "path": r.path, "label": classes[p[0][0]],
+                 "confidence": -c, "image": thumbnail(r.data)} for c, _, r, p in kept]
+
+
+def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    batch: list[Record] = []
+    for rec in records:
+        batch.append(rec)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def decode_batch(records: list[Record], preset: ImagePreset) -> tuple[list, np.ndarray, list]:
+    """Decodes a batch; a record that fails gets its error set and stays in place."""
+    images, good = [], []
+    for i, rec in enumerate(records):
+        if rec.error:
+            continue
+        try:
+            images.append(decode_uint8(rec.data, preset))
+            good.append(i)
+        except ImageError as e:
+            rec.error = str(e)
+    shape = (0, preset.channels, preset.image_size, preset.image_size)
+    return records, (np.stack(images) if images else np.zeros(shape, np.uint8)), good
+
+
+def prefetch(items: Iterator, pool: ThreadPoolExecutor, fn, depth: int) -> Iterator:
+    """fn(item) for every item, in order, computed up to `depth` ahead in `pool`; the items
+    themselves are pulled (read) by a feeder thread so reading overlaps too."""
+    futures: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def feed() -> None:
+        try:
+            for item in items:
+                fut = pool.submit(fn, item)
+                while not stop.is_set():
+                    try:
+                        futures.put(fut, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # reading failed: hand it to the consumer
+            failed: Future = Future()
+            failed.set_exception(e)
+            futures.put(failed)
+        futures.put(done)
+
+    feeder = threading.Thread(target=feed, name="kiln-read", daemon=True)
+    feeder.start()
+    try:
+        while (fut := futures.get()) is not done:
+            yield fut.result()
+    finally:
+        stop.set()
+        while not futures.empty():  # unblock a feeder waiting to put
+            futures.get_nowait()
+        feeder.join(timeout=5)
+
+
+def label_table(rows: list[tuple], classes: np.ndarray, model_id: str) -> pa.Table:
+    """The DESIGN.md output table from (record, prediction or None) pairs."""
+    labels, conf, top_labels, top_scores = [], [], [], []
+    for _, pred in rows:
+        if pred is None:
+            labels.append(None)
+            conf.append(None)
+            top_labels.append(None)
+            top_scores.append(None)
+        else:
+            idx, scores = pred
+            labels.append(classes[idx[0]])
+            conf.append(float(scores[0]))
+            top_labels.append(classes[idx].tolist())
+            top_scores.append(scores.tolist())
+    n = len(rows)
+    return pa.Table.from_arrays([
+        pa.array([r.source for r, _ in rows], pa.string()),
+        pa.array([r.path for r, _ in rows], pa.string()),
+        pa.array(labels, pa.string()),
+        pa.array(conf, pa.float32()),
+        pa.array(top_labels, pa.list_(pa.string())),
+        pa.array(top_scores, pa.list_(pa.float32())),
+        pa.array([r.error for r, _ in rows], pa.string()),
+        pa.array([model_id] * n, pa.string()),
+    ], schema=SCHEMA)
+
+
+def thumbnail(data: bytes) -> str | None:
+    """A small PNG of an image as a data: URI, or None when it cannot be shown."""
+    try:
+        img = open_image(data, max_pixels=50_000_000)
+        img = img.convert("RGBA" if "A" in img.mode or img.mode == "P" else "RGB")
+        img.thumbnail((THUMB_PX, THUMB_PX))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+    except Exception:
+        return None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def label_dataset(tasks: list[dict], settings: LabelSettings, actors: int, num_cpus: float,
+                  num_gpus: float):
+    """The Ray Data pipeline: a block per task, an actor pool of `actors` LabelPredictors.
+    Each actor takes one unit at a time (two in flight) so that no unit waits in one
+    actor's queue while another actor idles at the end."""
+    import ray.data
+
+    ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    # The settings ride in a subclass rather than as constructor arguments: Ray keeps those
+    # in the object store and warns that a restarted actor may not find them.
+    predictor = type("LabelPredictor", (LabelPredictor,), {"settings": settings})
+    return ds.map_batches(
+        predictor,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+
+
+def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
+    """Thumbnails of given (source, path) rows, read again from their sources: the report
+    needs them for rows that an earlier run labeled. Units that hold none of the paths are
+    not read; Parquet files and streamed tars are read through."""
+    from .sources import plan
+
+    wanted: dict[str, set[str]] = {}
+    for source, path in keys:
+        wanted.setdefault(source, set()).add(path)
+    found: dict[tuple[str, str], str | None] = {}
+    for source, paths in wanted.items():
+        for unit in plan([source]):
+            known = unit_paths(unit)
+            if known is not None and not paths.intersection(known):
+                continue
+            skip = frozenset(known).difference(paths) if known is not None else frozenset()
+            for rec in read_unit(unit, skip):
+                if rec.path in paths and rec.data is not None:
+                    found[(source, rec.path)] = thumbnail(rec.data)
+            if all((source, p) in found for p in paths):
+                break
+    return found

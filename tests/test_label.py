@@ -1,0 +1,238 @@
+"""`kiln label` on a local Ray: every input kind in one run with a model trained here, bad
+inputs mixed with good ones, resume after a kill, and the actor used without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import embedded
+from jobs.label import run_label
+from jobs.options import LabelOptions
+from models import CNNSpec, build_cnn, save_folder
+from pipelines import sources
+from pipelines.label import SCHEMA, LabelPredictor, LabelSettings, make_tasks
+from pipelines.sink import OutputDir, OutputError
+from pipelines.transforms import ImagePreset, decode
+from tests import image_cases as ic
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def trained(digits_files, tmp_path_factory):
+    """An MnistNet trained in-process on the digits for a few seconds (plain PyTorch, through
+    the same transforms.decode that labeling uses); returns its model folder."""
+    torch.manual_seed(0)
+    spec = CNNSpec("mnist_cnn", CLASSES)
+    preset = ImagePreset.from_spec(spec)
+    recs = [r for u in sources.plan([str(digits_files["tar"])])
+            for r in sources.read_unit(u, with_labels=True)]
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([decode(r.data, preset, train=True, rng=rng) for r in recs]))
+    y = torch.tensor([CLASSES.index(r.label) for r in recs])
+    model = build_cnn("mnist_cnn", 10, 1, 28)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(2):
+        for idx in torch.randperm(len(y)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    folder = tmp_path_factory.mktemp("model") / "run"
+    save_folder(folder / "model", model.eval(), "cnn", spec, {"metrics": {"loss": loss.item()}})
+    return folder
+
+
+def read_rows(output) -> list[dict]:
+    return OutputDir(output, {}).read_table().to_pylist()
+
+
+def test_label_every_input_kind(ray_local, trained, digits_files, tmp_path):
+    pngs, truth = digits_files["test_images"], digits_files["test_labels"]
+    names = [f"{t}/{i:04d}.png" for i, t in enumerate(truth)]
+    q = len(pngs) // 4  # a quarter of the test images into each input kind
+    tar = embedded.write_flat_archive(tmp_path / "a.tar", pngs[:q], names[:q])
+    zp = embedded.write_flat_archive(tmp_path / "b.zip", pngs[q:2 * q], names[q:2 * q])
+    for name, data in zip(names[2 * q:3 * q], pngs[2 * q:3 * q], strict=True):
+        (tmp_path / "c" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / name).write_bytes(data)
+    pqf = embedded.write_image_parquet(tmp_path / "d.parquet", pngs[3 * q:], ids=names[3 * q:])
+    out = tmp_path / "labels"
+    opts = LabelOptions(str(trained), [str(tar), str(zp), str(tmp_path / "c"), str(pqf)],
+                        str(out), top_k=3, batch_size=64, report=True)
+    summary = run_label(opts)
+
+    rows = read_rows(out)
+    assert len(rows) == len(pngs) == summary["rows_in"] == summary["rows_written"]
+    assert len({(r["source"], r["path"]) for r in rows}) == len(rows)
+    assert Counter(r["source"] for r in rows) == {
+        str(tar): q, str(zp): q, str(tmp_path / "c"): q, str(pqf): len(pngs) - 3 * q}
+    assert pq.read_schema(OutputDir(out, {}).parts()[0]).remove_metadata() == SCHEMA
+    by_path = {r["path"]: r for r in rows}
+    assert all(r["error"] is None and r["model"] == summary["model"] for r in rows)
+    for r in rows:
+        assert len(r["top_labels"]) == 3 and r["top_labels"][0] == r["label"]
+        assert r["top_scores"] == sorted(r["top_scores"], reverse=True)
+        assert abs(r["top_scores"][0] - r["confidence"]) < 1e-6 and sum(r["top_scores"]) <= 1.0001
+    accuracy = np.mean([by_path[n]["label"] == t for n, t in zip(names, truth, strict=True)])
+    assert accuracy > 0.7, accuracy
+    assert summary["errors"] == {} and summary["rows_labeled"] == len(pngs)
+    assert sum(summary["labels"].values()) == len(pngs)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["model"] == summary["model"] and on_disk["args"]["top_k"] == 3
+    page = (out / "report.html").read_text()
+    for part in ("label histogram", "confidence histogram", "Least confident 48 images",
+                 "<h2>Errors</h2>", "data:image/png;base64,"):
+        assert part in page
+    # A finished output is never added to silently; --overwrite starts over.
+    with pytest.raises(OutputError, match="finished"):
+        run_label(opts)
+
+
+def test_label_bad_inputs(ray_local, trained, digits_data, tmp_path):
+    pngs, _ = digits_data
+    goods = {f"good/{i:03d}.png": pngs[i] for i in range(40)}
+    tar = ic.bad_tar(tmp_path / "bad.tar", goods)
+    tgz = ic.bad_tar(tmp_path / "bad.tgz", goods, "w:gz")
+    zp = ic.bad_zip(tmp_path / "bad.zip", goods)
+    cut, whole = ic.truncated_tar(tmp_path / "cut.tar", goods)
+    root, dir_kinds = ic.bad_dir(tmp_path / "dir", goods)
+    odd = tmp_path / "odd.zip"
+    embedded.write_flat_archive(odd, list(ic.odd_images().values()), list(ic.odd_images()))
+    out = tmp_path / "labels"
+    inputs = [tar, tgz, zp, cut, root, odd]
+    summary = run_label(LabelOptions(str(trained), [str(i) for i in inputs], str(out),
+                                     batch_size=16, overwrite=True, report=True))
+
+    rows = read_rows(out)
+    got = {(r["source"], r["path"]): r for r in rows}
+    assert len(got) == len(rows) == summary["rows_in"]
+    expected = {}
+    for src, kinds in ((tar, ic.BAD_TAR_KINDS), (tgz, ic.BAD_TAR_KINDS), (zp, ic.BAD_ZIP_KINDS),
+                       (cut, {list(goods)[-1]: "truncated"}), (root, dir_kinds)):
+        good = whole if src == cut else [*goods, "bad/good_link.png"] if src == root else goods
+        expected.update({(str(src), p): None for p in good})
+        expected.update({(str(src), p): k for p, k in kinds.items()})
+    expected.update({(str(odd), p): None for p in ic.odd_images()})
+    assert set(got) == set(expected)
+    for key, kind in expected.items():
+        row = got[key]
+        if kind is None:  # labeled, every odd image included
+            assert row["error"] is None and row["label"] in CLASSES, (key, row["error"])
+        else:
+            assert row["error"].startswith(f"{kind}: "), (key, row["error"])
+            assert row["label"] is None and row["confidence"] is None
+    assert summary["errors"] == dict(Counter(k for k in expected.values() if k))
+    page = (out / "report.html").read_text()
+    assert "bad/bomb.png" in page and "too_large: 8000x8000" in page
+
+
+def test_resume_after_partial_output(ray_local, trained, digits_data, tmp_path):
+    """An interrupted run left some parts and no summary: the re-run writes only the rest."""
+    pngs, labels = digits_data
+    tar = embedded.write_class_tar(tmp_path / "d.tar", pngs, labels)  # 1,797 images: 2 units
+    out = tmp_path / "labels"
+    opts = LabelOptions(str(trained), [str(tar)], str(out))
+    run_label(opts)
+    parts = OutputDir(out, {}).parts()
+    assert len(parts) == 2
+    os.remove(out / "summary.json")
+    os.remove(sorted(parts)[1])
+    (out / "part-x.parquet.1234abcd.tmp").write_bytes(b"half a part")  # a killed write
+    summary = run_label(opts)
+    rows = read_rows(out)
+    assert len(rows) == len({(r["source"], r["path"]) for r in rows}) == len(pngs)
+    assert summary["rows_resumed"] + summary["rows_written"] == summary["rows_in"] == len(pngs)
+    assert 0 < summary["rows_written"] < len(pngs)
+    assert not list(out.glob("*.tmp"))
+    with pytest.raises(OutputError, match="differs in: top_k"):
+        run_label(LabelOptions(str(trained), [str(tar)], str(out), top_k=2))
+    summary = run_label(LabelOptions(str(trained), [str(tar)], str(out), top_k=2,
+                                     overwrite=True))
+    assert summary["rows_written"] == len(pngs) and summary["rows_resumed"] == 0
+
+
+def test_kill_and_resume_cli(trained, digits_data, tmp_path):
+    """`python -m jobs label` killed (SIGKILL, whole process group) after some parts are
+    written, then run again: every input is in the output exactly once."""
+    n = 16_000
+    pngs, _ = digits_data
+    tar = embedded.write_flat_archive(tmp_path / "big.tar", [pngs[i % len(pngs)]
+                                                             for i in range(n)],
+                                      [f"{i // 1000:02d}/{i:06d}.png" for i in range(n)])
+    out = tmp_path / "labels"
+    cmd = [sys.executable, "-m", "jobs", "label", "--model", str(trained), "--input", str(tar),
+           "--output", str(out), "--batch-size", "100"]
+    env = {**os.environ, "KILN_OBJECT_STORE_MB": "256"}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, which dies with it
+    for _attempt in range(3):  # a local Ray can time out starting on a very busy machine
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 240
+            while not list(out.glob("part-*.parquet")) and proc.poll() is None:
+                assert time.monotonic() < deadline, "no part was written"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        err = proc.stderr.read().decode()
+        if "timed out during startup" not in err:
+            break
+    killed_with = len(list(out.glob("part-*.parquet")))
+    assert 0 < killed_with < n // 1000, err[-2000:]
+    assert not (out / "summary.json").exists()
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stderr and "done:" in done.stderr
+    rows = read_rows(out)
+    assert len(rows) == n
+    assert len({r["path"] for r in rows}) == n
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_in"] == n and summary["rows_resumed"] >= 1000
+
+
+def test_predictor_without_ray(trained, digits_data, tmp_path):
+    """The actor class is usable on its own: parts per unit, stats per part, names stable."""
+    pngs, labels = digits_data
+    tar = embedded.write_class_tar(tmp_path / "d.tar", pngs[:300], labels[:300])
+    units = sources.plan([str(tar)], chunk=120)
+    settings = LabelSettings(str(trained), str(tmp_path / "out"), "r1", top_k=2, batch_size=50,
+                             part_rows=100, thumbs=3)
+    predictor = LabelPredictor(settings)
+    stats = [s for u in units for s in predictor.label_unit(u, frozenset())]
+    assert [s["rows"] for s in stats] == [100, 20, 100, 20, 60]
+    assert all(len(s["thumbs"]) == 3 and s["thumbs"][0]["image"].startswith("data:image/png")
+               for s in stats)
+    assert len({s["part"] for s in stats}) == 5
+    again = [s["part"] for u in units for s in predictor.label_unit(u, frozenset())]
+    assert again == [s["part"] for s in stats]  # a retried unit overwrites its own parts
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 5
+
+
+def test_make_tasks_skips_done_rows(digits_data, tmp_path):
+    pngs, labels = digits_data
+    tar = embedded.write_class_tar(tmp_path / "d.tar", pngs[:30], labels[:30])
+    units = sources.plan([str(tar)], chunk=10)
+    paths = [[it[0] for it in u.items] for u in units]
+    done = {(str(tar), p) for p in paths[0]} | {(str(tar), paths[1][0])}
+    tasks = make_tasks(units, done)
+    assert len(tasks) == 2  # the first unit is complete
+    import pickle
+
+    unit, skip = pickle.loads(tasks[0]["task"])
+    assert unit.index == 1 and skip == {paths[1][0]}
