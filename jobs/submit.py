@@ -104,6 +104,9 @@ def _clean_errors(address: str, job_id: str | None = None):
         if job_id and ("404" in str(e) or "does not exist" in str(e)):
             raise ClusterError(f"no job {job_id} on the cluster at {address}; `kiln list` shows "
                                "its jobs") from None
+        if job_id and "WebSocket" in str(e):  # the dashboard went away mid-stream
+            raise ClusterError(f"lost the log stream of {job_id} ({e}); the job itself may "
+                               f"still run: `kiln logs --follow {job_id}` resumes") from None
         raise
 
 
@@ -255,6 +258,8 @@ def logs(job_id: str, address: str | None = None, follow: bool = False) -> None:
     jc = client(address)
     address = _resolve_address(address)
     if follow:
+        with _clean_errors(address, job_id):
+            jc.get_job_status(job_id)  # an unknown id: a clear error, not a failed stream
         with contextlib.suppress(KeyboardInterrupt):
             _follow(jc, job_id, address)
         return

@@ -286,8 +286,11 @@ def _running(marker: str) -> bool:
 
 
 def test_an_unknown_job_is_one_clear_line(ray_head):
-    with pytest.raises(ClusterError, match="no job raysubmit_doesnotexist"):
-        status("raysubmit_doesnotexist", ray_head)
+    for call in (lambda: status("raysubmit_doesnotexist", ray_head),
+                 lambda: logs("raysubmit_doesnotexist", ray_head, follow=True),
+                 lambda: stop("raysubmit_doesnotexist", ray_head)):
+        with pytest.raises(ClusterError, match="no job raysubmit_doesnotexist"):
+            call()
 
 
 def test_ray_job_submit_runs_kiln_the_same(ray_head, small_model):
