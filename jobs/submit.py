@@ -29,11 +29,13 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # They travel in the job's runtime_env; kiln never prints them (see jobs/redact.py).
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
             "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-# gitignore patterns, relative to the project root. Ray also honours .gitignore, but a copy of
-# the project need not have one; data belongs on s3://, not in the upload (Ray caps it at
-# a few hundred MiB).
+# gitignore patterns, relative to the project root. Ray also honours .gitignore and .rayignore,
+# but a copy of the project need not have them. Data and models belong on s3://, not in the
+# upload: a path on this machine means nothing on a cluster, and Ray caps the upload at a few
+# hundred MiB.
 EXCLUDES = [".venv", "venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache",
-            "*.egg-info", "/demo-output", "/bench/out", "/out", "*.parquet", "*.pyc"]
+            "*.egg-info", "*.pyc", "/demo-output", "/bench/out", "/out", "*.parquet", "*.tar",
+            "*.tar.gz", "*.tgz", "*.zip", "*.safetensors"]
 
 
 class ClusterError(ValueError):
