@@ -32,10 +32,11 @@ def settings_of(opts: GenerateOptions) -> SamplingSettings:
                             top_k=opts.top_k, stop=opts.stop or None)
 
 
-def job_args(opts: GenerateOptions, model_id: str, s: SamplingSettings) -> dict:
-    """The arguments that decide the output's rows: a re-run must match them to resume."""
+def job_args(opts: GenerateOptions, model_id: str, s: SamplingSettings, prompts: str) -> dict:
+    """The arguments that decide the output's rows: a re-run must match them to resume.
+    `prompts` is a digest of the prompt rows, so an edited prompt file is not resumed."""
     return {"command": "generate", "model": model_id, "prompts": opts.prompts,
-            "num_samples": opts.num_samples, "max_chars": s.max_chars,
+            "prompts_digest": prompts, "num_samples": opts.num_samples, "max_chars": s.max_chars,
             "temperature": s.temperature, "top_k": s.top_k, "seed": opts.seed, "stop": s.stop,
             "lanes": s.lanes, "max_prompt_chars": s.max_prompt_chars}
 
@@ -68,7 +69,8 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8 fails here, by line
     stats, _ = gen.prompt_stats(table.column("prompt").to_pylist(), loaded.vocab,
                                 s.max_prompt_chars)
-    out = sink.OutputDir(opts.output, job_args(opts, loaded.id, s), opts.overwrite)
+    job = job_args(opts, loaded.id, s, gen.prompts_digest(table))
+    out = sink.OutputDir(opts.output, job, opts.overwrite)
     done = out.prepare(["id"])
     blocks = gen.plan_blocks(table, done, opts.batch_size)
     todo = sum(b.num_rows for b in blocks)
@@ -77,8 +79,10 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     progress = sink.Progress(todo, "generate", console)
     chars = 0
     if blocks:
+        parts_before = set(out.parts())
         with ray_session(RayOptions(address=opts.address)):
             chars = _run_pipeline(opts, loaded.id, out, s, blocks, progress)
+        _remove_late_parts(out, parts_before, console)
     summary = _summary(opts, loaded.id, table.num_rows, table.num_rows - todo, progress,
                        chars, stats, time.monotonic() - start)
     out.write_summary(summary)
@@ -103,6 +107,16 @@ def _run_pipeline(opts, model_id, out, s, blocks, progress) -> int:
         chars += sum(batch.column("chars").to_pylist())
         progress.update(rows)
     return chars
+
+
+def _remove_late_parts(out: sink.OutputDir, before: set[str], console: Console) -> None:
+    """Deletes parts that an earlier, killed run's last actors wrote after this run read
+    which rows were done: this run has written each of their rows again."""
+    mine = f"-{out.run_id}.parquet"
+    for part in out.parts():
+        if part not in before and not part.endswith(mine):
+            storage.delete_dir(part)
+            console.print(f"  removed {part}: written late by an interrupted run", highlight=False)
 
 
 def _summary(opts, model_id, rows_in, done_before, progress, chars, stats, elapsed) -> dict:

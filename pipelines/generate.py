@@ -23,6 +23,7 @@ characters and is counted."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -128,6 +129,15 @@ def parquet_prompts(uri: str, data: bytes) -> pa.Table:
             raise PromptError(f"{uri}: the `id` column repeats {dup[0].as_py()!r} (and "
                               f"{len(dup) - 1} more); ids must be unique to resume by them")
     return pa.table({"id": ids, "prompt": prompt})
+
+
+def prompts_digest(table: pa.Table) -> str:
+    """A short hash of the (id, prompt) rows: what a resumed run must find unchanged."""
+    h = hashlib.sha256()
+    for i, p in zip(table.column("id").to_pylist(), table.column("prompt").to_pylist(),
+                    strict=True):
+        h.update(f"{i!r}\x00{p!r}\x00".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
