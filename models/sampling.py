@@ -63,19 +63,25 @@ def _uniform(seeds: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def pick(logits: torch.Tensor, u: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
-    """logits (B, V), u (B,) -> (B,) chosen indices. Index 0 (UNK) is never chosen."""
-    logits = logits.double()
-    logits[:, 0] = -torch.inf
+    """logits (B, V), u (B,) -> (B,) chosen indices. Index 0 (UNK) is never chosen.
+
+    Inverse-CDF sampling in float64 NumPy: every operation works along one row, so a row's
+    choice depends only on its own logits and its own u (and NumPy's per-call overhead is a
+    fraction of torch's on these small arrays)."""
+    z = logits.detach().cpu().numpy().astype(np.float64)  # (B, V)
+    z[:, 0] = -np.inf
     if temperature == 0:
-        return logits.argmax(dim=1).numpy()
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[1]:
-        kth = torch.topk(logits, top_k, dim=1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    cdf = torch.softmax(logits, dim=1).cumsum(dim=1)  # (B, V)
-    target = torch.from_numpy(u).unsqueeze(1) * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, target).squeeze(1)
-    return idx.clamp_(max=logits.shape[1] - 1).numpy()
+        return z.argmax(axis=1)
+    z *= 1.0 / temperature
+    v = z.shape[1]
+    if 0 < top_k < v:
+        kth = np.partition(z, v - top_k, axis=1)[:, v - top_k, None]  # (B, 1)
+        z[z < kth] = -np.inf
+    z -= z.max(axis=1, keepdims=True)
+    cdf = np.cumsum(np.exp(z), axis=1)  # (B, V)
+    # The first index whose cdf reaches u * total (searchsorted, row by row).
+    idx = (cdf < (u * cdf[:, -1])[:, None]).sum(axis=1)
+    return np.minimum(idx, v - 1)
 
 
 def encode_prompt(vocab: CharVocab, prompt: str, max_chars: int) -> tuple[list[int], int]:
@@ -237,7 +243,7 @@ class _Lanes:
             finished = np.zeros_like(active)
             if choose.any():
                 u = _uniform(self.seed, np.maximum(j, 0))
-                picked = pick(logits.float().cpu(), u, s.temperature, s.top_k)
+                picked = pick(logits, u, s.temperature, s.top_k)
                 self.buf[lanes[choose], self.pos[choose] + 1] = picked[choose]
                 finished = choose & (j >= s.max_chars - 1)
                 for lane in np.flatnonzero(choose & (picked == self.stop_id) & ~finished):
