@@ -19,7 +19,7 @@ from jobs import embedded
 from jobs.connect import RayOptions, ray_session
 from jobs.options import GenerateOptions, LabelOptions, TrainOptions
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 PROMPTS = ["def ", "class ", "import ", "    return ", "# ", "if __name__ == ", "for i in ",
            "    def __init__(self", "raise ValueError(", "with open(", "    \"\"\"", "try:\n    ",
            "self.", "elif ", "from . import ", "while True:\n", "print(", "lambda x: ",

@@ -20,7 +20,7 @@ from pipelines import storage
 from pipelines.train_data import image_dataset, read_text, text_windows
 from pipelines.transforms import ImagePreset
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 CHECKPOINTS = "checkpoints"
 
 

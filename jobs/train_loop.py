@@ -37,7 +37,7 @@ class CNNTask:
 
     def collate(self, batch: dict) -> dict:
         """numpy rows -> tensors; class names -> indices (-1: a class training never saw)."""
-        return {"x": torch.from_numpy(batch["x"]),
+        return {"x": torch.from_numpy(batch["x"].copy()),  # Ray's arrays are read-only
                 "y": torch.tensor([self.index.get(c, -1) for c in batch["label"]])}
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
@@ -62,7 +62,7 @@ class RNNTask:
         pass
 
     def collate(self, batch: dict) -> dict:
-        return {"ids": torch.from_numpy(batch["ids"])}
+        return {"ids": torch.from_numpy(batch["ids"].copy())}
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         ids = batch["ids"]  # (B, T + 1)
@@ -121,7 +121,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line an epoch is enough
+    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # the driver prints one line an epoch
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg["threads"])
