@@ -135,7 +135,7 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [lr_at(s, 1000, 1.0) for s in range(1000)]
     assert lrs[0] < lrs[19] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in
-                                                          zip(lrs[20:], lrs[21:]))
+                                                          zip(lrs[20:], lrs[21:], strict=False))
 
 
 def test_augment_shifts_but_keeps_shape():
