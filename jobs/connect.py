@@ -64,7 +64,12 @@ def ray_session(opts: RayOptions | None = None):
         return
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        # A cluster's workers do not have this shell's S3 settings: hand them over (a Ray Job's
+        # driver already runs inside the job's runtime_env, which kiln submit fills).
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"env_vars": env} if env else None)
     else:
         ray.init(
             address="local",

@@ -117,24 +117,29 @@ def refuse_finished(out: OutputDir) -> None:
 
 
 def actor_layout(opts: LabelOptions, units: int) -> Layout:
-    """CPU: actors of two cores each (one for the model, one for reading and decoding ahead
-    of it), asking 0.9 of a CPU per core so that Ray Data's own tasks always find room
-    (ray#44687: a pool holding every CPU starves them). GPU: one GPU per actor."""
+    """CPU: actors of up to two cores each (one for the model, one for reading and decoding
+    ahead of it), asking 0.9 of a CPU per core so that Ray Data's own tasks always find room
+    (ray#44687: a pool holding every CPU starves them). An actor never asks for more than the
+    largest node has, and the pool counts the CPUs free now (a job's driver holds some).
+    GPU: one GPU per actor; with --actors the pool may wait for an autoscaler to add GPUs."""
     import ray
 
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((int(r.get("CPU", 0)) for r in nodes), default=1) or 1
+    cpus = max(1, int(ray.available_resources().get("CPU", ray.cluster_resources().get("CPU", 1))))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
     if opts.gpu:
-        if gpus < 1:
-            raise ValueError("--gpu was given but the Ray cluster has no GPUs; drop --gpu or "
-                             "point --address at a cluster with GPU workers")
+        if gpus < 1 and not opts.actors:
+            raise ValueError("--gpu was given but the Ray cluster has no GPUs now; drop --gpu, "
+                             "point --address at a cluster with GPU workers, or pass --actors N "
+                             "to wait for an autoscaler to add them")
         actors = min(opts.actors or gpus, units)
-        share = max(1, min(8, (cpus - 1) // max(1, actors)))
+        share = max(1, min(8, node_cpus - 1, (cpus - 1) // max(1, actors)))
         return Layout(actors, share * 0.9, 1, 1, share)
-    actors = min(opts.actors or max(1, cpus // 2), units)
-    per_actor = max(1, cpus // actors) if actors <= cpus else 1
-    cores = per_actor * 0.9 if actors <= cpus else cpus * 0.9 / actors
-    return Layout(actors, round(cores, 3), 0, max(1, per_actor - 1), 1)
+    per_actor = min(2, node_cpus, cpus)
+    actors = min(opts.actors or max(1, cpus // per_actor), units)
+    cores = per_actor * 0.9 if actors * per_actor <= cpus else max(0.1, cpus * 0.9 / actors)
+    return Layout(actors, round(min(cores, node_cpus * 0.9), 3), 0, max(1, per_actor - 1), 1)
 
 
 def follow(ds, progress: Progress) -> dict[str, dict]:

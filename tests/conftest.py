@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray (2 CPUs, small object store, a short temp dir) for every Ray test."""
+def ray_local(s3_server):
+    """One local Ray (2 CPUs, small object store, a short temp dir) for every Ray test. Its
+    workers inherit the environment at start, so the S3 server's variables come first."""
     import ray
 
     from jobs.connect import ensure_token_auth
