@@ -68,7 +68,7 @@ def pick(logits: torch.Tensor, u: np.ndarray, temperature: float, top_k: int) ->
     Inverse-CDF sampling in float64 NumPy: every operation works along one row, so a row's
     choice depends only on its own logits and its own u (and NumPy's per-call overhead is a
     fraction of torch's on these small arrays)."""
-    z = logits.detach().cpu().numpy().astype(np.float64)  # (B, V)
+    z = logits.detach().float().cpu().numpy().astype(np.float64)  # (B, V); bf16 under autocast
     z[:, 0] = -np.inf
     if temperature == 0:
         return z.argmax(axis=1)
@@ -108,12 +108,13 @@ class Stepper:
             scale[2 * model.hidden : 3 * model.hidden] = 2.0
 
         def g(name: str) -> torch.Tensor:
-            t = getattr(r, name).detach().double()  # (G*H,) or (G*H, in)
+            t = getattr(r, name).detach().cpu().double()  # (G*H,) or (G*H, in)
             return t * (scale if t.dim() == 1 else scale[:, None])
 
         fuse_bias = self.cell != "gru"  # a GRU's b_hn sits inside r * (W_hn h + b_hn)
         # (V, G*H); built in float64 so its float32 bits do not depend on the GEMM kernel.
-        table = model.embed.weight.detach().double() @ g("weight_ih_l0").T + g("bias_ih_l0")
+        table = model.embed.weight.detach().cpu().double() @ g("weight_ih_l0").T + g(
+            "bias_ih_l0")
         if fuse_bias:
             table = table + g("bias_hh_l0")
         self.table = self._put(table)
@@ -127,8 +128,8 @@ class Stepper:
             else:  # [x, h] (B, 2H) @ [W_ih; W_hh]^T (2H, G*H)
                 self.w.append((self._put(torch.cat([w_ih, w_hh], 1).T), None))
                 self.b.append((self._put(b_ih + b_hh), None))
-        self.head_w = self._put(model.head.weight.detach().double().T)  # (H, V)
-        self.head_b = self._put(model.head.bias.detach().double())
+        self.head_w = self._put(model.head.weight.detach().cpu().double().T)  # (H, V)
+        self.head_b = self._put(model.head.bias.detach().cpu().double())
         self.hidden = model.hidden
 
     def _put(self, t: torch.Tensor) -> torch.Tensor:

@@ -269,3 +269,10 @@ def test_parts_written_late_by_a_killed_run_are_removed(tmp_path):
     write_part(late, pa.table({"id": [2]}))  # the old run id, after `before` was read
     _remove_late_parts(out, before, Console(file=io.StringIO()))
     assert sorted(out.parts()) == sorted([old, mine])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_a_gpu(ray_local, rnn_model, prompt_file, tmp_path):
+    summary = run_generate(opts(rnn_model, tmp_path / "g", prompts=str(prompt_file), gpu=True))
+    assert summary["rows_written"] == len(PROMPTS)
+    assert all(len(r["text"]) == 40 for r in rows(tmp_path / "g").values())

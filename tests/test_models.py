@@ -167,3 +167,14 @@ def test_long_prompts_keep_their_end_and_lanes_refill(tiny_lm):
     assert got[0] == got[3]
     alone = [sample(net, vocab, [p], [sd], s)[0] for p, sd in zip(prompts, seeds, strict=True)]
     assert got == alone and all("a" not in t for t in got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_on_a_gpu_under_bf16_autocast(tiny_lm):
+    net, vocab = tiny_lm
+    s = SamplingSettings(max_chars=30, temperature=0.9)
+    seeds = [row_seed(1, i) for i in range(5)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = sample(net.cuda(), vocab, ["ab", "", "h", "cafe", "g"], seeds, s, device="cuda")
+    net.cpu()
+    assert all(len(t) == 30 and set(t) <= set(vocab.chars) for t in got)
