@@ -112,12 +112,8 @@ def part_name(unit: Unit, index: int) -> str:
 class LabelPredictor:
     """The Ray Data actor: loads the model once, then labels whole units per call."""
 
-    settings: LabelSettings | None = None  # set on the subclass that label_dataset makes
-
-    def __init__(self, settings: LabelSettings | None = None):
+    def __init__(self, settings: LabelSettings):
         import torch
-
-        settings = settings or self.settings
 
         self.torch, self.s = torch, settings
         torch.set_num_threads(max(1, settings.threads))
@@ -126,7 +122,9 @@ class LabelPredictor:
         sys.setswitchinterval(0.0005)
         loaded = storage.load_model(settings.model, expect_kind="cnn")
         self.device = torch.device("cuda" if settings.gpu else "cpu")
-        self.model = loaded.model.to(self.device).eval()
+        # Channels-last runs this family's convolutions and pooling ~1.5x faster on CPU (oneDNN
+        # picks blocked NHWC kernels; NCHW max-pooling alone was a quarter of the time).
+        self.model = loaded.model.to(self.device, memory_format=torch.channels_last).eval()
         self.model_id, self.preset = loaded.id, ImagePreset.from_spec(loaded.spec)
         self.classes = np.asarray(loaded.spec.classes, dtype=object)
         self.k = min(settings.top_k, len(self.classes))
@@ -147,54 +145,68 @@ class LabelPredictor:
 
     def label_unit(self, unit: Unit, skip: frozenset[str]) -> Iterator[dict]:
         """Labels one unit; yields the stats of each part once it is written."""
-        rows: list[tuple] = []
-        index = 0
+        part: list[Batch] = []
+        rows = index = 0
         thumbs = Thumbs(self.s.thumbs)
-        for records, predictions in self._predicted(self._decoded(read_unit(unit, skip))):
-            rows.extend(zip(records, predictions, strict=True))
-            thumbs.offer(records, predictions)  # drops the bytes of all others
-            if len(rows) >= self.s.part_rows:
-                yield self._write_part(part_name(unit, index), rows, thumbs)
-                rows, index, thumbs = [], index + 1, Thumbs(self.s.thumbs)
-        if rows:
-            yield self._write_part(part_name(unit, index), rows, thumbs)
+        for batch in self._predicted(self._decoded(read_unit(unit, skip))):
+            part.append(batch)
+            rows += len(batch.records)
+            thumbs.offer(batch)  # and drops the image bytes of every other record
+            if rows >= self.s.part_rows:
+                yield self._write_part(part_name(unit, index), part, thumbs)
+                part, rows, index, thumbs = [], 0, index + 1, Thumbs(self.s.thumbs)
+        if part:
+            yield self._write_part(part_name(unit, index), part, thumbs)
 
     def _decoded(self, records: Iterator[Record]) -> Iterator[tuple[list, np.ndarray, list]]:
-        """(records, uint8 (n, C, S, S) of the good ones, their indices) a batch at a time,
-        read and decoded ahead of the model by background threads."""
+        """(records, uint8 (G, C, S, S) of the G good ones, their positions) a batch at a
+        time, read and decoded ahead of the model by background threads."""
         return prefetch(_batches(records, self.s.batch_size), self.pool,
                         lambda recs: decode_batch(recs, self.preset),
                         depth=self.s.decode_threads + 1)
 
-    def _predicted(self, batches) -> Iterator[tuple[list, list]]:
-        for records, images, good in batches:
-            predictions: list = [None] * len(records)
-            if len(good):
-                for i, p in zip(good, self.predict(images), strict=True):
-                    predictions[i] = p
-            yield records, predictions
+    def _predicted(self, decoded) -> Iterator[Batch]:
+        for records, images, good in decoded:
+            if good:
+                idx, scores = self.predict(images)
+            else:
+                idx = np.zeros((0, self.k), np.int64)
+                scores = np.zeros((0, self.k), np.float32)
+            yield Batch(records, np.asarray(good, np.int64), idx, scores)
 
-    def predict(self, images: np.ndarray) -> list[tuple]:
-        """uint8 (B, C, S, S) -> per image (top-k class indices, top-k probabilities)."""
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, C, S, S) -> top-k class indices (B, k) and probabilities (B, k)."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(images).to(self.device, non_blocking=True).float()
-            x = x * self.scale + self.shift  # (B, C, S, S) normalized
+            x = (x * self.scale + self.shift).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.gpu):
                 logits = self.model(x)  # (B, classes)
             probs = torch.softmax(logits.float(), dim=1)
             scores, idx = probs.topk(self.k, dim=1)  # (B, k) each
-        return list(zip(idx.cpu().numpy(), scores.cpu().numpy(), strict=True))
+        return idx.cpu().numpy(), scores.cpu().numpy()
 
-    def _write_part(self, name: str, rows: list[tuple], thumbs: Thumbs) -> dict:
-        table = label_table(rows, self.classes, self.model_id)
+    def _write_part(self, name: str, part: list[Batch], thumbs: Thumbs) -> dict:
+        table = label_table(part, self.classes, self.model_id)
         sink.write_part(self.out.part_uri(name), table)
-        errors = Counter(error_kind(r.error) for r, _ in rows if r.error)
-        labels = Counter(self.classes[p[0][0]] for _, p in rows if p is not None)
-        stats = {"part": name, "rows": len(rows), "errors": dict(errors), "labels": dict(labels)}
+        errors = Counter(error_kind(r.error) for b in part for r in b.records if r.error)
+        top1 = np.concatenate([b.idx[:, 0] for b in part])
+        counts = np.bincount(top1, minlength=len(self.classes))
+        stats = {"part": name, "rows": table.num_rows, "errors": dict(errors),
+                 "labels": {self.classes[i]: int(c) for i, c in enumerate(counts) if c}}
         if self.s.thumbs:
             stats["thumbs"] = thumbs.render(self.classes)
         return stats
+
+
+@dataclass
+class Batch:
+    """A batch of records and the predictions for those of them that decoded."""
+
+    records: list[Record]
+    good: np.ndarray  # (G,) positions in records of the labeled ones
+    idx: np.ndarray  # (G, k) class indices, best first
+    scores: np.ndarray  # (G, k) their probabilities
 
 
 class Thumbs:
@@ -203,27 +215,32 @@ class Thumbs:
     photos does not sit in memory."""
 
     def __init__(self, n: int):
-        self.n, self.heap = n, []  # max-heap on confidence: (-confidence, seq, record, pred)
+        self.n, self.heap = n, []  # max-heap on confidence: (-confidence, seq, record, class)
         self.seq = 0
 
-    def offer(self, records: list[Record], predictions: list) -> None:
-        for rec, pred in zip(records, predictions, strict=True):
-            if pred is None or self.n == 0:
-                rec.data = None
-                continue
+    def offer(self, batch: Batch) -> None:
+        keep = set()
+        for pos, idx, score in zip(batch.good, batch.idx[:, 0], batch.scores[:, 0],
+                                   strict=True):
+            if self.n == 0:
+                break
             self.seq += 1
-            item = (-float(pred[1][0]), self.seq, rec, pred)
+            item = (-float(score), self.seq, batch.records[pos], int(idx))
             if len(self.heap) < self.n:
                 heapq.heappush(self.heap, item)
             elif item[0] > self.heap[0][0]:  # less confident than the most confident kept
                 heapq.heapreplace(self.heap, item)[2].data = None
             else:
+                continue
+            keep.add(int(pos))
+        for pos, rec in enumerate(batch.records):
+            if pos not in keep:
                 rec.data = None
 
     def render(self, classes: np.ndarray) -> list[dict]:
         kept = sorted(self.heap, key=lambda t: -t[0])
-        return [{"source": r.source, "path": r.path, "label": classes[p[0][0]],
-                 "confidence": -c, "image": thumbnail(r.data)} for c, _, r, p in kept]
+        return [{"source": r.source, "path": r.path, "label": classes[c], "confidence": -s,
+                 "image": thumbnail(r.data)} for s, _, r, c in kept]
 
 
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -254,65 +271,73 @@ def decode_batch(records: list[Record], preset: ImagePreset) -> tuple[list, np.n
 
 def prefetch(items: Iterator, pool: ThreadPoolExecutor, fn, depth: int) -> Iterator:
     """fn(item) for every item, in order, computed up to `depth` ahead in `pool`; the items
-    themselves are pulled (read) by a feeder thread so reading overlaps too."""
+    themselves are pulled (read) by a feeder thread so reading overlaps too. A consumer that
+    stops early (an error downstream) stops the feeder at its next item."""
     futures: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    done = object()
+    end = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                futures.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def feed() -> None:
         try:
             for item in items:
-                fut = pool.submit(fn, item)
-                while not stop.is_set():
-                    try:
-                        futures.put(fut, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(pool.submit(fn, item)):
                     return
-        except BaseException as e:  # reading failed: hand it to the consumer
+        except BaseException as e:  # reading failed: the consumer raises it
             failed: Future = Future()
             failed.set_exception(e)
-            futures.put(failed)
-        futures.put(done)
+            put(failed)
+            return
+        put(end)
 
     feeder = threading.Thread(target=feed, name="kiln-read", daemon=True)
     feeder.start()
     try:
-        while (fut := futures.get()) is not done:
+        while (fut := futures.get()) is not end:
             yield fut.result()
     finally:
         stop.set()
-        while not futures.empty():  # unblock a feeder waiting to put
-            futures.get_nowait()
         feeder.join(timeout=5)
 
 
-def label_table(rows: list[tuple], classes: np.ndarray, model_id: str) -> pa.Table:
-    """The DESIGN.md output table from (record, prediction or None) pairs."""
-    labels, conf, top_labels, top_scores = [], [], [], []
-    for _, pred in rows:
-        if pred is None:
-            labels.append(None)
-            conf.append(None)
-            top_labels.append(None)
-            top_scores.append(None)
-        else:
-            idx, scores = pred
-            labels.append(classes[idx[0]])
-            conf.append(float(scores[0]))
-            top_labels.append(classes[idx].tolist())
-            top_scores.append(scores.tolist())
-    n = len(rows)
+def label_table(part: list[Batch], classes: np.ndarray, model_id: str) -> pa.Table:
+    """The DESIGN.md output table of a part: built column-wise from the prediction arrays,
+    with nulls for the rows whose error is set."""
+    records = [r for b in part for r in b.records]
+    n = len(records)
+    offsets = np.cumsum([0] + [len(b.records) for b in part[:-1]])
+    good = np.concatenate([b.good + o for b, o in zip(part, offsets, strict=True)])
+    idx = np.concatenate([b.idx for b in part])  # (G, k)
+    scores = np.concatenate([b.scores for b in part]).astype(np.float32)  # (G, k)
+    k = idx.shape[1]
+    labeled = np.zeros(n, bool)
+    labeled[good] = True
+    top1 = np.zeros(n, np.int64)
+    top1[good] = idx[:, 0]
+    conf = np.zeros(n, np.float32)
+    conf[good] = scores[:, 0]
+    names = pa.array(classes.tolist(), pa.string())
+    missing = pa.array(~labeled)
+    list_offsets = pa.array(np.concatenate([[0], np.cumsum(np.where(labeled, k, 0))]),
+                            pa.int32())
     return pa.Table.from_arrays([
-        pa.array([r.source for r, _ in rows], pa.string()),
-        pa.array([r.path for r, _ in rows], pa.string()),
-        pa.array(labels, pa.string()),
-        pa.array(conf, pa.float32()),
-        pa.array(top_labels, pa.list_(pa.string())),
-        pa.array(top_scores, pa.list_(pa.float32())),
-        pa.array([r.error for r, _ in rows], pa.string()),
+        pa.array([r.source for r in records], pa.string()),
+        pa.array([r.path for r in records], pa.string()),
+        names.take(pa.array(top1, mask=~labeled)),
+        pa.array(conf, pa.float32(), mask=~labeled),
+        pa.ListArray.from_arrays(list_offsets, names.take(pa.array(idx.ravel())),
+                                 mask=missing),
+        pa.ListArray.from_arrays(list_offsets, pa.array(scores.ravel(), pa.float32()),
+                                 mask=missing),
+        pa.array([r.error for r in records], pa.string()),
         pa.array([model_id] * n, pa.string()),
     ], schema=SCHEMA)
 
@@ -338,11 +363,9 @@ def label_dataset(tasks: list[dict], settings: LabelSettings, actors: int, num_c
     import ray.data
 
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-    # The settings ride in a subclass rather than as constructor arguments: Ray keeps those
-    # in the object store and warns that a restarted actor may not find them.
-    predictor = type("LabelPredictor", (LabelPredictor,), {"settings": settings})
     return ds.map_batches(
-        predictor,
+        LabelPredictor,
+        fn_constructor_args=(settings,),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),

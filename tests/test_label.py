@@ -3,6 +3,7 @@ inputs mixed with good ones, resume after a kill, and the actor used without Ray
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -105,7 +106,8 @@ def test_label_every_input_kind(ray_local, trained, digits_files, tmp_path):
 def test_label_bad_inputs(ray_local, trained, digits_data, tmp_path):
     pngs, _ = digits_data
     goods = {f"good/{i:03d}.png": pngs[i] for i in range(40)}
-    tar = ic.bad_tar(tmp_path / "bad.tar", goods)
+    hostile = "bad/<script>alert(1)</script>.txt"
+    tar = ic.bad_tar(tmp_path / "bad.tar", {**goods, hostile: b"not an image"})
     tgz = ic.bad_tar(tmp_path / "bad.tgz", goods, "w:gz")
     zp = ic.bad_zip(tmp_path / "bad.zip", goods)
     cut, whole = ic.truncated_tar(tmp_path / "cut.tar", goods)
@@ -120,7 +122,7 @@ def test_label_bad_inputs(ray_local, trained, digits_data, tmp_path):
     rows = read_rows(out)
     got = {(r["source"], r["path"]): r for r in rows}
     assert len(got) == len(rows) == summary["rows_in"]
-    expected = {}
+    expected = {(str(tar), hostile): "not_image"}
     for src, kinds in ((tar, ic.BAD_TAR_KINDS), (tgz, ic.BAD_TAR_KINDS), (zp, ic.BAD_ZIP_KINDS),
                        (cut, {list(goods)[-1]: "truncated"}), (root, dir_kinds)):
         good = whole if src == cut else [*goods, "bad/good_link.png"] if src == root else goods
@@ -138,6 +140,7 @@ def test_label_bad_inputs(ray_local, trained, digits_data, tmp_path):
     assert summary["errors"] == dict(Counter(k for k in expected.values() if k))
     page = (out / "report.html").read_text()
     assert "bad/bomb.png" in page and "too_large: 8000x8000" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)" in page
 
 
 def test_resume_after_partial_output(ray_local, trained, digits_data, tmp_path):
@@ -152,12 +155,14 @@ def test_resume_after_partial_output(ray_local, trained, digits_data, tmp_path):
     os.remove(out / "summary.json")
     os.remove(sorted(parts)[1])
     (out / "part-x.parquet.1234abcd.tmp").write_bytes(b"half a part")  # a killed write
-    summary = run_label(opts)
+    summary = run_label(dataclasses.replace(opts, report=True))
     rows = read_rows(out)
     assert len(rows) == len({(r["source"], r["path"]) for r in rows}) == len(pngs)
     assert summary["rows_resumed"] + summary["rows_written"] == summary["rows_in"] == len(pngs)
     assert 0 < summary["rows_written"] < len(pngs)
     assert not list(out.glob("*.tmp"))
+    page = (out / "report.html").read_text()  # its thumbnails come from both runs
+    assert page.count("<img src='data:image/png") == 48 and "(unavailable)" not in page
     with pytest.raises(OutputError, match="differs in: top_k"):
         run_label(LabelOptions(str(trained), [str(tar)], str(out), top_k=2))
     summary = run_label(LabelOptions(str(trained), [str(tar)], str(out), top_k=2,
@@ -236,3 +241,59 @@ def test_make_tasks_skips_done_rows(digits_data, tmp_path):
 
     unit, skip = pickle.loads(tasks[0]["task"])
     assert unit.index == 1 and skip == {paths[1][0]}
+
+
+def test_s3_inputs_and_output_cli(trained, digits_data, s3_bucket, tmp_path):
+    """`python -m jobs label` from S3 (a streamed tar, a zip, Parquet) to S3; the summary and
+    the output carry no credentials."""
+    from pipelines import storage
+
+    pngs, labels = digits_data
+    tar = embedded.write_class_tar(tmp_path / "a.tar", pngs[:300], labels[:300])
+    zp = embedded.write_class_tar(tmp_path / "b.zip", pngs[300:500], labels[300:500])
+    pqf = embedded.write_image_parquet(tmp_path / "c.parquet", pngs[500:600])
+    for f in (tar, zp, pqf):
+        storage.write_bytes(f"{s3_bucket}/in/{f.name}", f.read_bytes())
+    out = f"{s3_bucket}/labels"
+    cmd = [sys.executable, "-m", "jobs", "label", "--model", str(trained), "--input",
+           f"{s3_bucket}/in/*.tar", "--input", f"{s3_bucket}/in/b.zip", "--input",
+           f"{s3_bucket}/in/c.parquet", "--output", out, "--top-k", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for _attempt in range(3):
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        if "timed out during startup" not in done.stderr:
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = OutputDir(out, {}).read_table()
+    assert table.num_rows == 600 and table["error"].null_count == 600
+    assert len(set(zip(table["source"].to_pylist(), table["path"].to_pylist(),
+                       strict=True))) == 600
+    summary = storage.read_bytes(f"{out}/summary.json").decode()
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    for text in (summary, done.stderr, storage.read_bytes(f"{out}/_kiln_job.json").decode()):
+        assert secret not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
+
+
+def test_actor_layout(monkeypatch):
+    import ray
+
+    from jobs.label import actor_layout
+
+    def cluster(cpus, gpus=0):
+        res = {"CPU": cpus, "GPU": gpus}
+        monkeypatch.setattr(ray, "cluster_resources", lambda: res)
+        monkeypatch.setattr(ray, "available_resources", lambda: res)
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": res}])
+
+    cluster(2)
+    lay = actor_layout(LabelOptions("m", ["i"], "o"), units=20)
+    assert lay.actors * lay.num_cpus < 2 and lay.num_gpus == 0  # room left for Ray Data
+    assert actor_layout(LabelOptions("m", ["i"], "o", actors=4), units=2).actors == 2
+    cluster(16, 2)
+    lay = actor_layout(LabelOptions("m", ["i"], "o", gpu=True), units=100)
+    assert (lay.actors, lay.num_gpus) == (2, 1) and lay.decode_threads > 1
+    assert lay.actors * lay.num_cpus <= 16
+    cluster(8, 0)
+    with pytest.raises(ValueError, match="no GPUs"):
+        actor_layout(LabelOptions("m", ["i"], "o", gpu=True), units=4)
