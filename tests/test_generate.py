@@ -221,12 +221,14 @@ def test_killed_run_resumes_with_every_prompt_once(rnn_model, tmp_path):
            str(prompts), "--output", str(out), "--max-chars", "300", "--batch-size", "64"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     env["KILN_OBJECT_STORE_MB"] = "200"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first-run.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 240  # Ray's start; generous for a busy machine
         while not list(out.glob("part-*.parquet")):
-            assert proc.poll() is None, "the run ended before it could be killed"
+            assert proc.poll() is None, f"the run ended early: {log.read_text()[-1500:]}"
             assert time.monotonic() < deadline, "no part was written in time"
             time.sleep(0.02)
     finally:
