@@ -27,7 +27,6 @@ from pipelines.sink import JOB_FILE, SUMMARY_FILE, OutputDir, OutputError, Progr
 KEY_COLUMNS = ["source", "path", "label", "error"]  # read back from an interrupted run
 
 
-
 @dataclasses.dataclass
 class Layout:
     """How the actor pool sits on the cluster."""
@@ -67,11 +66,11 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
             parts = follow(label_dataset(tasks, settings, layout.actors, layout.num_cpus,
                                          layout.num_gpus), progress)
     summary = make_summary(opts, loaded.id, held, parts, time.monotonic() - start)
-    out.write_summary(summary)
-    if opts.report:
+    if opts.report:  # before summary.json, whose presence marks the job finished
         from jobs.label_report import write_report
 
         summary["report"] = write_report(out, summary, parts, console)
+    out.write_summary(summary)
     print_totals(console, summary, out.uri)
     return summary
 
