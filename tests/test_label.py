@@ -257,9 +257,13 @@ def test_make_tasks_skips_done_rows(digits_data, tmp_path):
     assert unit.index == 1 and skip == {paths[1][0]}
 
 
-def test_s3_inputs_and_output_cli(trained, digits_data, s3_bucket, tmp_path):
-    """`python -m jobs label` from S3 (a streamed tar, a zip, Parquet) to S3; the summary and
-    the output carry no credentials."""
+def test_s3_inputs_and_output(ray_local, trained, digits_data, s3_bucket, tmp_path):
+    """From S3 (a streamed tar, a zip, Parquet) to S3; the summary, the output and what the
+    job prints carry no credentials."""
+    import io
+
+    from rich.console import Console
+
     from pipelines import storage
 
     pngs, labels = digits_data
@@ -269,20 +273,20 @@ def test_s3_inputs_and_output_cli(trained, digits_data, s3_bucket, tmp_path):
     for f in (tar, zp, pqf):
         storage.write_bytes(f"{s3_bucket}/in/{f.name}", f.read_bytes())
     out = f"{s3_bucket}/labels"
-    cmd = [sys.executable, "-m", "jobs", "label", "--model", str(trained), "--input",
-           f"{s3_bucket}/in/*.tar", "--input", f"{s3_bucket}/in/b.zip", "--input",
-           f"{s3_bucket}/in/c.parquet", "--output", out, "--top-k", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = run_cli(cmd, env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    printed = io.StringIO()
+    run_label(LabelOptions(str(trained), [f"{s3_bucket}/in/*.tar", f"{s3_bucket}/in/b.zip",
+                                          f"{s3_bucket}/in/c.parquet"], out, top_k=2,
+                           report=True), console=Console(file=printed))
     table = OutputDir(out, {}).read_table()
     assert table.num_rows == 600 and table["error"].null_count == 600
     assert len(set(zip(table["source"].to_pylist(), table["path"].to_pylist(),
                        strict=True))) == 600
     summary = storage.read_bytes(f"{out}/summary.json").decode()
-    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    for text in (summary, done.stderr, storage.read_bytes(f"{out}/_kiln_job.json").decode()):
-        assert secret not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
+    assert json.loads(summary)["report"] == f"{out}/report.html"
+    for text in (summary, printed.getvalue(), storage.read_bytes(f"{out}/_kiln_job.json").decode(),
+                 storage.read_bytes(f"{out}/report.html").decode()):
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text
+        assert os.environ["AWS_ACCESS_KEY_ID"] not in text
 
 
 def test_actor_layout(monkeypatch):
