@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import time
 
 from rich.console import Console
@@ -80,8 +82,13 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     chars = 0
     if blocks:
         parts_before = set(out.parts())
-        with ray_session(RayOptions(address=opts.address)):
-            chars = _run_pipeline(opts, loaded.id, out, s, blocks, progress)
+        if in_process(opts, blocks):
+            console.print("  sampling 1 block in this process (one block needs no Ray)",
+                          highlight=False)
+            chars = _run_here(opts, loaded.id, out, s, blocks[0], progress)
+        else:
+            with ray_session(RayOptions(address=opts.address)):
+                chars = _run_pipeline(opts, loaded.id, out, s, blocks, progress)
         _remove_late_parts(out, parts_before, console)
     summary = _summary(opts, loaded.id, table.num_rows, table.num_rows - todo, progress,
                        chars, stats, time.monotonic() - start)
@@ -93,6 +100,28 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
         f"{stats.unknown_chars:,} unknown chars in {stats.with_unknown:,} prompts",
         highlight=False)
     return summary
+
+
+def in_process(opts: GenerateOptions, blocks: list) -> bool:
+    """A job of one block (up to --batch-size prompts) on this machine runs in this process:
+    Ray would give it one actor anyway, after several seconds of starting. A cluster address,
+    a Ray already running here (a notebook, the tests), --actors or --gpu choose Ray."""
+    if len(blocks) != 1 or opts.gpu or opts.actors or opts.address or os.environ.get(
+            "RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    return not (ray is not None and ray.is_initialized())
+
+
+def _run_here(opts, model_id, out, s, block, progress) -> int:
+    """The actor's own code on the one block, in this process."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    settings = gen.GenerateSettings(model=opts.model, model_id=model_id, output=out.uri,
+                                    run_id=out.run_id, sampling=s, seed=opts.seed,
+                                    gpu=False, threads=max(1, cpus or 1))  # as one actor would
+    result = gen.Generator(settings)(block)
+    progress.update(sum(result.column("rows").to_pylist()))
+    return sum(result.column("chars").to_pylist())
 
 
 def _run_pipeline(opts, model_id, out, s, blocks, progress) -> int:

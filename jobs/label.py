@@ -11,8 +11,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 
 from rich.console import Console
 
@@ -21,7 +24,13 @@ from jobs.connect import RayOptions, ray_session
 from jobs.options import LabelOptions
 from jobs.redact import redact
 from pipelines import sources, storage
-from pipelines.label import LabelSettings, count_known, label_dataset, make_tasks
+from pipelines.label import (
+    LabelPredictor,
+    LabelSettings,
+    count_known,
+    label_dataset,
+    make_tasks,
+)
 from pipelines.sink import JOB_FILE, SUMMARY_FILE, OutputDir, OutputError, Progress
 
 KEY_COLUMNS = ["source", "path", "label", "error"]  # read back from an interrupted run
@@ -56,15 +65,19 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     parts: dict[str, dict] = {}
     if held:
         console.print(f"resuming: {len(held):,} rows already in {out.uri}", highlight=False)
-    if tasks:
+    if tasks and in_process(opts, tasks):
+        console.print(f"labeling 1 unit in this process (one unit needs no Ray) with "
+                      f"{loaded.id}", highlight=False)
+        parts = follow(label_here(tasks, settings), progress)
+    elif tasks:
         with ray_session(RayOptions(address=opts.address)), quiet_ray_data():
             layout = actor_layout(opts, len(tasks))
             console.print(f"labeling {len(tasks):,} units with {layout.actors} actor(s) of "
                           f"{loaded.id}", highlight=False)
             settings = dataclasses.replace(settings, threads=layout.threads,
                                            decode_threads=layout.decode_threads)
-            parts = follow(label_dataset(tasks, settings, layout.actors, layout.num_cpus,
-                                         layout.num_gpus), progress)
+            ds = label_dataset(tasks, settings, layout.actors, layout.num_cpus, layout.num_gpus)
+            parts = follow((row["stats"] for row in ds.iter_rows()), progress)
     summary = make_summary(opts, loaded.id, held, parts, time.monotonic() - start)
     if opts.report:  # before summary.json, whose presence marks the job finished
         from jobs.label_report import write_report
@@ -141,12 +154,36 @@ def actor_layout(opts: LabelOptions, units: int) -> Layout:
     return Layout(actors, round(min(cores, node_cpus * 0.9), 3), 0, max(1, per_actor - 1), 1)
 
 
-def follow(ds, progress: Progress) -> dict[str, dict]:
-    """Streams the stats row of every part written, keyed by part so that a part a retried
+def in_process(opts: LabelOptions, tasks: list[dict]) -> bool:
+    """A job of one unit of work (up to 1,000 files or members, one Parquet row group, or one
+    streamed .tar.gz) on this machine runs in this process: Ray would give it one actor
+    anyway, and starting a local Ray costs more than labeling a thousand images. A cluster
+    address, a Ray already running here (a notebook, the tests), --actors or --gpu choose
+    Ray."""
+    if len(tasks) != 1 or opts.gpu or opts.actors or opts.address or os.environ.get(
+            "RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    return not (ray is not None and ray.is_initialized())
+
+
+def label_here(tasks: list[dict], settings: LabelSettings) -> Iterator[str]:
+    """The actor's own code, run in this process: the stats of each part as it is written."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    settings = dataclasses.replace(settings, threads=max(1, min(cpus - 1, 8)),
+                                   decode_threads=1 if cpus <= 4 else 2)
+    predictor = LabelPredictor(settings)
+    for row in predictor({"task": [t["task"] for t in tasks]}):
+        yield from row["stats"]
+
+
+def follow(stats_rows: Iterable[str], progress: Progress) -> dict[str, dict]:
+    """Streams the stats (JSON) of every part written, keyed by part so that a part a retried
     task wrote again counts once."""
     parts: dict[str, dict] = {}
-    for row in ds.iter_rows():
-        stats = json.loads(row["stats"])
+    for row in stats_rows:
+        stats = json.loads(row)
         again = parts.get(stats["part"])
         parts[stats["part"]] = stats
         if again is None:

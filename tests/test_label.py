@@ -225,6 +225,32 @@ def test_kill_and_resume_cli(trained, digits_data, tmp_path):
     assert summary["rows_in"] == n and summary["rows_resumed"] >= 1000
 
 
+def test_one_unit_runs_in_process_with_the_same_rows(ray_local, trained, digits_data,
+                                                      tmp_path):
+    """A job of one unit on this machine skips starting a local Ray; its rows are the rows
+    the Ray actor pool gives for the same input, broken members included."""
+    pngs, _ = digits_data
+    images = pngs[:150] + [pngs[0][:40], b"", b"not an image"]
+    names = [f"{i:04d}.png" for i in range(len(images))]
+    tar = embedded.write_flat_archive(tmp_path / "one.tar", images, names)
+    cmd = [sys.executable, "-m", "jobs", "label", "--model", str(trained), "--input", str(tar),
+           "--output", str(tmp_path / "here"), "--top-k", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = run_cli(cmd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "in this process" in done.stderr and "3 errors" in done.stderr
+    # The test process runs a Ray, so run_label takes the actor pool.
+    run_label(LabelOptions(str(trained), [str(tar)], str(tmp_path / "ray"), top_k=3))
+
+    def rows(out):
+        return sorted((r["path"], r["label"], r["top_labels"], r["error"])
+                      for r in read_rows(tmp_path / out))
+
+    here, on_ray = rows("here"), rows("ray")
+    assert len(here) == len(images) and here == on_ray
+    assert sum(r[3] is not None for r in here) == 3
+
+
 def test_predictor_without_ray(trained, digits_data, tmp_path):
     """The actor class is usable on its own: parts per unit, stats per part, names stable."""
     pngs, labels = digits_data
