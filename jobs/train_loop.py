@@ -177,11 +177,13 @@ def train_loop_per_worker(cfg: dict) -> None:
                 break
         train_time = time.monotonic() - t0
         record = evaluate(task, raw, shards["val"], cfg, device, autocast, val_cache)
+        val_time = time.monotonic() - t0 - train_time
         total = all_sum(torch.cat([sums, torch.tensor([train_time])]))
         prog.epoch += 1
         mean_time = total[2] / ctx.get_world_size()  # total = [loss sum, samples, seconds]
         record = {"epoch": prog.epoch, "step": prog.step, "train_loss": total[0] / max(total[1], 1),
                   **record, "samples_per_s": total[1] / max(mean_time, 1e-9),
+                  "train_s": round(mean_time, 3), "val_s": round(val_time, 3),
                   "elapsed_s": prog.elapsed_s + time.monotonic() - start}
         prog.history.append(record)
         is_best = better(task, record[task.metric], prog.best)
