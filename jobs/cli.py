@@ -237,6 +237,9 @@ def demo(
 
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    from jobs.connect import quiet_ray_data_logs
+
+    quiet_ray_data_logs()
     try:
         app()
         code = 0

@@ -11,6 +11,14 @@ import tempfile
 from dataclasses import dataclass
 
 DEFAULT_OBJECT_STORE_MB = 1536
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "ray_data_logging.yaml")
+
+
+def quiet_ray_data_logs() -> None:
+    """Ray Data's INFO notes stay in its log file, off the console, in this process (if
+    ray.data is not imported yet) and in the local Ray's workers, which inherit the variable."""
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
 
 
 @dataclass
@@ -56,6 +64,7 @@ def ray_session(opts: RayOptions | None = None):
 
     opts = opts or RayOptions()
     ensure_token_auth()
+    quiet_ray_data_logs()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():  # tests and notebooks bring their own

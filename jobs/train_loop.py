@@ -4,6 +4,7 @@ validation sums up into metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -126,6 +127,10 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     for name in ("ray.train", "ray.train.v2._internal.execution.context"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the driver prints one line an epoch
+    with contextlib.suppress(ImportError):  # its logger is named by its file's path
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg["threads"])
@@ -149,7 +154,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     start, stop, val_cache = time.monotonic(), False, []
     # --time-limit counts training time (start-up excluded), across resumed attempts too.
     limit = cfg["time_limit_s"]
-    deadline = time.time() + limit - prog.elapsed_s if limit else None
+    before = prog.elapsed_s  # training time of earlier attempts
+    deadline = time.time() + limit - before if limit else None
     while prog.epoch < cfg["epochs"] and not stop:
         model.train()
         t0, sums, seen = time.monotonic(), torch.zeros(2, dtype=torch.float64), 0
@@ -158,7 +164,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             local_shuffle_buffer_size=cfg["shuffle_buffer"], local_shuffle_seed=prog.epoch,
         ):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            clock = (prog.elapsed_s + time.monotonic() - start) / limit if limit else None
+            clock = (before + time.monotonic() - start) / limit if limit else None
             for group in opt.param_groups:
                 group["lr"] = lr_at(prog.step, cfg["total_steps"], cfg["lr"], clock)
             with autocast:
@@ -184,7 +190,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         record = {"epoch": prog.epoch, "step": prog.step, "train_loss": total[0] / max(total[1], 1),
                   **record, "samples_per_s": total[1] / max(mean_time, 1e-9),
                   "train_s": round(mean_time, 3), "val_s": round(val_time, 3),
-                  "elapsed_s": prog.elapsed_s + time.monotonic() - start}
+                  "elapsed_s": before + time.monotonic() - start}
         prog.history.append(record)
         is_best = better(task, record[task.metric], prog.best)
         if is_best:

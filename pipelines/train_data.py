@@ -62,10 +62,18 @@ def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
                              override_num_blocks=len(units))
     ds = ds.map_batches(_decode_units, batch_size=1, fn_kwargs={
         "units": units, "preset": preset, "val_fraction": val_fraction}).materialize()
-    skipped = [r["error"] for r in ds.filter(expr=col("error") != "").select_columns(["error"])
-               .iter_rows()]
-    good = ds.filter(expr=col("error") == "").drop_columns(["error"])
-    classes = sorted(good.unique("label"))
+    # One pass over the small columns gives the skipped images and the classes (Dataset.unique
+    # is an all-to-all aggregation: seconds even for a few thousand rows).
+    skipped, labels = [], set()
+    for batch in ds.select_columns(["label", "error"]).iter_batches(batch_size=None,
+                                                                     batch_format="pyarrow"):
+        errors = batch.column("error").to_pylist()
+        skipped.extend(e for e in errors if e)
+        labels.update(lab for lab, e in zip(batch.column("label").to_pylist(), errors,
+                                            strict=True) if not e)
+    good = ds.filter(expr=col("error") == "").drop_columns(["error"]) if skipped else \
+        ds.drop_columns(["error"])
+    classes = sorted(labels)
     if not classes:
         raise ValueError(f"{uri}: no decodable, labelled images (layout: CLASS_NAME/file.png, "
                          "or Parquet with image and label columns)")

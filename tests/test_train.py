@@ -72,8 +72,16 @@ def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, di
 
 def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     run = str(tmp_path / "run")
+    t0 = time.monotonic()
     run_train(TrainOptions("cnn", str(digits_files["parquet"]), run, epochs=12, batch_size=32,
                            workers=2))
+    wall = time.monotonic() - t0
+    rows = metrics(run)
+    # elapsed_s is training time so far: it grows by at least each epoch's training time and
+    # never passes the run's wall time.
+    for a, b in zip(rows, rows[1:], strict=False):
+        assert b["elapsed_s"] - a["elapsed_s"] >= 0.9 * b["train_s"]
+    assert rows[-1]["elapsed_s"] < wall
     acc = held_out_accuracy(run, digits_files["test_images"], digits_files["test_labels"])
     assert acc >= 0.95, f"held-out accuracy {acc:.3f}"
     cfg = storage.load_model(run).config
