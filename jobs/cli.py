@@ -13,7 +13,7 @@ from rich.console import Console
 
 from jobs.options import GenerateOptions, LabelOptions, TrainOptions
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(
     name="kiln",
     help="Train CNNs and char-RNNs with Ray Train; bulk-label images and bulk-generate text "

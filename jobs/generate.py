@@ -64,7 +64,7 @@ def plan_actors(opts: GenerateOptions, n_blocks: int) -> tuple[int, float, float
 
 
 def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     start = time.monotonic()
     s = settings_of(opts)
     loaded = storage.load_model(opts.model, expect_kind="rnn")  # a CNN fails here, clearly

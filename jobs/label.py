@@ -49,7 +49,7 @@ class Layout:
 
 def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     check_options(opts)
     start = time.monotonic()
     loaded = storage.load_model(opts.model, expect_kind="cnn")  # fail fast, before Ray

@@ -98,15 +98,19 @@ class Progress:
     best: float | None = None
 
 
-def lr_at(step: int, total: int, peak: float, progress: float | None = None) -> float:
-    """Linear warm-up over the first 2% of the steps (at most 100), then cosine decay to a
-    tenth of the peak. `progress` (0..1), when given, is how far the run is by the clock:
-    under --time-limit the schedule follows whichever of steps and time is further along."""
-    warm = max(1, min(100, total // 50))
+WARMUP_STEPS = 20
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 2% of the steps (at most 20), then cosine decay to a
+    tenth of the peak over the steps the run is set to take (--epochs or --max-steps).
+    --time-limit only stops a run: with a large --epochs it keeps close to the peak rate,
+    which is what a short budget wants (decaying by the clock instead cost a 2x256 LSTM
+    0.4 nats/char after 90 s of training on this machine)."""
+    warm = max(1, min(WARMUP_STEPS, total // 50))
     if step < warm:
         return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    t = min(1.0, max(t, progress or 0.0))
+    t = min(1.0, (step - warm) / max(1, total - warm))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -164,9 +168,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             local_shuffle_buffer_size=cfg["shuffle_buffer"], local_shuffle_seed=prog.epoch,
         ):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            clock = (before + time.monotonic() - start) / limit if limit else None
             for group in opt.param_groups:
-                group["lr"] = lr_at(prog.step, cfg["total_steps"], cfg["lr"], clock)
+                group["lr"] = lr_at(prog.step, cfg["total_steps"], cfg["lr"])
             with autocast:
                 loss, n = task.loss(model, batch)
             opt.zero_grad(set_to_none=True)
