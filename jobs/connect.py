@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -28,6 +29,23 @@ class RayOptions:
     num_gpus: int | None = None
     object_store_mb: int = int(os.environ.get("KILN_OBJECT_STORE_MB", DEFAULT_OBJECT_STORE_MB))
     include_dashboard: bool = False
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpus or 1
+
+
+def runs_here(units: int, opts) -> bool:
+    """Whether a label or generate job runs the actor's code in this process: one unit of work
+    on this machine, where a pool would hold a single actor anyway and starting a local Ray
+    costs more than the work. A cluster address, a Ray already running here (a notebook, the
+    tests), --actors or --gpu choose Ray."""
+    if units != 1 or opts.gpu or opts.actors or opts.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    return not (ray is not None and ray.is_initialized())
 
 
 def ensure_token_auth() -> None:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 import time
 
 from rich.console import Console
 
-from jobs.connect import RayOptions, ray_session
+from jobs.connect import RayOptions, local_cpus, ray_session, runs_here
 from jobs.options import GenerateOptions
 from jobs.redact import redact
 from models import SamplingSettings
@@ -82,7 +80,7 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     chars = 0
     if blocks:
         parts_before = set(out.parts())
-        if in_process(opts, blocks):
+        if runs_here(len(blocks), opts):
             console.print("  sampling 1 block in this process (one block needs no Ray)",
                           highlight=False)
             chars = _run_here(opts, loaded.id, out, s, blocks[0], progress)
@@ -102,23 +100,11 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     return summary
 
 
-def in_process(opts: GenerateOptions, blocks: list) -> bool:
-    """A job of one block (up to --batch-size prompts) on this machine runs in this process:
-    Ray would give it one actor anyway, after several seconds of starting. A cluster address,
-    a Ray already running here (a notebook, the tests), --actors or --gpu choose Ray."""
-    if len(blocks) != 1 or opts.gpu or opts.actors or opts.address or os.environ.get(
-            "RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")
-    return not (ray is not None and ray.is_initialized())
-
-
 def _run_here(opts, model_id, out, s, block, progress) -> int:
     """The actor's own code on the one block, in this process."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     settings = gen.GenerateSettings(model=opts.model, model_id=model_id, output=out.uri,
                                     run_id=out.run_id, sampling=s, seed=opts.seed,
-                                    gpu=False, threads=max(1, cpus or 1))  # as one actor would
+                                    gpu=False, threads=local_cpus())  # as one actor would
     result = gen.Generator(settings)(block)
     progress.update(sum(result.column("rows").to_pylist()))
     return sum(result.column("chars").to_pylist())

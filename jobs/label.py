@@ -11,8 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -20,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from rich.console import Console
 
 import models
-from jobs.connect import RayOptions, ray_session
+from jobs.connect import RayOptions, local_cpus, ray_session, runs_here
 from jobs.options import LabelOptions
 from jobs.redact import redact
 from pipelines import sources, storage
@@ -65,7 +63,7 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     parts: dict[str, dict] = {}
     if held:
         console.print(f"resuming: {len(held):,} rows already in {out.uri}", highlight=False)
-    if tasks and in_process(opts, tasks):
+    if tasks and runs_here(len(tasks), opts):
         console.print(f"labeling 1 unit in this process (one unit needs no Ray) with "
                       f"{loaded.id}", highlight=False)
         parts = follow(label_here(tasks, settings), progress)
@@ -155,23 +153,9 @@ def actor_layout(opts: LabelOptions, units: int) -> Layout:
     return Layout(actors, round(cores, 3), 0, 1, 1)
 
 
-def in_process(opts: LabelOptions, tasks: list[dict]) -> bool:
-    """A job of one unit of work (up to 1,000 files or members, one Parquet row group, or one
-    streamed .tar.gz) on this machine runs in this process: Ray would give it one actor
-    anyway, and starting a local Ray costs more than labeling a thousand images. A cluster
-    address, a Ray already running here (a notebook, the tests), --actors or --gpu choose
-    Ray."""
-    if len(tasks) != 1 or opts.gpu or opts.actors or opts.address or os.environ.get(
-            "RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")
-    return not (ray is not None and ray.is_initialized())
-
-
 def label_here(tasks: list[dict], settings: LabelSettings) -> Iterator[str]:
     """The actor's own code, run in this process: the stats of each part as it is written."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
+    cpus = local_cpus()
     settings = dataclasses.replace(settings, threads=max(1, min(cpus - 1, 8)),
                                    decode_threads=1 if cpus <= 4 else 2)
     predictor = LabelPredictor(settings)
