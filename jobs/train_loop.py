@@ -129,9 +129,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # the driver prints one line an epoch
-    with contextlib.suppress(ImportError):  # its logger is named by its file's path
+    # The driver prints one line an epoch; Train V2's per-report INFO line comes from a logger
+    # named by its module's file path.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
         from ray.train.v2._internal.execution import context as train_context
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
@@ -198,7 +199,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         is_best = better(task, record[task.metric], prog.best)
         if is_best:
             prog.best = record[task.metric]
-        report(raw, opt, prog, record, cfg, spec, rank, is_best, start)
+        report(raw, opt, prog, record, cfg, spec, rank, is_best)
         stop = stop or past_deadline(deadline)
 
 
@@ -235,8 +236,8 @@ def evaluate(task, model, shard, cfg, device, autocast, cache: list) -> dict:
     return task.metrics(all_sum(sums if sums is not None else torch.zeros(width)))
 
 
-def report(model, opt, prog: Progress, record: dict, cfg, spec, rank: int, is_best: bool,
-           start: float) -> None:
+def report(model, opt, prog: Progress, record: dict, cfg, spec, rank: int,
+           is_best: bool) -> None:
     """Checkpoint every epoch through Ray Train; rank 0 also keeps the run folder current:
     metrics.jsonl, and model/ whenever validation improves."""
     import json
