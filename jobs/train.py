@@ -66,7 +66,8 @@ def prepare(opts: TrainOptions) -> dict:
     if opts.kind == "cnn":
         preset = ImagePreset(opts.image_size, opts.channels, (0.5,) * opts.channels,
                              (0.5,) * opts.channels)
-        data = image_dataset(opts.data, preset, 0.0 if opts.val else opts.val_fraction)
+        data = image_dataset(opts.data, preset, 0.0 if opts.val else opts.val_fraction,
+                             seed=opts.seed)
         for bad in data.skipped[:5]:
             console.print(f"[yellow]skipped[/] {bad}")
         train_ds, val = data.train, data.val
@@ -84,7 +85,7 @@ def prepare(opts: TrainOptions) -> dict:
             cut = int(len(text) * (1 - opts.val_fraction))
             train_text, val_text = text[:cut], text[cut:]
         vocab = CharVocab.build(train_text, min_count=2 if len(train_text) > 100_000 else 1)
-        train_ds = text_windows(train_text, vocab, opts.seq_len).materialize()
+        train_ds = text_windows(train_text, vocab, opts.seq_len, seed=opts.seed).materialize()
         val = text_windows(val_text, vocab, opts.seq_len).materialize()
         spec = RNNSpec(vocab.chars, opts.cell, opts.embed, opts.hidden, opts.layers, opts.dropout)
         summary = (f"{len(train_text):,} train / {len(val_text):,} val characters, "
@@ -116,8 +117,11 @@ def fit(opts: TrainOptions, data: dict):
         "epochs": epochs, "max_steps": max_steps, "total_steps": max_steps,
         "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed,
         "weight_decay": 0.0 if opts.kind == "rnn" else 1e-4,
-        "threads": max(1, int(per_worker)),
-        "shuffle_buffer": 2000 if opts.kind == "cnn" else 500,
+        # A lone worker on a small machine takes every core as torch threads; Ray's own
+        # reservation stays below the CPUs so that Ray Data's tasks always find room.
+        "threads": 1 if opts.gpu else max(1, int(cpus // opts.workers)),
+        "shuffle_buffer": 2000,
+        "train_bytes": data["train"].size_bytes(),
         "time_limit_s": opts.time_limit * 60 if opts.time_limit else None,
         "train_settings": settings,
     }

@@ -31,7 +31,9 @@ LN2 = math.log(2)
 
 
 class CNNTask:
-    metric, mode, clip = "val_accuracy", "max", None
+    # bf16 autocast and channels-last on CUDA: 1.56x (resnet20) and 2.1x (resnet18 at 224)
+    # the fp32 step on an H200 (BENCHMARKS.md, GPU section).
+    metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
 
     def __init__(self, spec):
         self.index = {c: i for i, c in enumerate(spec.classes)}
@@ -49,7 +51,7 @@ class CNNTask:
         logits = model(batch["x"])  # (B, classes)
         loss = F.cross_entropy(logits.float(), batch["y"], reduction="sum", ignore_index=-1)
         correct = (logits.argmax(1) == batch["y"]).sum()
-        return torch.stack([loss, correct.float(), torch.tensor(float(len(logits)))])
+        return torch.stack([loss, correct.float(), loss.new_tensor(float(len(logits)))])
 
     def metrics(self, sums: list[float]) -> dict:
         loss, correct, n = sums
@@ -57,7 +59,9 @@ class CNNTask:
 
 
 class RNNTask:
-    metric, mode, clip = "val_loss", "min", 5.0  # char-rnn clips gradients at 5
+    # char-rnn clips gradients at 5. No bf16 autocast: cuDNN's LSTM ran 7-19% slower under it
+    # than in fp32 on an H200 (BENCHMARKS.md, GPU section).
+    metric, mode, clip, bf16, channels_last = "val_loss", "min", 5.0, False, False
 
     def __init__(self, spec):
         pass
@@ -77,7 +81,7 @@ class RNNTask:
         logits, _ = model(ids[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                ids[:, 1:].reshape(-1), reduction="sum")
-        return torch.stack([loss, torch.tensor(float(ids[:, 1:].numel()))])
+        return torch.stack([loss, loss.new_tensor(float(ids[:, 1:].numel()))])
 
     def metrics(self, sums: list[float]) -> dict:
         nats = sums[0] / max(sums[1], 1)
@@ -114,11 +118,20 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce across the workers, on the device the process group's backend takes (NCCL
+    refuses CPU tensors); a single process returns the values as they are."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if (
+        dist.get_backend() == "nccl") else torch.device("cpu")
+    values = values.to(device)
+    dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+    return values.cpu()
+
+
 def all_sum(values: torch.Tensor) -> list[float]:
-    values = values.double().cpu()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return values.tolist()
+    return _all_reduce(values.double()).tolist()
 
 
 def better(task, value: float, best: float | None) -> bool:
@@ -152,23 +165,28 @@ def train_loop_per_worker(cfg: dict) -> None:
             model.load_state_dict(load_folder(d).model.state_dict())
             prog = Progress(**load_training_state(d, opt))
     device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    layout = torch.channels_last if on_gpu and task.channels_last else torch.preserve_format
+    if layout is torch.channels_last:
+        model = model.to(memory_format=layout)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and task.bf16)
     shards = {n: ray.train.get_dataset_shard(n) for n in ("train", "val")}
     start, stop, val_cache = time.monotonic(), False, []
+    fits = cfg["train_bytes"] / ctx.get_world_size() <= TRAIN_CACHE_BYTES
+    train_data = ShardCache(shards["train"], task, cfg["batch_size"], cfg["shuffle_buffer"],
+                            seed=cfg["seed"] * 7919 + rank, fits=fits)
     # --time-limit counts training time (start-up excluded), across resumed attempts too.
     limit = cfg["time_limit_s"]
     before = prog.elapsed_s  # training time of earlier attempts
     deadline = time.time() + limit - before if limit else None
     while prog.epoch < cfg["epochs"] and not stop:
         model.train()
-        t0, sums, seen = time.monotonic(), torch.zeros(2, dtype=torch.float64), 0
-        for batch in shards["train"].iter_torch_batches(
-            batch_size=cfg["batch_size"], collate_fn=task.collate, drop_last=True,
-            local_shuffle_buffer_size=cfg["shuffle_buffer"], local_shuffle_seed=prog.epoch,
-        ):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # The loss sum stays on the device: reading it every step would make a GPU wait.
+        t0, loss_sum, seen = time.monotonic(), torch.zeros((), dtype=torch.float64), 0
+        for batch in train_data.epoch(prog.epoch):
+            batch = {k: to_device(v, device, layout) for k, v in batch.items()}
             for group in opt.param_groups:
                 group["lr"] = lr_at(prog.step, cfg["total_steps"], cfg["lr"])
             with autocast:
@@ -179,16 +197,16 @@ def train_loop_per_worker(cfg: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
             opt.step()
             prog.step += 1
-            sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+            loss_sum = loss_sum.to(loss.device) + loss.detach().double() * n
             seen += n
             stop = prog.step >= cfg["max_steps"] or (
                 prog.step % 10 == 0 and past_deadline(deadline))
             if stop:
                 break
         train_time = time.monotonic() - t0
-        record = evaluate(task, raw, shards["val"], cfg, device, autocast, val_cache)
+        record = evaluate(task, raw, shards["val"], cfg, device, autocast, val_cache, layout)
         val_time = time.monotonic() - t0 - train_time
-        total = all_sum(torch.cat([sums, torch.tensor([train_time])]))
+        total = all_sum(torch.tensor([loss_sum.item(), seen, train_time]))
         prog.epoch += 1
         mean_time = total[2] / ctx.get_world_size()  # total = [loss sum, samples, seconds]
         record = {"epoch": prog.epoch, "step": prog.step, "train_loss": total[0] / max(total[1], 1),
@@ -203,24 +221,64 @@ def train_loop_per_worker(cfg: dict) -> None:
         stop = stop or past_deadline(deadline)
 
 
+def to_device(t: torch.Tensor, device, layout=torch.preserve_format) -> torch.Tensor:
+    t = t.to(device, non_blocking=True)
+    return t.contiguous(memory_format=layout) if layout is torch.channels_last and t.dim() == 4 \
+        else t
+
+
+TRAIN_CACHE_BYTES = 512 * 1024 * 1024
+
+
+class ShardCache:
+    """A worker's training batches. A shard that fits in TRAIN_CACHE_BYTES is read from Ray
+    Data once, in large batches, and kept as tensors; each epoch then draws batches from it by
+    a fresh full permutation. A bigger shard streams every epoch through iter_torch_batches
+    with a local shuffle buffer. On 2 CPUs the streaming iterator cost ~15% of a 2x256 LSTM's
+    step time, and a full permutation mixes better than a shuffle buffer. Every batch holds
+    `batch_size` rows (a last, smaller one is dropped) so that all workers take the same
+    number of steps."""
+
+    def __init__(self, shard, task, batch_size: int, buffer: int, seed: int, fits: bool):
+        self.shard, self.task, self.bs, self.buffer = shard, task, batch_size, buffer
+        self.seed, self.fits = seed, fits
+        self.rows: dict[str, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int):
+        if not self.fits:
+            yield from self.shard.iter_torch_batches(
+                batch_size=self.bs, collate_fn=self.task.collate, drop_last=True,
+                local_shuffle_buffer_size=self.buffer, local_shuffle_seed=epoch)
+            return
+        if self.rows is None:
+            parts = list(self.shard.iter_torch_batches(batch_size=max(self.bs, 4096),
+                                                       collate_fn=self.task.collate))
+            self.rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        n = len(next(iter(self.rows.values()))) if self.rows else 0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            self.seed * 100_003 + epoch))
+        for i in range(0, n - self.bs + 1, self.bs):
+            idx = order[i : i + self.bs]
+            yield {k: v[idx] for k, v in self.rows.items()}
+
+
 def past_deadline(deadline: float | None) -> bool:
     """Every worker must agree, or one would wait forever in the next collective."""
     late = torch.tensor([1.0 if deadline and time.time() > deadline else 0.0])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(late, op=dist.ReduceOp.MAX)
-    return bool(late.item())
+    return bool(_all_reduce(late, dist.ReduceOp.MAX).item())
 
 
 VAL_CACHE_BYTES = 256 * 1024 * 1024
 
 
 @torch.no_grad()
-def evaluate(task, model, shard, cfg, device, autocast, cache: list) -> dict:
+def evaluate(task, model, shard, cfg, device, autocast, cache: list,
+             layout=torch.preserve_format) -> dict:
     """Validation sums over this worker's shard, all-reduced into metrics. A small shard is
     kept in memory after the first pass: streaming it again costs seconds every epoch."""
     model.eval()
     sums = None
-    batches = cache or shard.iter_torch_batches(batch_size=cfg["batch_size"] * 2,
+    batches = cache or shard.iter_torch_batches(batch_size=max(256, cfg["batch_size"] * 2),
                                                 collate_fn=task.collate)
     size, keep = 0, not cache
     for batch in batches:
@@ -228,9 +286,9 @@ def evaluate(task, model, shard, cfg, device, autocast, cache: list) -> dict:
             size += sum(v.numel() * v.element_size() for v in batch.values())
             keep = size < VAL_CACHE_BYTES
             cache.append(batch) if keep else cache.clear()
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: to_device(v, device, layout) for k, v in batch.items()}
         with autocast:
-            s = task.eval_sums(model, batch).double().cpu()
+            s = task.eval_sums(model, batch).double()  # read once, after the last batch
         sums = s if sums is None else sums + s
     width = 3 if isinstance(task, CNNTask) else 2
     return task.metrics(all_sum(sums if sums is not None else torch.zeros(width)))

@@ -47,7 +47,7 @@ def train_workers() -> list[psutil.Process]:
 def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, digits_files,
                                                                    tmp_path):
     run = str(tmp_path / "run")
-    opts = TrainOptions("cnn", str(digits_files["tar"]), run, epochs=12, batch_size=32,
+    opts = TrainOptions("cnn", str(digits_files["tar"]), run, epochs=8, batch_size=32,
                         workers=2)
     box = {}
     thread = threading.Thread(target=lambda: box.update(out=run_train(opts)))
@@ -62,7 +62,7 @@ def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, di
     assert killed is not None, "the run ended before a worker could be killed"
     assert "out" in box, "training did not finish after losing a worker"
     epochs = [m["epoch"] for m in metrics(run)]
-    assert epochs == list(range(1, 13))  # resumed from the checkpoint, no epoch lost or repeated
+    assert epochs == list(range(1, 9))  # resumed from the checkpoint, no epoch lost or repeated
     for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s", "elapsed_s"):
         assert key in metrics(run)[-1]
     assert os.path.getsize(os.path.join(run, "curves.png")) > 1000
@@ -73,7 +73,7 @@ def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, di
 def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     run = str(tmp_path / "run")
     t0 = time.monotonic()
-    run_train(TrainOptions("cnn", str(digits_files["parquet"]), run, epochs=12, batch_size=32,
+    run_train(TrainOptions("cnn", str(digits_files["parquet"]), run, epochs=8, batch_size=32,
                            workers=2))
     wall = time.monotonic() - t0
     rows = metrics(run)
