@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.train import digits_tensors, windows  # noqa: E402
 from jobs import embedded  # noqa: E402
-from jobs.train_loop import CNNTask, RNNTask, lr_at  # noqa: E402
+from jobs.train_loop import CNNTask, RNNTask, lr_at, train_step  # noqa: E402
 from models import CharVocab, SamplingSettings, build_model, row_seed, sample  # noqa: E402
 from models.checkpoint import CNNSpec, RNNSpec, save_folder  # noqa: E402
 from pipelines import sources  # noqa: E402
@@ -92,13 +92,7 @@ def step_rate(kind, spec, batch, bf16: bool, channels_last: bool, steps: int) ->
         if i == 5:
             sync()
             t0 = time.perf_counter()
-        with autocast(bf16):
-            loss, _ = task.loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if task.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
-        opt.step()
+        train_step(task, model, opt, batch, autocast(bf16))
     sync()
     return steps * n_samples / (time.perf_counter() - t0)
 
@@ -159,13 +153,7 @@ def fit(task, model, batches, epochs=None, budget_s=None, total_steps=1000, lr=2
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, lr)
             batch = {k: to_device(v, DEV, layout) for k, v in batch.items()}
-            with autocast(task.bf16):
-                loss, _ = task.loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if task.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
-            opt.step()
+            train_step(task, model, opt, batch, autocast(task.bf16))
             step += 1
             if budget_s and step % 20 == 0 and time.perf_counter() - start > budget_s:
                 break

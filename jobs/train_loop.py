@@ -189,13 +189,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             batch = {k: to_device(v, device, layout) for k, v in batch.items()}
             for group in opt.param_groups:
                 group["lr"] = lr_at(prog.step, cfg["total_steps"], cfg["lr"])
-            with autocast:
-                loss, n = task.loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if task.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
-            opt.step()
+            loss, n = train_step(task, model, opt, batch, autocast)
             prog.step += 1
             loss_sum = loss_sum.to(loss.device) + loss.detach().double() * n
             seen += n
@@ -219,6 +213,18 @@ def train_loop_per_worker(cfg: dict) -> None:
             prog.best = record[task.metric]
         report(raw, opt, prog, record, cfg, spec, rank, is_best)
         stop = stop or past_deadline(deadline)
+
+
+def train_step(task, model, opt, batch: dict, autocast) -> tuple[torch.Tensor, int]:
+    """One optimizer step: the task's loss under autocast, backward, clipping, update."""
+    with autocast:
+        loss, n = task.loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if task.clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
+    opt.step()
+    return loss, n
 
 
 def to_device(t: torch.Tensor, device, layout=torch.preserve_format) -> torch.Tensor:
