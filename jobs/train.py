@@ -124,6 +124,7 @@ def fit(opts: TrainOptions, data: dict):
         "threads": 1 if opts.gpu else max(1, int(cpus // opts.workers)),
         "shuffle_buffer": 2000,
         "train_bytes": data["train"].size_bytes(),
+        "val_bytes": data["val"].size_bytes(),
         "time_limit_s": opts.time_limit * 60 if opts.time_limit else None,
         "train_settings": settings,
     }

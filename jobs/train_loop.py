@@ -173,10 +173,16 @@ def train_loop_per_worker(cfg: dict) -> None:
     raw = model.module if hasattr(model, "module") else model
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and task.bf16)
     shards = {n: ray.train.get_dataset_shard(n) for n in ("train", "val")}
-    start, stop, val_cache = time.monotonic(), False, []
-    fits = cfg["train_bytes"] / ctx.get_world_size() <= TRAIN_CACHE_BYTES
+    workers = ctx.get_world_size()
     train_data = ShardCache(shards["train"], task, cfg["batch_size"], cfg["shuffle_buffer"],
-                            seed=cfg["seed"] * 7919 + rank, fits=fits)
+                            seed=cfg["seed"] * 7919 + rank,
+                            fits=cfg["train_bytes"] / workers <= TRAIN_CACHE_BYTES)
+    # Small shards are read into memory before the clock starts, as a plain loop loads its
+    # tensors before it trains: --time-limit counts training and validation, not loading.
+    train_data.load()
+    val_cache = load_val(shards["val"], task, cfg) if (
+        cfg["val_bytes"] / workers <= VAL_CACHE_BYTES) else []
+    start, stop = time.monotonic(), False
     # --time-limit counts training time (start-up excluded), across resumed attempts too.
     limit = cfg["time_limit_s"]
     before = prog.elapsed_s  # training time of earlier attempts
@@ -250,16 +256,20 @@ class ShardCache:
         self.seed, self.fits = seed, fits
         self.rows: dict[str, torch.Tensor] | None = None
 
+    def load(self) -> None:
+        """Reads a shard that fits into memory (once); a bigger one is left to stream."""
+        if self.fits and self.rows is None:
+            parts = list(self.shard.iter_torch_batches(batch_size=max(self.bs, 4096),
+                                                       collate_fn=self.task.collate))
+            self.rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
     def epoch(self, epoch: int):
         if not self.fits:
             yield from self.shard.iter_torch_batches(
                 batch_size=self.bs, collate_fn=self.task.collate, drop_last=True,
                 local_shuffle_buffer_size=self.buffer, local_shuffle_seed=epoch)
             return
-        if self.rows is None:
-            parts = list(self.shard.iter_torch_batches(batch_size=max(self.bs, 4096),
-                                                       collate_fn=self.task.collate))
-            self.rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        self.load()
         n = len(next(iter(self.rows.values()))) if self.rows else 0
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             self.seed * 100_003 + epoch))
@@ -277,21 +287,25 @@ def past_deadline(deadline: float | None) -> bool:
 VAL_CACHE_BYTES = 256 * 1024 * 1024
 
 
+def val_batches(shard, task, cfg):
+    return shard.iter_torch_batches(batch_size=max(256, cfg["batch_size"] * 2),
+                                    collate_fn=task.collate)
+
+
+def load_val(shard, task, cfg) -> list:
+    """A worker's validation shard as a list of batches, for one that fits VAL_CACHE_BYTES:
+    streaming it again costs seconds every epoch."""
+    return list(val_batches(shard, task, cfg))
+
+
 @torch.no_grad()
 def evaluate(task, model, shard, cfg, device, autocast, cache: list,
              layout=torch.preserve_format) -> dict:
-    """Validation sums over this worker's shard, all-reduced into metrics. A small shard is
-    kept in memory after the first pass: streaming it again costs seconds every epoch."""
+    """Validation sums over this worker's shard (`cache`, when it was loaded; else streamed),
+    all-reduced into metrics."""
     model.eval()
     sums = None
-    batches = cache or shard.iter_torch_batches(batch_size=max(256, cfg["batch_size"] * 2),
-                                                collate_fn=task.collate)
-    size, keep = 0, not cache
-    for batch in batches:
-        if keep:
-            size += sum(v.numel() * v.element_size() for v in batch.values())
-            keep = size < VAL_CACHE_BYTES
-            cache.append(batch) if keep else cache.clear()
+    for batch in cache or val_batches(shard, task, cfg):
         batch = {k: to_device(v, device, layout) for k, v in batch.items()}
         with autocast:
             s = task.eval_sums(model, batch).double()  # read once, after the last batch
