@@ -180,7 +180,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     # Small shards are read into memory before the clock starts, as a plain loop loads its
     # tensors before it trains: --time-limit counts training and validation, not loading.
     train_data.load()
-    val_cache = load_val(shards["val"], task, cfg) if (
+    # A validation shard that fits is kept as batches: streaming it costs seconds an epoch.
+    val_cache = list(val_batches(shards["val"], task, cfg)) if (
         cfg["val_bytes"] / workers <= VAL_CACHE_BYTES) else []
     start, stop = time.monotonic(), False
     # --time-limit counts training time (start-up excluded), across resumed attempts too.
@@ -290,12 +291,6 @@ VAL_CACHE_BYTES = 256 * 1024 * 1024
 def val_batches(shard, task, cfg):
     return shard.iter_torch_batches(batch_size=max(256, cfg["batch_size"] * 2),
                                     collate_fn=task.collate)
-
-
-def load_val(shard, task, cfg) -> list:
-    """A worker's validation shard as a list of batches, for one that fits VAL_CACHE_BYTES:
-    streaming it again costs seconds every epoch."""
-    return list(val_batches(shard, task, cfg))
 
 
 @torch.no_grad()
