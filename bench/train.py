@@ -1,183 +1,174 @@
-"""Training benchmark: `kiln train` (Ray Train, 2 workers) side by side with the plain
-single-process PyTorch loop a user would write instead, in one run, on this machine.
+"""Training benchmark: `kiln train` (Ray Train, 2 workers, as a user runs it) side by side with
+independent plain PyTorch scripts (bench/plain/, which import nothing from kiln), in one run,
+on this machine, at the same training-time budget.
 
-1. Throughput: the MNIST network on the digits (x4, 28x28), same global batch and epochs;
-   samples/s of the training epochs, plus kiln's fixed start-up (wall time minus training).
-2. Quality at an equal training-time budget: the MNIST network's held-out accuracy on the
-   digits, and a 2x256 LSTM's validation loss (nats/char) on ~1 MB of the standard library.
+1. The Keras MNIST network on scikit-learn's digits: held-out accuracy (bench/plain/mnist.py,
+   Keras's own recipe: Adam 1e-3, batch 128, no augmentation).
+2. ResNet-20 on a 10-class colour photo set cut from photos bundled with scikit-image and
+   scikit-learn (jobs.embedded.photos; test crops come from parts of each photo that no
+   training crop shows): test accuracy (bench/plain/resnet.py, the standard CIFAR recipe:
+   SGD + Nesterov 0.9, lr 0.1 at batch 128 decayed linearly to 0 over the budget, weight
+   decay 5e-4, 4-pixel pad-and-crop + flips).
+3. A 2x256 char-LSTM on the Python docs' English prose (pydoc_data/topics.py): validation
+   nats/char over the whole validation text with the state carried (bench/plain/charrnn.py,
+   karpathy/char-rnn's recipe: 64 streams in 100-character chunks, state carried, Adam 2e-3
+   constant, clip 5).
 
-    .venv/bin/python bench/train.py [--quick]
+kiln's figure is its last validation (its final weights, as the plain scripts'), on the same
+held-out data; its budget (--time-limit) counts its own validations, the plain scripts' does
+not count their final evaluation. kiln's fixed start-up (wall time minus training) is
+reported with a breakdown, apart from the ratios.
+
+    .venv/bin/python bench/train.py [--digits-s 60] [--photos-s 300] [--lstm-s 480] [--only ...]
 Writes the "## Training" section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
 from jobs import embedded  # noqa: E402
-from models import CharRNN, CharVocab, build_cnn  # noqa: E402
-from pipelines.transforms import ImagePreset, augment_batch, decode  # noqa: E402
 
 
-def kiln_train(*args: str) -> tuple[float, list[dict]]:
-    """Runs `kiln train ...` as a user would; returns (wall seconds, metrics.jsonl rows)."""
+def kiln_train(*args: str) -> dict:
+    """Runs `kiln train ...` as a user would; returns its metrics and a start-up breakdown
+    read off the times its console lines appear."""
     out = args[args.index("--out") + 1]
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "jobs", "train", *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "train", *args], text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    seen: list[tuple[float, str]] = []
+    for line in proc.stderr:
+        seen.append((time.monotonic() - t0, line))
+    if proc.wait() != 0:
+        raise RuntimeError("kiln train failed:\n" + "".join(x for _, x in seen[-20:]))
     wall = time.monotonic() - t0
     rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return wall, rows
+    ready = next((t, x) for t, x in seen if x.startswith("data ready in"))
+    data_s = float(re.search(r"data ready in ([\d.]+)s", ready[1]).group(1))
+    first = next(t for t, x in seen if x.startswith("epoch"))
+    last = [t for t, x in seen if x.startswith("epoch")][-1]
+    return {"rows": rows, "wall": wall, "last": rows[-1], "train_s": rows[-1]["elapsed_s"],
+            "startup": {"ray + imports": ready[0] - data_s, "data preparation": data_s,
+                        "trainer start": max(0.0, first - ready[0] - rows[0]["elapsed_s"]),
+                        "after training": wall - last}}
 
 
-def plain_cnn(x, y, epochs=None, budget_s=None, batch=128, lr=2e-3, epoch_rates=None):
-    """The plain loop: Adam(W), the same augmentation, cosine schedule by time or epochs."""
-    torch.manual_seed(0)
-    net = build_cnn("mnist_cnn", 10, 1, 28)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    start, epoch = time.monotonic(), 0
-    while (epochs and epoch < epochs) or (budget_s and time.monotonic() - start < budget_s):
-        net.train()
-        t0, perm = time.monotonic(), torch.randperm(len(x))
-        for i in range(0, len(x) - batch + 1, batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(net(augment_batch(x[idx])), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if budget_s and time.monotonic() - start > budget_s:
-                break
-        if epoch_rates is not None:
-            epoch_rates.append((len(x) // batch) * batch / (time.monotonic() - t0))
-        epoch += 1
-    return net.eval()
+def plain(script: str, *args: str) -> dict:
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "plain" / script), *args],
+                         check=True, capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    res["wall"] = time.monotonic() - t0
+    return res
 
 
-def accuracy(net, x, y) -> float:
-    with torch.no_grad():
-        return float((net(x).argmax(1) == y).float().mean())
+def archive(path: Path, images: list[bytes], labels: list[str], ext: str) -> Path:
+    return embedded.write_flat_archive(path, images, [f"{c}/{i:06d}.{ext}"
+                                                      for i, c in enumerate(labels)])
 
 
-def digits_tensors(pngs, labels):
-    preset = ImagePreset()
-    x = torch.from_numpy(np.stack([decode(p, preset) for p in pngs]))
-    return x, torch.tensor([int(v) for v in labels])
+def startup_text(k: dict) -> str:
+    parts = ", ".join(f"{name} {s:.1f}" for name, s in k["startup"].items())
+    return f"{k['wall'] - k['train_s']:.1f} s ({parts})"
 
 
-def windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
-    n = (len(ids) - 1) // seq_len
-    return torch.from_numpy(np.stack([ids[i * seq_len : i * seq_len + seq_len + 1]
-                                      for i in range(n)]))
+def digits(tmp: Path, budget: float) -> tuple[list[str], list[str]]:
+    pngs, labels = embedded.digits(28)
+    tr, te = embedded.split(len(pngs), 0.2, seed=1)
+    train = archive(tmp / "digits.tar", [pngs[i] for i in tr], [labels[i] for i in tr], "png")
+    test = archive(tmp / "digits-test.tar", [pngs[i] for i in te], [labels[i] for i in te],
+                   "png")
+    k = kiln_train("cnn", "--data", str(train), "--val", str(test), "--out",
+                   str(tmp / "digits-run"), "--time-limit", str(budget / 60), "--workers", "2")
+    p = plain("mnist.py", "--train", str(train), "--test", str(test), "--budget", str(budget))
+    acc, ref = k["last"]["val_accuracy"], p["test_accuracy"]
+    return [f"| MNIST net, digits ({len(tr):,} train / {len(te)} test), held-out accuracy at "
+            f"{budget:.0f} s | {acc:.4f} | {ref:.4f} (Keras recipe) | {acc - ref:+.4f} |"], \
+        [f"digits: kiln {startup_text(k)}; plain loading {p['load_s']:.1f} s"]
 
 
-def plain_lstm(train_w, val_w, vocab_size, budget_s, batch=64, lr=2e-3):
-    torch.manual_seed(0)
-    net = CharRNN(vocab_size, "lstm", 64, 256, 2)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    start = time.monotonic()
-    while time.monotonic() - start < budget_s:
-        perm = torch.randperm(len(train_w))
-        for i in range(0, len(train_w) - batch + 1, batch):
-            w = train_w[perm[i : i + batch]]
-            logits, _ = net(w[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, vocab_size), w[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
-            if time.monotonic() - start > budget_s:
-                break
-    net.eval()
-    with torch.no_grad():
-        total = n = 0.0
-        for i in range(0, len(val_w), 256):
-            w = val_w[i : i + 256]
-            logits, _ = net(w[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, vocab_size), w[:, 1:].reshape(-1),
-                                           reduction="sum"))
-            n += w[:, 1:].numel()
-    return total / n
+def photos(tmp: Path, budget: float, per_class: int) -> tuple[list[str], list[str]]:
+    t0 = time.monotonic()
+    tr_img, tr_lab = embedded.photos(per_class, 32, seed=0)
+    te_img, te_lab = embedded.photos(max(100, per_class // 10), 32, seed=0, part="test")
+    gen_s = time.monotonic() - t0
+    train = archive(tmp / "photos.tar", tr_img, tr_lab, "jpg")
+    test = archive(tmp / "photos-test.tar", te_img, te_lab, "jpg")
+    k = kiln_train("cnn", "--data", str(train), "--val", str(test), "--out",
+                   str(tmp / "photos-run"), "--arch", "resnet20", "--channels", "3",
+                   "--image-size", "32", "--time-limit", str(budget / 60), "--workers", "2")
+    p = plain("resnet.py", "--train", str(train), "--test", str(test), "--budget", str(budget))
+    acc, ref = k["last"]["val_accuracy"], p["test_accuracy"]
+    return [f"| ResNet-20, colour photos ({len(tr_img):,} train / {len(te_img):,} test JPEGs, "
+            f"10 classes), test accuracy at {budget:.0f} s | {acc:.4f} | {ref:.4f} "
+            f"(standard recipe) | {acc - ref:+.4f} |",
+            f"| ResNet-20 training throughput, images/s | "
+            f"{k['last']['samples_per_s']:,.0f} | {p['samples_per_s']:,.0f} | "
+            f"{k['last']['samples_per_s'] / p['samples_per_s']:.2f}x |"], \
+        [f"photos (generated in {gen_s:.1f} s): kiln {startup_text(k)}; plain decoding the "
+         f"tar {p['load_s']:.1f} s"]
+
+
+def lstm(tmp: Path, budget: float) -> tuple[list[str], list[str]]:
+    topics = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+    text = topics.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    train, val = tmp / "prose-train.txt", tmp / "prose-val.txt"
+    train.write_text(text[:cut], encoding="utf-8")
+    val.write_text(text[cut:], encoding="utf-8")
+    k = kiln_train("rnn", "--data", str(train), "--val", str(val), "--out", str(tmp / "lm"),
+                   "--time-limit", str(budget / 60), "--workers", "2")
+    p = plain("charrnn.py", "--train", str(train), "--val", str(val), "--budget", str(budget))
+    nats, ref = k["last"]["val_loss"], p["val_nats_per_char"]
+    kb = (cut / 1e3, (len(text) - cut) / 1e3)
+    return [f"| 2x256 LSTM, English prose ({kb[0]:,.0f} kB train / {kb[1]:,.0f} kB val), "
+            f"validation nats/char at {budget:.0f} s | {nats:.3f} | {ref:.3f} "
+            f"(char-rnn recipe) | {nats / ref:.3f}x |",
+            f"| char-LSTM training throughput, chars/s | {k['last']['samples_per_s']:,.0f} | "
+            f"{p['chars_per_s']:,.0f} | {k['last']['samples_per_s'] / p['chars_per_s']:.2f}x |"], \
+        [f"LSTM: kiln {startup_text(k)}; best kiln validation "
+         f"{min(r['val_loss'] for r in k['rows']):.3f}, plain best "
+         f"{p.get('best_val_nats_per_char', ref):.3f}"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="smaller budgets, for a smoke run")
+    ap.add_argument("--digits-s", type=float, default=60)
+    ap.add_argument("--photos-s", type=float, default=300)
+    ap.add_argument("--lstm-s", type=float, default=480)
+    ap.add_argument("--photos-per-class", type=int, default=2000)
+    ap.add_argument("--only", default="digits,photos,lstm")
     a = ap.parse_args()
-    cnn_budget, lstm_budget = (20, 30) if a.quick else (60, 240)
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
-    pngs, labels = embedded.digits(28)
-    train_idx, test_idx = embedded.split(len(pngs), 0.2, seed=1)
-    tr_p, tr_l = [pngs[i] for i in train_idx], [labels[i] for i in train_idx]
-    te_x, te_y = digits_tensors([pngs[i] for i in test_idx], [labels[i] for i in test_idx])
-    lines = []
-
-    # 1. Throughput on the digits x4.
-    big = embedded.write_class_tar(tmp / "digits4.tar", tr_p * 4, tr_l * 4)
-    x4, y4 = digits_tensors(tr_p * 4, tr_l * 4)
-    wall, rows = kiln_train("cnn", "--data", str(big), "--out", str(tmp / "tp"), "--epochs", "3",
-                            "--batch-size", "64", "--workers", "2", "--val-fraction", "0.05")
-    kiln_rate = float(np.mean([r["samples_per_s"] for r in rows[1:]]))
-    startup = wall - rows[-1]["elapsed_s"]
-    rates: list[float] = []
-    plain_cnn(x4[: int(len(x4) * 0.95)], y4[: int(len(x4) * 0.95)], epochs=3, epoch_rates=rates)
-    plain_rate = float(np.mean(rates[1:]))
-    lines += [
-        "| measure | kiln (2 workers) | plain PyTorch | ratio |", "|---|---|---|---|",
-        f"| CNN training, samples/s (epochs 2-3, {len(x4):,} digits) | {kiln_rate:,.0f} | "
-        f"{plain_rate:,.0f} | **{kiln_rate / plain_rate:.2f}x** |",
-        f"| kiln fixed start-up (wall - training), s | {startup:.1f} | - | - |",
-    ]
-
-    # 2a. CNN quality at equal training time. Both train on the same 1,437 images; kiln
-    # validates on the held-out 360 (--val) and its last epoch (the final weights, as the
-    # plain loop's) is compared, not the best one, which would be chosen on the same images.
-    tar = embedded.write_class_tar(tmp / "digits.tar", tr_p, tr_l)
-    test_tar = embedded.write_class_tar(tmp / "digits-test.tar", [pngs[i] for i in test_idx],
-                                        [labels[i] for i in test_idx])
-    _, rows = kiln_train("cnn", "--data", str(tar), "--val", str(test_tar), "--out",
-                         str(tmp / "q"), "--epochs", "1000", "--batch-size", "64",
-                         "--time-limit", str(cnn_budget / 60))
-    kiln_acc = rows[-1]["val_accuracy"]
-    trx, try_ = digits_tensors(tr_p, tr_l)
-    plain_acc = accuracy(plain_cnn(trx, try_, budget_s=cnn_budget), te_x, te_y)
-    lines.append(f"| MNIST net, held-out accuracy on digits ({cnn_budget} s training) | "
-                 f"{kiln_acc:.4f} | {plain_acc:.4f} | {kiln_acc - plain_acc:+.4f} |")
-
-    # 2b. LSTM quality at equal training time.
-    text = embedded.stdlib_corpus(1_000_000)
-    corpus = tmp / "corpus.txt"
-    corpus.write_text(text)
-    _, rows = kiln_train("rnn", "--data", str(corpus), "--out", str(tmp / "lm"), "--epochs",
-                         "1000", "--batch-size", "32", "--time-limit", str(lstm_budget / 60))
-    kiln_loss = rows[-1]["val_loss"]  # the final weights, as the plain loop's
-    cut = int(len(text) * 0.9)
-    vocab = CharVocab.build(text[:cut], min_count=2)
-    ids = lambda s: np.asarray(vocab.encode(s), dtype=np.int64)  # noqa: E731
-    plain_loss = plain_lstm(windows(ids(text[:cut]), 128), windows(ids(text[cut:]), 128),
-                            len(vocab), lstm_budget)
-    lines.append(f"| 2x256 LSTM, validation nats/char on 1 MB stdlib ({lstm_budget} s) | "
-                 f"{kiln_loss:.3f} | {plain_loss:.3f} | {kiln_loss / plain_loss:.3f}x |")
-    body = "\n".join(lines) + (
-        "\n\nRatios above 1.0x mean kiln is faster (throughput) or worse (loss). Quality rows: "
-        "same model, the same training data, the same training-time budget (kiln's start-up is "
-        "not counted against it; its per-epoch validation is); each side's final weights. "
-        "Uniform baseline for the LSTM: "
-        f"ln({len(vocab)}) = {math.log(len(vocab)):.3f} nats/char.\n\n"
-        "Command: `.venv/bin/python bench/train.py`" + (" --quick" if a.quick else ""))
+    rows, notes = [], []
+    for name in a.only.split(","):
+        r, n = {"digits": lambda: digits(tmp, a.digits_s),
+                "photos": lambda: photos(tmp, a.photos_s, a.photos_per_class),
+                "lstm": lambda: lstm(tmp, a.lstm_s)}[name]()
+        rows += r
+        notes += n
+        print("\n".join(r + n), flush=True)
+    body = "\n".join([
+        "| measure | kiln (2 workers) | plain PyTorch, 1 process | difference |",
+        "|---|---|---|---|", *rows, "",
+        "Same data, same network, same training-time budget; each side's final weights on the "
+        "same held-out data. Accuracy: higher is better; nats/char: lower is better (a ratio "
+        "below 1.00x is kiln ahead). kiln's budget includes its own validations.", "",
+        "kiln's fixed start-up (wall time minus training), not counted in the budget:", "",
+        *[f"- {n}" for n in notes], "",
+        "Command: `.venv/bin/python bench/train.py " + " ".join(sys.argv[1:]) + "`"])
     write_section("Training", body)
     print(body)
 

@@ -26,7 +26,14 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train a model with Ray Train.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
-TIME_LIMIT_HELP = "Minutes of training (start-up excluded); then stop cleanly, keep the best."
+TIME_LIMIT_HELP = ("Minutes of training and validation (start-up excluded). Alone, it sets the "
+                   "run's length: the learning rate anneals to zero by its end. With --epochs "
+                   "or --max-steps, whichever ends first.")
+EPOCHS_HELP = "Passes over the training data; default 10 unless --time-limit sets the length."
+BATCH_HELP = "Global batch: {what} per step, all workers together (each takes its share)."
+LR_HELP = "Peak learning rate; default 0.1 per 128 images for SGD, 2e-3 for AdamW."
+OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision networks, AdamW "
+                  "for mnist_cnn and char-RNNs), sgd or adamw.")
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
 
@@ -68,9 +75,12 @@ def train_cnn(
     val_fraction: float = typer.Option(0.1, help="Share of --data held out for validation."),
     arch: str = typer.Option("mnist_cnn", help="mnist_cnn, resnet8, resnet20, or a torchvision "
                              "name such as resnet18."),
-    epochs: int = typer.Option(10, help="Passes over the training data."),
-    batch_size: int = typer.Option(64, help="Images per step on each worker."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (Adam, cosine decay)."),
+    epochs: int = typer.Option(None, help=EPOCHS_HELP),
+    batch_size: int = typer.Option(None, help=BATCH_HELP.format(what="images (default 128)")),
+    lr: float = typer.Option(None, help=LR_HELP),
+    optimizer: str = typer.Option("auto", help=OPTIMIZER_HELP),
+    augment: str = typer.Option("auto", help="auto (pad-and-crop plus horizontal flips for "
+                                "3 channels, shifts for 1), flip, shift or none."),
     workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
     image_size: int = typer.Option(28, help="Images are resized to SIZE x SIZE."),
@@ -82,8 +92,9 @@ def train_cnn(
 ):
     """Train an image classifier."""
     opts = TrainOptions("cnn", data, out, val, val_fraction, epochs, None, time_limit, batch_size,
-                        lr, workers, gpu, resume, seed, arch=arch, image_size=image_size,
-                        channels=channels, address=address)
+                        lr, workers, gpu, resume, seed, optimizer, arch=arch,
+                        image_size=image_size, channels=channels, augment=augment,
+                        address=address)
     run_job(job("train", "run_train"), opts)
 
 
@@ -98,12 +109,16 @@ def train_rnn(
     layers: int = typer.Option(2, help="Recurrent layers."),
     hidden: int = typer.Option(256, help="Hidden units per layer."),
     embed: int = typer.Option(64, help="Character embedding size."),
-    dropout: float = typer.Option(0.0, help="Dropout between layers."),
-    seq_len: int = typer.Option(128, help="Characters per training sequence (BPTT length)."),
-    epochs: int = typer.Option(10, help="Passes over the text."),
+    dropout: float = typer.Option(0.0, help="Dropout between layers and before the output."),
+    seq_len: int = typer.Option(100, help="Characters per chunk: the text is read in chunks, "
+                                "the hidden state carried from one to the next (truncated "
+                                "BPTT length)."),
+    epochs: int = typer.Option(None, help=EPOCHS_HELP),
     max_steps: int = typer.Option(None, help="Stop after this many steps in total."),
-    batch_size: int = typer.Option(64, help="Sequences per step on each worker."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (Adam, cosine decay)."),
+    batch_size: int = typer.Option(None, help=BATCH_HELP.format(
+        what="text streams (default 64)")),
+    lr: float = typer.Option(None, help=LR_HELP),
+    optimizer: str = typer.Option("auto", help=OPTIMIZER_HELP),
     workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
     time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
@@ -113,7 +128,8 @@ def train_rnn(
 ):
     """Train a character-level language model (char-rnn)."""
     opts = TrainOptions("rnn", data, out, val, val_fraction, epochs, max_steps, time_limit,
-                        batch_size, lr, workers, gpu, resume, seed, cell=cell, layers=layers,
+                        batch_size, lr, workers, gpu, resume, seed, optimizer, cell=cell,
+                        layers=layers,
                         hidden=hidden, embed=embed, dropout=dropout, seq_len=seq_len,
                         address=address)
     run_job(job("train", "run_train"), opts)

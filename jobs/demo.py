@@ -75,13 +75,12 @@ def run_demo(out: str = "demo-output", small: bool = False) -> dict:
     with ray_session(RayOptions(include_dashboard=True)):
         t = step(2, "training the digit CNN with Ray Train (2 workers)")
         run_train(TrainOptions("cnn", str(data["train_tar"]), str(runs / "digits"),
-                               epochs=3 if small else 8, batch_size=32, resume=False))
+                               epochs=3 if small else 8, batch_size=64, resume=False))
         times["train_cnn"] = time.monotonic() - t
         t = step(3, "training the char-RNN on Python source (2 workers)")
         rnn = (dict(max_steps=40, hidden=64, seq_len=64) if small
-               else dict(epochs=1000, time_limit=1.25, hidden=256, seq_len=128))
-        run_train(TrainOptions("rnn", str(data["corpus"]), str(runs / "chars"), batch_size=32,
-                               lr=3e-3, **rnn))
+               else dict(time_limit=1.25, hidden=256))
+        run_train(TrainOptions("rnn", str(data["corpus"]), str(runs / "chars"), lr=3e-3, **rnn))
         times["train_rnn"] = time.monotonic() - t
         t = step(4, "labeling the archive with Ray Data")
         labels = run_label(LabelOptions(str(runs / "digits"), [str(data["label_tar"])],

@@ -13,26 +13,29 @@ class TrainOptions:
     out: str  # run folder URI
     val: str | None = None  # validation data URI; else a --val-fraction of data is held out
     val_fraction: float = 0.1
-    epochs: int = 10
+    epochs: int | None = None  # None: 10, unless --max-steps or --time-limit set the length
     max_steps: int | None = None  # stop after this many optimizer steps in total
-    time_limit: float | None = None  # minutes; stops cleanly after the epoch that passes it
-    batch_size: int = 64
-    lr: float = 2e-3
+    time_limit: float | None = None  # minutes of training and validation; alone, it sets the
+    # run's length and the learning rate anneals by its end
+    batch_size: int | None = None  # global (all workers); None: 128 images or 64 streams
+    lr: float | None = None  # peak; None: 0.1 per 128 images for SGD, 2e-3 for AdamW
     workers: int = 2
     gpu: bool = False
     resume: bool = False
     seed: int = 0
+    optimizer: str = "auto"  # auto (SGD + Nesterov for ResNets, else AdamW) | sgd | adamw
     # CNN
     arch: str = "mnist_cnn"
     image_size: int = 28
     channels: int = 1
+    augment: str = "auto"  # auto | flip | shift | none (auto: flip for 3 channels)
     # RNN
     cell: str = "lstm"
     layers: int = 2
     hidden: int = 256
     embed: int = 64
     dropout: float = 0.0
-    seq_len: int = 128
+    seq_len: int = 100
     address: str | None = None
 
 

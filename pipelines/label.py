@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from . import sink, storage
 from .sources import Record, Unit, read_unit
-from .transforms import ImageError, ImagePreset, decode_uint8, open_image
+from .transforms import ImageError, ImagePreset, decode_uint8, open_image, scale_shift
 
 SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -128,11 +128,8 @@ class LabelPredictor:
         self.model_id, self.preset = loaded.id, ImagePreset.from_spec(loaded.spec)
         self.classes = np.asarray(loaded.spec.classes, dtype=object)
         self.k = min(settings.top_k, len(self.classes))
-        std = torch.tensor(self.preset.std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean = torch.tensor(self.preset.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add on the whole uint8 batch.
-        self.scale = (1.0 / (255.0 * std)).to(self.device)
-        self.shift = (-mean / std).to(self.device)
+        # (x / 255 - mean) / std as one multiply-add on the whole uint8 batch, as in training.
+        self.scale, self.shift = scale_shift(self.preset, self.device)
         self.out = sink.OutputDir(settings.output, {})
         self.out.run_id = settings.run_id
         self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), "kiln-decode")

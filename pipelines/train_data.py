@@ -1,7 +1,9 @@
-"""Training data on Ray Data. Images: the same Units and decode() that labeling uses, so
-training and inference see identical pixels; rows {"x": (C, S, S) float32, "label": str}.
-Text: UTF-8 files or Parquet `text`, encoded with the run's vocabulary and cut into
-(seq_len + 1)-character windows; rows {"ids": (seq_len + 1,) int64}."""
+"""Training data on Ray Data. Images: the same Units and decode that labeling uses, so
+training and inference see identical pixels; rows {"x": (C, S, S) uint8, "label": str},
+normalized by the worker with the data set's own mean and std (measured here, in the same
+pass). Text: UTF-8 files or Parquet `text`, encoded with the run's vocabulary and cut into
+contiguous streams that a char-RNN reads left to right; rows {"stream": int,
+"ids": (L + 1,) int64}."""
 
 from __future__ import annotations
 
@@ -14,54 +16,60 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.expressions import col
 
-from models import CharVocab
-
 from . import sources, storage
-from .transforms import ImageError, ImagePreset, decode
+from .transforms import ImageError, ImagePreset, decode_uint8
 
 
 def _decode_units(batch: dict, units: list, preset: ImagePreset, val_fraction: float) -> dict:
-    """Units (rows of the plan) -> their decoded, labelled images. An image that cannot be
-    used stays as a row with `error` set (and a blank x) so the driver can report it. `val`
-    marks a stable, random-looking share of the images (by a hash of their path) for
-    validation, so no shuffle is needed to hold them out."""
+    """Units (rows of the plan) -> their decoded, labelled images as uint8, with each image's
+    per-channel sums of pixels and of their squares (exact integers) for the data set's
+    statistics. An image that cannot be used stays as a row with `error` set (and a blank x) so
+    the driver can report it. `val` marks a stable, random-looking share of the images (by a
+    hash of their path) for validation, so no shuffle is needed to hold them out."""
     c, s = preset.channels, preset.image_size
     xs, labels, errors, val = [], [], [], []
+    blank = np.zeros((c, s, s), np.uint8)
     for i in batch["unit"]:
         for rec in sources.read_unit(units[i], with_labels=True):
             x, error = None, rec.error or (None if rec.label else "no class folder")
             if error is None:
                 try:
-                    x = decode(rec.data, preset)
+                    x = decode_uint8(rec.data, preset)
                 except ImageError as e:
                     error = str(e)
-            xs.append(x if x is not None else np.zeros((c, s, s), np.float32))
+            xs.append(x if x is not None else blank)
             labels.append(str(rec.label or ""))
             errors.append(f"{rec.source}:{rec.path}: {error}" if error else "")
             h = zlib.crc32(f"{rec.source}:{rec.path}".encode()) / 2**32
             val.append(h < val_fraction)
-    return {"x": np.stack(xs) if xs else np.zeros((0, c, s, s), np.float32),
-            "label": np.array(labels, dtype=object), "error": np.array(errors, dtype=object),
-            "val": np.array(val, dtype=bool)}
+    x = np.stack(xs) if xs else np.zeros((0, c, s, s), np.uint8)
+    flat = x.reshape(len(x), c, -1).astype(np.int64)  # (N, C, S*S)
+    return {"x": x, "label": np.array(labels, dtype=object),
+            "error": np.array(errors, dtype=object), "val": np.array(val, dtype=bool),
+            "s1": flat.sum(-1), "s2": (flat * flat).sum(-1)}
 
 
 @dataclass
 class ImageData:
-    train: ray.data.Dataset  # rows {"x": (C, S, S) float32, "label": str}
+    train: ray.data.Dataset  # rows {"x": (C, S, S) uint8, "label": str}
     val: ray.data.Dataset | None  # the held-out share, when val_fraction > 0
     classes: list[str]
     skipped: list[str]  # "source:path: why" of every image left out
+    mean: list[float]  # per channel, of the training images in 0..1
+    std: list[float]
 
 
-SHUFFLE_BYTES = 2 * 1024**3  # a decoded training set up to this size is shuffled in full
+SHUFFLE_BYTES = 2 * 1024**3  # a training set up to this size is shuffled in full
 
 
 def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
-                  chunk: int = 500, seed: int | None = None) -> ImageData:
-    """The decoded images of a source. With a seed, the training rows are shuffled once (in
-    full up to SHUFFLE_BYTES, else by block): a class-per-folder archive lists its classes
-    one after another, and the workers' local shuffle buffers only mix nearby rows, so
-    without it a batch would hold one or two classes."""
+                  chunk: int = 500, seed: int | None = None,
+                  shuffle_above: int = 0) -> ImageData:
+    """The decoded images of a source. With a seed, training rows above `shuffle_above` bytes
+    in all are shuffled once (in full up to SHUFFLE_BYTES, else by block): a class-per-folder
+    archive lists its classes one after another, and a worker that streams its shard mixes
+    only nearby rows through its shuffle buffer. A set small enough for every worker to hold
+    is left in order: the workers draw a fresh permutation of it every epoch."""
     units = sources.plan([uri], chunk=chunk)
     if not units:
         raise ValueError(f"{uri}: no images found")
@@ -69,29 +77,39 @@ def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
                              override_num_blocks=len(units))
     ds = ds.map_batches(_decode_units, batch_size=1, fn_kwargs={
         "units": units, "preset": preset, "val_fraction": val_fraction}).materialize()
-    # One pass over the small columns gives the skipped images and the classes (Dataset.unique
-    # is an all-to-all aggregation: seconds even for a few thousand rows).
+    # One pass over the small columns gives the skipped images, the classes and the pixel
+    # statistics (Dataset.unique is an all-to-all aggregation: seconds even for a few
+    # thousand rows).
     skipped, labels = [], set()
-    for batch in ds.select_columns(["label", "error"]).iter_batches(batch_size=None,
-                                                                     batch_format="pyarrow"):
-        errors = batch.column("error").to_pylist()
-        skipped.extend(e for e in errors if e)
-        labels.update(lab for lab, e in zip(batch.column("label").to_pylist(), errors,
-                                            strict=True) if not e)
+    sums = np.zeros((2, preset.channels), np.float64)
+    n = 0
+    for b in ds.select_columns(["label", "error", "val", "s1", "s2"]).iter_batches(
+            batch_size=None, batch_format="numpy"):
+        good = b["error"] == ""
+        skipped.extend(e for e in b["error"][~good])
+        labels.update(b["label"][good].tolist())
+        use = good & ~b["val"]
+        sums += np.stack([b["s1"][use].sum(0), b["s2"][use].sum(0)])
+        n += int(use.sum())
+    ds = ds.drop_columns(["s1", "s2"])
     good = ds.filter(expr=col("error") == "").drop_columns(["error"]) if skipped else \
         ds.drop_columns(["error"])
     classes = sorted(labels)
     if not classes:
         raise ValueError(f"{uri}: no decodable, labelled images (layout: CLASS_NAME/file.png, "
                          "or Parquet with image and label columns)")
+    pixels = max(1, n) * preset.image_size ** 2 * 255.0
+    mean = sums[0] / pixels
+    std = np.sqrt(np.maximum(sums[1] / (pixels * 255.0) - mean**2, 0.0))
     held_out = col("val") == True  # noqa: E712 (an expression, not a comparison)
-    train = good.filter(expr=~held_out).drop_columns(["val"])
+    train = good.filter(expr=~held_out).drop_columns(["val"]).materialize()
     val = good.filter(expr=held_out).drop_columns(["val"]) if val_fraction > 0 else None
-    train = train.materialize()
-    if seed is not None:
+    if seed is not None and train.size_bytes() > shuffle_above:
         train = (train.random_shuffle(seed=seed) if train.size_bytes() <= SHUFFLE_BYTES
                  else train.randomize_block_order(seed=seed)).materialize()
-    return ImageData(train, val.materialize() if val else None, classes, skipped)
+    return ImageData(train, val.materialize() if val else None, classes, skipped,
+                     [round(float(m), 6) for m in mean],
+                     [round(max(float(v), 1e-3), 6) for v in std])
 
 
 def read_text(uri: str) -> str:
@@ -120,18 +138,14 @@ def read_text(uri: str) -> str:
     return text
 
 
-def text_windows(text: str, vocab: CharVocab, seq_len: int,
-                 seed: int | None = None) -> ray.data.Dataset:
-    """Non-overlapping windows of seq_len + 1 ids (input = [:-1], target = [1:]); with a
-    seed, in a random order: in text order a worker's local shuffle buffer would fill each
-    batch with windows of one stretch of one file (0.16 nats/char worse after 90 s of a
-    2x256 LSTM on the stdlib corpus)."""
-    ids = np.asarray(vocab.encode(text), dtype=np.int64)
-    n = (len(ids) - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"the text ({len(ids)} characters) is shorter than --seq-len + 1")
-    starts = np.arange(n) * seq_len
-    if seed is not None:
-        starts = np.random.default_rng(seed).permutation(starts)
-    windows = np.stack([ids[s : s + seq_len + 1] for s in starts])  # (n, seq_len + 1)
-    return ray.data.from_numpy(windows).rename_columns({"data": "ids"})
+def text_streams(ids: np.ndarray, streams: int) -> ray.data.Dataset:
+    """Encoded text cut into `streams` contiguous stretches of equal length L, each with one
+    more id for the last target (char-rnn's layout: stream i is read left to right, chunk by
+    chunk, its hidden state carried from chunk to chunk); rows {"stream": i,
+    "ids": (L + 1,) int64}. The few ids past streams * L + 1 are left out."""
+    length = (len(ids) - 1) // streams
+    if length < 1:
+        raise ValueError(f"the text ({len(ids):,} characters) is too short for {streams} "
+                         "streams: lower --batch-size")
+    return ray.data.from_items([{"stream": i, "ids": ids[i * length : (i + 1) * length + 1]}
+                                for i in range(streams)])

@@ -18,10 +18,6 @@ from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-ERROR_KINDS = ("empty", "not_image", "corrupt", "truncated", "too_large", "unsafe_path",
-               "not_a_file", "unreadable")
-
-
 class ImageError(ValueError):
     def __init__(self, kind: str, detail: str):
         super().__init__(f"{kind}: {detail}")
@@ -149,12 +145,6 @@ def normalize(arr: np.ndarray, preset: ImagePreset) -> np.ndarray:
     return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
 
-def to_array(img: Image.Image, preset: ImagePreset, train: bool = False,
-             rng: np.random.Generator | None = None) -> np.ndarray:
-    """A decoded image -> normalized (C, S, S) float32."""
-    return normalize(to_uint8(img, preset, train, rng), preset)
-
-
 def decode_uint8(data: bytes, preset: ImagePreset, train: bool = False,
                  rng: np.random.Generator | None = None) -> np.ndarray:
     """Encoded bytes -> (C, S, S) uint8, not yet normalized (labeling normalizes whole
@@ -174,18 +164,53 @@ def decode(data: bytes, preset: ImagePreset, train: bool = False,
     return normalize(decode_uint8(data, preset, train, rng), preset)
 
 
-def augment_batch(x):
-    """Training augmentation on a (B, C, S, S) tensor batch: each image shifted by up to 1/14
-    of its size (a random crop of an edge-padded copy), as decode(train=True) does."""
+def scale_shift(preset: ImagePreset, device=None):
+    """(x / 255 - mean) / std as one multiply-add, x * scale + shift, for uint8 tensor batches:
+    the same two (1, C, 1, 1) tensors serve training and labeling."""
+    import torch
+
+    std = torch.tensor(preset.std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean = torch.tensor(preset.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * std)).to(device), (-mean / std).to(device)
+
+
+AUGMENTS = ("auto", "flip", "shift", "none")
+
+
+def choose_augment(augment: str, channels: int) -> str:
+    """`auto`: pad-and-crop plus horizontal flips for colour photos (the standard CIFAR
+    recipe), shifts alone for grayscale data (a flipped digit or letter is another glyph)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown --augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if augment == "auto":
+        return "flip" if channels == 3 else "shift"
+    return augment
+
+
+def augment_batch(x, mode: str = "shift"):
+    """Training augmentation on a normalized (B, C, S, S) tensor batch.
+    shift: each image moved by up to 1/14 of its size (a random crop of an edge-padded copy);
+    flip: a random crop of a copy padded by 1/8 of its size with zeros (the mean colour: 4
+    pixels at 32, as in the ResNet paper), then a horizontal flip of every other image;
+    none: as it is."""
     import torch
     import torch.nn.functional as F
 
+    if mode == "none":
+        return x
     b, c, s, _ = x.shape
-    pad = max(1, s // 14)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # (B, C, S+2p, S+2p)
+    if mode == "flip":
+        pad = max(1, s // 8)
+        padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, S+2p, S+2p), zeros
+    else:
+        pad = max(1, s // 14)
+        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     offsets = torch.randint(0, 2 * pad + 1, (2, b), device=x.device)
     span = torch.arange(s, device=x.device)
     rows = (offsets[0][:, None] + span)[:, None, :, None].expand(-1, c, -1, s + 2 * pad)
     out = padded.gather(2, rows)  # (B, C, S, S+2p)
     cols = (offsets[1][:, None] + span)[:, None, None, :].expand(-1, c, s, -1)
+    if mode == "flip":  # reading the columns backwards flips the image
+        flip = torch.rand(b, device=x.device) < 0.5
+        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
     return out.gather(3, cols)  # (B, C, S, S)

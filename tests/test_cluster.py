@@ -35,7 +35,7 @@ def test_s3_end_to_end_train_label_generate(ray_local, s3_bucket, digits_files, 
     """Every URI is s3://: data in, checkpoints, model folders, outputs."""
     b = s3_bucket
     tar = upload(str(digits_files["tar"]), f"{b}/data/digits.tar")
-    run_train(TrainOptions("cnn", tar, f"{b}/runs/digits", epochs=2, batch_size=32))
+    run_train(TrainOptions("cnn", tar, f"{b}/runs/digits", epochs=2, batch_size=64))
     assert storage.exists(f"{b}/runs/digits/model/weights.safetensors")
     assert storage.exists(f"{b}/runs/digits/checkpoints")
     pngs = digits_files["test_images"][:50]

@@ -1,6 +1,7 @@
 """Ray Train: CNNs learn real digits from a tar and from Parquet, a char-RNN learns real text,
 a killed run resumes, and a killed worker is replaced."""
 
+import io
 import json
 import os
 import signal
@@ -16,11 +17,12 @@ import torch
 
 from jobs import embedded
 from jobs.options import TrainOptions
+from jobs.schedule import Budget, lr_at, warmup_steps
 from jobs.train import run_train
-from jobs.train_loop import lr_at
 from pipelines import storage
+from pipelines.sink import OutputDir
 from pipelines.train_data import read_text
-from pipelines.transforms import ImagePreset, augment_batch, decode
+from pipelines.transforms import ImagePreset, augment_batch, choose_augment, decode
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +49,7 @@ def train_workers() -> list[psutil.Process]:
 def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, digits_files,
                                                                    tmp_path):
     run = str(tmp_path / "run")
-    opts = TrainOptions("cnn", str(digits_files["tar"]), run, epochs=8, batch_size=32,
+    opts = TrainOptions("cnn", str(digits_files["tar"]), run, epochs=8, batch_size=64,
                         workers=2)
     box = {}
     thread = threading.Thread(target=lambda: box.update(out=run_train(opts)))
@@ -73,7 +75,7 @@ def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, di
 def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     run = str(tmp_path / "run")
     t0 = time.monotonic()
-    run_train(TrainOptions("cnn", str(digits_files["parquet"]), run, epochs=8, batch_size=32,
+    run_train(TrainOptions("cnn", str(digits_files["parquet"]), run, epochs=8, batch_size=64,
                            workers=2))
     wall = time.monotonic() - t0
     rows = metrics(run)
@@ -86,6 +88,7 @@ def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     assert acc >= 0.95, f"held-out accuracy {acc:.3f}"
     cfg = storage.load_model(run).config
     assert cfg["spec"]["classes"] == [str(i) for i in range(10)]
+    assert cfg["train"]["augment"] == "shift"  # no flips for digits
     assert cfg["metrics"]["val_accuracy"] == max(m["val_accuracy"] for m in metrics(run))
 
 
@@ -93,7 +96,7 @@ def test_rnn_learns_python_source(ray_local, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(embedded.stdlib_corpus(300_000))
     run = str(tmp_path / "run")
-    run_train(TrainOptions("rnn", str(corpus), run, max_steps=150, batch_size=32, workers=2,
+    run_train(TrainOptions("rnn", str(corpus), run, max_steps=150, batch_size=64, workers=2,
                            hidden=128, layers=2, seq_len=64, lr=4e-3))
     loaded = storage.load_model(run, expect_kind="rnn")
     uniform = np.log(len(loaded.vocab))
@@ -139,21 +142,61 @@ def test_resume_continues_a_killed_run(tmp_path):
     assert "epoch   1 " not in resumed.stderr  # it did not start over
 
 
-def test_lr_schedule_warms_up_then_decays():
-    lrs = [lr_at(s, 1000, 1.0) for s in range(1000)]
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    lrs = [lr_at(s, 1000, 1.0, warmup_steps(1000)) for s in range(1000)]
     assert lrs[0] < lrs[19] == pytest.approx(1.0)
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in
-                                                          zip(lrs[20:], lrs[21:], strict=False))
-    # A time-limited run with a huge step budget: warm-up stays short, the rate near the peak.
-    assert lr_at(19, 10**7, 1.0) == pytest.approx(1.0)
-    assert lr_at(5000, 10**7, 1.0) > 0.99
+    assert lrs[-1] < 0.002 and all(a >= b for a, b in zip(lrs[20:], lrs[21:], strict=False))
+    assert lr_at(1000, 1000, 1.0) == 0.0
+    # Under a time limit, before the step rate is measured, the rate holds at the peak.
+    assert lr_at(19, float("inf"), 1.0) == pytest.approx(1.0) == lr_at(5000, float("inf"), 1.0)
 
 
-def test_augment_shifts_but_keeps_shape():
-    x = torch.arange(2 * 1 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
-    y = augment_batch(x)
-    assert y.shape == x.shape
-    assert set(y.flatten().tolist()) <= set(x.flatten().tolist())
+def test_a_time_budget_is_estimated_in_steps_and_validated_towards_its_end():
+    budget = Budget(max_steps=None, time_s=100.0)
+    assert budget.by_time and budget.total == float("inf")
+    for step in range(1, 40):  # 10 steps a second of training
+        budget.total = budget.estimate(step, step / 10, step / 10)
+    assert budget.total == pytest.approx(1000, rel=0.01)  # 100 s at 10 steps/s
+    marks = budget.milestones()
+    gaps = [b - a for a, b in zip([0.0, *marks], marks, strict=False)]
+    assert marks[-1] == 1.0 and all(a > b for a, b in zip(gaps, gaps[1:], strict=False))
+    due = [s for s in range(1, 1001) if budget.eval_due(s)]
+    assert due[0] == int(marks[0] * 1000 + 0.999)
+    budget.record_eval(2.0, due[0])  # a validation takes 2 s: 5 fit in 10% of 100 s
+    assert budget.planned_evals() == 5 and not budget.eval_due(due[0] + 1)
+    # The time the remaining validations will take is kept out of the training steps, and
+    # the schedule is never behind the clock: 500 steps in 55 s of 100, with 4 validations of
+    # 2 s to come, is at most 63% of the way.
+    assert budget.estimate(500, 50.0, 55.0) == pytest.approx(min(500 + 10 * (45 - 4 * 2),
+                                                                 500 / 0.63), rel=0.02)
+    assert budget.estimate(500, 50.0, 92.0) == pytest.approx(500)  # the clock has run out
+    # --epochs and --time-limit: whichever ends first.
+    both = Budget(max_steps=300, time_s=100.0)
+    for step in range(1, 40):
+        assert both.estimate(step, step / 10, step / 10) <= 300
+    assert not both.by_time and not both.eval_due(299)
+
+
+def test_augment_shifts_or_flips_but_keeps_shape_and_pixels():
+    torch.manual_seed(0)
+    x = torch.arange(64 * 3 * 32 * 32, dtype=torch.float32).reshape(64, 3, 32, 32)
+    shifted = augment_batch(x, "shift")
+    assert shifted.shape == x.shape
+    assert set(shifted.flatten().tolist()) <= set(x.flatten().tolist())  # edge-padded shifts
+    assert (shifted != x).flatten(1).any(1).sum() > 40  # most images moved
+    flipped = augment_batch(x, "flip")
+    # a flipped image's rows run right to left: a column index that falls along the row
+    mirrored = (flipped[:, 0, 16, 17] - flipped[:, 0, 16, 16] < 0).sum().item()
+    assert 15 < mirrored < 49
+    assert ((flipped == 0).flatten(1).any(1)).sum() > 20  # zero (mean-colour) padding shows
+    assert torch.equal(augment_batch(x, "none"), x)
+
+
+def test_flips_are_chosen_for_colour_photos_not_for_grayscale():
+    assert choose_augment("auto", 3) == "flip" and choose_augment("auto", 1) == "shift"
+    assert choose_augment("none", 3) == "none" and choose_augment("flip", 1) == "flip"
+    with pytest.raises(ValueError, match="choose one of auto, flip, shift, none"):
+        choose_augment("mirror", 3)
 
 
 def test_non_utf8_text_names_the_file_and_line(tmp_path):
@@ -161,3 +204,52 @@ def test_non_utf8_text_names_the_file_and_line(tmp_path):
     bad.write_bytes(b"fine\nstill fine\nbro\xffken\n")
     with pytest.raises(ValueError, match=r"bad.txt: not UTF-8 text \(line 3"):
         read_text(str(bad))
+
+
+def test_colour_photos_under_a_time_limit_flip_and_label_with_their_own_statistics(
+        ray_local, tmp_path):
+    """--time-limit alone sets the run: it trains past the default 10 epochs and anneals its
+    learning rate to the floor by the end. Colour photos get flips; the training set's own
+    mean and std go into config.json, and labeling normalizes with them."""
+    from PIL import Image
+
+    from jobs.label import run_label
+    from jobs.options import LabelOptions
+
+    train_imgs, train_labels = embedded.photos(12, size=16)
+    val_imgs, val_labels = embedded.photos(3, size=16, part="test")
+    train_tar = embedded.write_flat_archive(tmp_path / "train.tar", train_imgs, [
+        f"{c}/{i}.jpg" for i, c in enumerate(train_labels)])
+    val_tar = embedded.write_flat_archive(tmp_path / "val.tar", val_imgs, [
+        f"{c}/{i}.jpg" for i, c in enumerate(val_labels)])
+    run = str(tmp_path / "run")
+    budget_min = 0.3
+    run_train(TrainOptions("cnn", str(train_tar), run, val=str(val_tar), time_limit=budget_min,
+                           batch_size=24, arch="resnet8", image_size=16, channels=3))
+    rows = metrics(run)
+    last = rows[-1]
+    assert last["epoch"] > 10  # no --epochs: the budget, not the default, ends the run
+    cfg = storage.load_model(run).config
+    assert last["lr"] < 0.05 * cfg["train"]["lr"]  # annealed to (nearly) zero by the end
+    # It ends within one validation of its budget (and training time is what it counts).
+    assert last["elapsed_s"] <= budget_min * 60 + max(r["val_s"] for r in rows) + 5
+    assert cfg["train"]["augment"] == "flip" and cfg["train"]["optimizer"] == "sgd"
+
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float64) / 255
+                       for b in train_imgs])  # (N, 16, 16, 3)
+    assert cfg["spec"]["mean"] == pytest.approx(pixels.mean((0, 1, 2)).tolist(), abs=1e-5)
+    assert cfg["spec"]["std"] == pytest.approx(pixels.std((0, 1, 2)).tolist(), abs=1e-5)
+    assert not np.allclose(cfg["spec"]["mean"], 0.5, atol=0.02)  # not the old fixed 0.5
+
+    out = tmp_path / "labels"
+    run_label(LabelOptions(run, [str(val_tar)], str(out), top_k=1))
+    labeled = {r["path"]: r["confidence"] for r in OutputDir(str(out), {}).read_table().to_pylist()}
+    loaded = storage.load_model(run)
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32)
+                  for b in val_imgs]).transpose(0, 3, 1, 2) / 255
+    mean = np.asarray(cfg["spec"]["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(cfg["spec"]["std"], np.float32).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = loaded.model(torch.from_numpy((x - mean) / std)).softmax(1).max(1).values
+    for i, c in enumerate(val_labels):
+        assert labeled[f"{c}/{i}.jpg"] == pytest.approx(float(probs[i]), abs=1e-4)

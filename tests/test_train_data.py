@@ -1,18 +1,19 @@
-"""What a training worker is fed: shuffled training rows (a class-per-folder archive and text
-are stored in order), the in-memory shard cache, and validation and the all-reduces under a
-real process group (gloo here; NCCL on a GPU)."""
+"""What a training worker is fed: shuffled training rows (a class-per-folder archive is stored
+in order), each worker's share of the global batch, text streams read chunk after chunk with the
+state carried, and validation and the all-reduces under a real process group (gloo here; NCCL
+on a GPU)."""
 
 import os
 import socket
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-from jobs.train_loop import CNNTask, RNNTask, ShardCache, all_sum, evaluate, past_deadline
-from models import CharVocab, build_model
+from jobs.train_loop import agree, all_sum
+from jobs.train_tasks import CNNTask, ImageBatches, RNNTask, TextStreams, ValBatches, WorkerConfig
+from models import build_model
 from models.checkpoint import CNNSpec, RNNSpec
 
 
@@ -37,39 +38,102 @@ def test_image_training_rows_are_shuffled_across_classes(ray_local, digits_data,
     assert len(shuffled) >= 8 and n_shuffled == n  # the same rows, in a mixed order
 
 
-def test_text_windows_are_shuffled_by_seed(ray_local):
-    from pipelines.train_data import text_windows
+def test_text_streams_cut_the_text_into_contiguous_stretches(ray_local):
+    from pipelines.train_data import text_streams
 
-    text = "".join(chr(97 + i % 26) for i in range(5000))
-    vocab = CharVocab.build(text)
-
-    def rows(seed):
-        ds = text_windows(text, vocab, 32, seed=seed)
-        return np.concatenate([b["ids"] for b in ds.iter_batches(batch_format="numpy")])
-
-    plain, a, b = rows(None), rows(1), rows(1)
-    assert np.array_equal(plain[0, -1], plain[1, 0])  # text order: windows follow each other
-    assert np.array_equal(a, b) and not np.array_equal(a, plain)  # seeded, deterministic
-    assert sorted(map(tuple, a)) == sorted(map(tuple, plain))  # the same windows
+    ids = np.arange(1000, dtype=np.int64)
+    rows = list(text_streams(ids, 6).iter_rows())
+    length = 999 // 6
+    assert [r["stream"] for r in rows] == list(range(6))
+    for r in rows:  # stream i: ids i*L .. (i+1)*L, one more than L for the last target
+        i = r["stream"]
+        assert np.array_equal(r["ids"], ids[i * length : (i + 1) * length + 1])
 
 
-@pytest.mark.parametrize("fits", [True, False])
-def test_shard_cache_gives_each_row_once_an_epoch_in_full_batches(ray_local, fits):
+def worker_cfg(**kw) -> WorkerConfig:
+    base = dict(kind="rnn", spec={}, out="", data="", batch=64, lr=1e-3, optimizer="adamw",
+                weight_decay=0.0, epochs=None, max_steps=None, time_limit_s=None, seed=3)
+    return WorkerConfig(**{**base, **kw})
+
+
+class Rows:  # the task side of ImageBatches: numpy rows -> tensors
+    def collate(self, batch):
+        return {"x": torch.from_numpy(batch["x"].copy()), "y": torch.from_numpy(
+            batch["y"].copy())}
+
+
+def image_rows(n):
     import ray.data
 
-    ids = np.arange(1000 * 9).reshape(1000, 9)  # row i starts with 9 * i
-    shard = ray.data.from_numpy(ids).rename_columns({"data": "ids"}).iterator()
-    cache = ShardCache(shard, RNNTask(None), batch_size=64, buffer=200, seed=3, fits=fits)
+    return ray.data.from_items([{"x": np.full((1, 2, 2), i % 251, np.uint8), "y": i}
+                                for i in range(n)])
+
+
+def test_workers_holding_the_whole_set_split_each_global_batch(ray_local):
+    ds = image_rows(1000)
+    cfg = worker_cfg(batch=64, whole_train=True, train_rows=1000)
+    loaders = [ImageBatches(ds.iterator(), Rows(), cfg, rank, 2) for rank in (0, 1)]
     orders = []
     for epoch in range(2):
-        batches = list(cache.epoch(epoch))
-        assert all(b["ids"].shape == (64, 9) for b in batches)
-        assert len(batches) == 1000 // 64  # the last, smaller batch is dropped
-        first = torch.cat([b["ids"][:, 0] for b in batches]) // 9
-        assert len(set(first.tolist())) == len(first)  # no row twice
-        orders.append(first.tolist())
-    assert orders[0] != orders[1]  # a new order every epoch
+        per_rank = [list(w.epoch(epoch)) for w in loaders]
+        assert [len(b) for b in per_rank] == [1000 // 64] * 2 == [w.steps_per_epoch
+                                                                   for w in loaders]
+        assert all(b["y"].shape == (32,) for bs in per_rank for b in bs)  # 64 / 2 workers
+        seen = torch.cat([torch.cat([a["y"], b["y"]]) for a, b in zip(*per_rank, strict=True)])
+        assert len(set(seen.tolist())) == len(seen) == (1000 // 64) * 64  # no row twice
+        orders.append(seen.tolist())
+    assert orders[0] != orders[1]  # a new permutation every epoch
     assert orders[0][:20] != sorted(orders[0][:20])
+
+
+def test_a_worker_streaming_its_split_gets_full_batches_each_row_once(ray_local):
+    shard = image_rows(1000).iterator()
+    cfg = worker_cfg(batch=64, whole_train=False, train_rows=1000)
+    loader = ImageBatches(shard, Rows(), cfg, 0, 1)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 1000 // 64 == loader.steps_per_epoch
+    ys = torch.cat([b["y"] for b in batches]).tolist()
+    assert len(set(ys)) == len(ys) and ys[:20] != sorted(ys[:20])
+
+
+def test_text_streams_are_split_by_worker_and_read_chunk_after_chunk(ray_local):
+    from pipelines.train_data import text_streams
+
+    ids = np.arange(10_001, dtype=np.int64)
+    ds = text_streams(ids, 4)  # 4 streams of 2,500
+    got = []
+    for rank in (0, 1):
+        loader = TextStreams(ds.iterator(), 100, rank, 2, seed=1)
+        chunks = list(loader.epoch(0))
+        assert len(chunks) == loader.steps_per_epoch == (2501 - 100) // 100
+        assert chunks[0]["first"] and not any(c["first"] for c in chunks[1:])
+        for a, b in zip(chunks, chunks[1:], strict=False):
+            # each chunk takes up where the last one's inputs ended: the state can carry
+            assert torch.equal(b["ids"][:, 0], a["ids"][:, -1])
+        got.append(torch.cat([c["ids"][:, 0] for c in chunks]) // 2500)
+    assert set(got[0].tolist()) == {0, 2} and set(got[1].tolist()) == {1, 3}  # by stream % W
+
+
+def test_the_char_rnn_carries_its_state_from_chunk_to_chunk():
+    from models import CharRNN
+
+    torch.manual_seed(0)
+    model = CharRNN(11, "lstm", 8, 16, 2).eval()
+    task = RNNTask(None, worker_cfg())
+    ids = torch.randint(0, 11, (3, 41))  # 3 streams, two chunks of 20
+    task.begin_epoch()
+    first, _ = task.loss(model, {"ids": ids[:, :21], "first": True})
+    second, _ = task.loss(model, {"ids": ids[:, 20:], "first": False})
+    with torch.no_grad():  # the same 40 characters in one pass
+        logits, _ = model(ids[:, :-1])
+        whole = torch.nn.functional.cross_entropy(logits[:, 20:].reshape(-1, 11),
+                                                  ids[:, 21:].reshape(-1))
+        fresh, _ = model(ids[:, 20:-1])  # the second chunk from a zero state
+        reset = torch.nn.functional.cross_entropy(fresh.reshape(-1, 11), ids[:, 21:].reshape(-1))
+    assert second.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert abs(reset.item() - whole.item()) > 1e-4  # the check above can tell the difference
+    task.loss(model, {"ids": ids[:, :21], "first": True})  # a new epoch starts from zero
+    assert torch.equal(task.loss(model, {"ids": ids[:, :21], "first": True})[0], first)
 
 
 def free_port() -> int:
@@ -82,22 +146,36 @@ def check_collectives(backend: str, device: torch.device) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group(backend, rank=0, world_size=1)
     try:
-        spec = CNNSpec(arch="mnist_cnn", classes=[str(i) for i in range(10)])
-        model = build_model("cnn", spec).to(device)
-        x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
-        cache = [{"x": x[:32], "y": y[:32]}, {"x": x[32:], "y": y[32:]}]
+        spec = CNNSpec(arch="mnist_cnn", classes=[str(i) for i in range(10)], mean=[0.2],
+                       std=[0.3])
+        model = build_model("cnn", spec).to(device).eval()
+        x, y = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10,
+                                                                                        (40,))
+        val = ValBatches(lambda: iter([{"x": x[:32], "y": y[:32]}, {"x": x[32:], "y": y[32:]}]),
+                         cache=True)
+        val.load()
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-        got = evaluate(CNNTask(spec), model, None, {"batch_size": 32}, device, autocast, cache)
+        task = CNNTask(spec, worker_cfg(kind="cnn"))
+        got = task.metrics(all_sum(task.val_sums(model, val, device, torch.preserve_format,
+                                                 autocast)))
         with torch.no_grad(), autocast:
-            want = (model(x.to(device)).argmax(1).cpu() == y).float().mean().item()
+            normalized = (x.float() / 255 - 0.2) / 0.3
+            want = (model(normalized.to(device)).argmax(1).cpu() == y).float().mean().item()
         assert got["val_accuracy"] == pytest.approx(want)
         assert all_sum(torch.tensor([1.5, 2.0])) == [1.5, 2.0]
-        assert past_deadline(time.time() - 1) and not past_deadline(None)
-        rnn = build_model("rnn", RNNSpec(vocab=list("abcdef"))).to(device)
-        ids = torch.randint(0, 7, (8, 17))
-        got = evaluate(RNNTask(None), rnn, None, {"batch_size": 4}, device, autocast,
-                       [{"ids": ids}])
-        assert 0 < got["val_loss"] < 10
+        assert agree(123.0, True) == (123.0, True) and agree(float("inf"), False)[0] == float(
+            "inf")
+        rnn = build_model("rnn", RNNSpec(vocab=list("abcdef"))).to(device).eval()
+        streams = TextStreams(None, 1000, 0, 1, seed=0)
+        streams.ids = torch.randint(0, 7, (2, 1500))
+        rnn_task = RNNTask(None, worker_cfg())
+        sums = all_sum(rnn_task.val_sums(rnn, streams, device, None, autocast))
+        assert sums[1] == 2 * 1499  # every character of both streams but the first is scored
+        with torch.no_grad():
+            logits, _ = rnn(streams.ids[:, :-1].to(device))
+            whole = torch.nn.functional.cross_entropy(logits.reshape(-1, 7).float().cpu(),
+                                                      streams.ids[:, 1:].reshape(-1))
+        assert rnn_task.metrics(sums)["val_loss"] == pytest.approx(whole.item(), rel=1e-4)
     finally:
         dist.destroy_process_group()
 

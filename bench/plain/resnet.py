@@ -1,0 +1,223 @@
+"""ResNet-20 trained with the standard CIFAR recipe, in one process with plain PyTorch: the
+honest baseline a skilled user would write instead of using kiln.
+
+The network is He et al. 2016's CIFAR ResNet-20 (a 3x3 conv to 16 channels, then 3 stages of
+3 BasicBlocks, widths 16/32/64, batch norm, 1x1 conv + BN shortcuts where the shape changes,
+global average pooling, one linear layer). The class-per-folder tars (members CLASS/xxxx.jpg
+or .png) are decoded with tarfile + PIL (RGB, resized to 32x32 if needed) into uint8 tensors
+before the clock starts; per-channel mean/std come from the training set. Training: SGD,
+Nesterov momentum 0.9, --lr at --batch (default 0.1 x batch / 128), weight decay 5e-4, the
+learning rate decayed linearly to 0 over the steps that fit in --budget seconds (the total is
+estimated from the measured step time after the first 20 steps and re-estimated every 10;
+training ends when the estimate says the budget is spent); augmentation: 4-pixel zero pad,
+random 32x32 crop and random horizontal flip, on tensors, per batch. Epochs are shuffled
+permutations, the last incomplete batch of each dropped. Then the accuracy on --test.
+
+    python bench/plain/resnet.py --train TRAIN.tar --test TEST.tar --budget 60 [--threads 2]
+Prints one JSON object on the last line of stdout."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+SIZE = 32
+WARMUP_STEPS = 20  # steps at the initial rate before the first estimate of the total
+REESTIMATE_EVERY = 10
+
+
+def read_class_tar(path: str, classes: list[str] | None = None):
+    """uint8 (N, 3, 32, 32) images and int64 labels from CLASS/name members, in member order."""
+    images, names = [], []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if not m.isfile() or "/" not in m.name:
+                continue
+            with Image.open(io.BytesIO(tar.extractfile(m).read())) as im:
+                im = im.convert("RGB")
+                if im.size != (SIZE, SIZE):
+                    im = im.resize((SIZE, SIZE), Image.BILINEAR)
+                images.append(np.asarray(im))
+            names.append(m.name.split("/")[-2])
+    if classes is None:
+        classes = sorted(set(names))
+    lookup = {c: i for i, c in enumerate(classes)}
+    missing = sorted(set(names) - set(lookup))
+    if missing:
+        raise SystemExit(f"{path}: classes not in the training set: {missing[:5]}")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([lookup[n] for n in names], dtype=torch.long)
+    return x, y, classes
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    def __init__(self, classes: int, blocks: int = 3, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        self.conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for stage, w in enumerate(widths):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, w, 2 if stage > 0 and b == 0 else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def augment(batch: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Zero-pad by pad pixels, take a random SIZE x SIZE crop and flip half, per image."""
+    n = batch.shape[0]
+    padded = F.pad(batch, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=batch.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=batch.device)
+    ar = torch.arange(SIZE, device=batch.device)
+    flip = torch.rand(n, generator=gen, device=batch.device) < 0.5
+    cols = torch.where(flip[:, None], SIZE - 1 - ar, ar) + ox[:, None]
+    rows = ar + oy[:, None]
+    idx_n = torch.arange(n, device=batch.device)[:, None, None, None]
+    idx_c = torch.arange(batch.shape[1], device=batch.device)[None, :, None, None]
+    return padded[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@torch.no_grad()
+def evaluate(model, x, y, mean, std, device, batch: int = 1000) -> tuple[float, float]:
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch):
+        xb = (x[i:i + batch].to(device).float() / 255 - mean) / std
+        yb = y[i:i + batch].to(device)
+        logits = model(xb)
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train()
+    return correct / len(x), loss / len(x)
+
+
+def main() -> None:
+    wall0 = time.perf_counter()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--budget", type=float, required=True, help="seconds of training steps")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="default 0.1 x batch / 128")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    lr0 = a.lr if a.lr is not None else 0.1 * a.batch / 128
+
+    load0 = time.perf_counter()
+    x_train, y_train, classes = read_class_tar(a.train)
+    x_test, y_test, _ = read_class_tar(a.test, classes)
+    as_float = x_train.float() / 255
+    mean = as_float.mean((0, 2, 3)).view(1, 3, 1, 1).to(device)
+    std = as_float.std((0, 2, 3)).view(1, 3, 1, 1).to(device)
+    del as_float
+    x_dev, y_dev = x_train.to(device), y_train.to(device)
+    model = ResNet20(len(classes)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=a.momentum, nesterov=True,
+                          weight_decay=a.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    n = len(x_train)
+    batch = min(a.batch, n)
+    per_epoch = n // batch
+    sync()
+    load_s = time.perf_counter() - load0
+
+    train_s, steps, total = 0.0, 0, None
+    t_warm = 0.0  # train_s after the first 5 steps: their time is not typical
+    order = torch.empty(0, dtype=torch.long)
+    last_loss = float("nan")
+    while total is None or steps < total:
+        t0 = time.perf_counter()
+        k = steps % per_epoch
+        if k == 0:
+            order = torch.randperm(n, generator=gen, device=device)
+        lr = lr0 if total is None else lr0 * max(0.0, 1.0 - steps / total)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = order[k * batch:(k + 1) * batch]
+        xb = (augment(x_dev[idx], gen).float() / 255 - mean) / std
+        loss = F.cross_entropy(model(xb), y_dev[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last_loss = loss.item()  # also synchronizes a GPU
+        train_s += time.perf_counter() - t0
+        steps += 1
+        if steps == 5:
+            t_warm = train_s
+        if steps >= WARMUP_STEPS and steps % REESTIMATE_EVERY == 0:
+            step_s = (train_s - t_warm) / (steps - 5)
+            total = steps + max(0, int((a.budget - train_s) / step_s))
+        if train_s >= a.budget * 1.5:
+            break  # a guard: the step time changed a lot
+
+    e0 = time.perf_counter()
+    acc, test_loss = evaluate(model, x_test, y_test, mean, std, device)
+    eval_s = time.perf_counter() - e0
+    print(json.dumps({
+        "script": "bench/plain/resnet.py",
+        "test_accuracy": acc,
+        "test_loss": test_loss,
+        "last_train_loss": last_loss,
+        "steps": steps,
+        "epochs": steps * batch / n,
+        "samples_per_s": steps * batch / train_s if train_s else 0.0,
+        "train_s": train_s,
+        "load_s": load_s,
+        "eval_s": eval_s,
+        "wall_s": time.perf_counter() - wall0,
+        "n_train": n,
+        "n_test": len(x_test),
+        "classes": len(classes),
+        "params": sum(t.numel() for t in model.parameters()),
+        "config": {"batch": batch, "lr": lr0, "momentum": a.momentum,
+                   "weight_decay": a.weight_decay, "threads": a.threads,
+                   "device": str(device), "seed": a.seed, "budget": a.budget},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""What differs between training a CNN and a char-RNN, as two small task objects that the one
+per-worker loop (jobs/train_loop.py) drives: how a worker reads its data, batch -> loss,
+validation sums -> metrics, and the optimizer of the architecture family.
+
+Batches are global: --batch-size B means B images (or B text streams) per optimizer step
+whatever the number of workers; each of W workers takes B / W of them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.transforms import ImagePreset, augment_batch, scale_shift
+
+LN2 = math.log(2)
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a training worker is told; the driver fills it (jobs/train.py)."""
+
+    kind: str  # "cnn" | "rnn"
+    spec: dict  # CNNSpec / RNNSpec fields
+    out: str  # the run folder URI
+    data: str  # the training data URI (for the model card)
+    batch: int  # global batch: images or text streams per step, all workers together
+    lr: float  # peak learning rate
+    optimizer: str  # "sgd" | "adamw"
+    weight_decay: float
+    epochs: int | None  # None: the time limit alone ends the run
+    max_steps: int | None  # from --epochs or --max-steps, whichever is smaller
+    time_limit_s: float | None
+    seed: int = 0
+    threads: int = 1  # torch threads per worker
+    augment: str = "none"  # CNN: shift | flip | none
+    seq_len: int = 100  # RNN: characters per chunk (truncated BPTT length)
+    whole_train: bool = True  # every worker holds the whole training set (else a split)
+    train_rows: int = 0
+    cache_val: bool = True  # the validation shard is read once and kept
+    settings: dict = field(default_factory=dict)  # the user's options, for the model card
+
+
+def per_worker(batch: int, workers: int) -> int:
+    return max(1, batch // workers)
+
+
+def make_optimizer(model, cfg: WorkerConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class ImageBatches:
+    """A worker's training batches. With `whole` the shard is the whole training set, read
+    once into memory: each epoch draws one permutation shared by every worker (the same seed)
+    and worker r takes its slice of each global batch, which is a plain single-process loop's
+    sampling split W ways. Otherwise the shard is this worker's split, streamed every epoch
+    through a local shuffle buffer (data sets too large to hold)."""
+
+    def __init__(self, shard, task, cfg: WorkerConfig, rank: int, workers: int):
+        self.shard, self.task, self.rank, self.workers = shard, task, rank, workers
+        self.b, self.cfg, self.rows = per_worker(cfg.batch, workers), cfg, None
+
+    def load(self) -> None:
+        if self.cfg.whole_train and self.rows is None:
+            parts = list(self.shard.iter_torch_batches(batch_size=4096,
+                                                       collate_fn=self.task.collate))
+            self.rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        per_step = self.b * (self.workers if self.cfg.whole_train else 1)
+        rows = self.cfg.train_rows // (1 if self.cfg.whole_train else self.workers)
+        return rows // per_step
+
+    def epoch(self, epoch: int):
+        if not self.cfg.whole_train:
+            yield from self.shard.iter_torch_batches(
+                batch_size=self.b, collate_fn=self.task.collate, drop_last=True,
+                local_shuffle_buffer_size=max(2000, 4 * self.b),
+                local_shuffle_seed=self.cfg.seed * 100_003 + epoch * 101 + self.rank)
+            return
+        self.load()
+        n = len(self.rows["y"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            self.cfg.seed * 100_003 + epoch))
+        step = self.b * self.workers
+        for i in range(0, n - step + 1, step):
+            idx = order[i + self.rank * self.b : i + (self.rank + 1) * self.b]
+            yield {k: v[idx] for k, v in self.rows.items()}
+
+
+class CNNTask:
+    # bf16 autocast and channels-last on CUDA: 1.56x (resnet20) and 2.1x (resnet18 at 224)
+    # the fp32 step on an H200 (BENCHMARKS.md, GPU section).
+    metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
+
+    def __init__(self, spec, cfg: WorkerConfig):
+        self.index = {c: i for i, c in enumerate(spec.classes)}
+        self.scale, self.shift = scale_shift(ImagePreset.from_spec(spec))
+        self.augment = cfg.augment
+
+    def collate(self, batch: dict) -> dict:
+        """numpy rows -> tensors (x stays uint8); class names -> indices (-1: a class
+        training never saw)."""
+        return {"x": torch.from_numpy(batch["x"].copy()),  # Ray's arrays are read-only
+                "y": torch.tensor([self.index.get(c, -1) for c in batch["label"]])}
+
+    def to_device(self, batch: dict, device, layout) -> dict:
+        """Moves a batch and normalizes it there, as labeling does: x * scale + shift."""
+        x = batch["x"].to(device, non_blocking=True).float()  # (B, C, S, S)
+        x = x * self.scale.to(device) + self.shift.to(device)
+        if layout is torch.channels_last:
+            x = x.contiguous(memory_format=layout)
+        return {"x": x, "y": batch["y"].to(device, non_blocking=True)}
+
+    def loaders(self, shards: dict, cfg: WorkerConfig, rank: int, workers: int):
+        train = ImageBatches(shards["train"], self, cfg, rank, workers)
+        val_bs = max(256, 2 * per_worker(cfg.batch, workers))
+        val = ValBatches(lambda: shards["val"].iter_torch_batches(
+            batch_size=val_bs, collate_fn=self.collate), cfg.cache_val)
+        return train, val
+
+    def begin_epoch(self) -> None:
+        pass
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        x = augment_batch(batch["x"], self.augment)  # (B, C, S, S)
+        return F.cross_entropy(model(x), batch["y"]), len(x)
+
+    def val_sums(self, model, val, device, layout, autocast) -> torch.Tensor:
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for batch in val.batches():
+            batch = self.to_device(batch, device, layout)
+            with autocast:
+                logits = model(batch["x"])  # (B, classes)
+            y = batch["y"]
+            loss = F.cross_entropy(logits.float(), y, reduction="sum", ignore_index=-1)
+            correct = (logits.argmax(1) == y).sum()
+            sums += torch.stack([loss.double(), correct.double(),
+                                 torch.tensor(float(len(y)), device=device).double()])
+        return sums  # [loss sum, correct, images]; read once, after the last batch
+
+    def metrics(self, sums: list[float]) -> dict:
+        loss, correct, n = sums
+        return {"val_loss": loss / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+
+class ValBatches:
+    """Validation batches: read once and kept when they fit (`cache`), else streamed."""
+
+    def __init__(self, source, cache: bool):
+        self.source, self.cache, self.kept = source, cache, None
+
+    def load(self) -> None:
+        if self.cache and self.kept is None:
+            self.kept = list(self.source())
+
+    def batches(self):
+        return self.kept if self.kept is not None else self.source()
+
+
+class TextStreams:
+    """A worker's text streams: the rows whose stream number falls to it (stream % W == r),
+    read once into a (streams, L + 1) tensor. An epoch reads them left to right in chunks
+    of T characters (inputs [o + jT, o + jT + T), targets one further), all streams side by
+    side; the offset o in [0, T) changes each epoch so that chunk boundaries move, and every
+    worker takes the same number of chunks, since every stream has the same length."""
+
+    def __init__(self, shard, seq_len: int, rank: int, workers: int, seed: int):
+        self.shard, self.t, self.rank, self.workers, self.seed = shard, seq_len, rank, \
+            workers, seed
+        self.ids: torch.Tensor | None = None
+
+    def load(self) -> None:
+        if self.ids is None:
+            mine = []
+            for b in self.shard.iter_batches(batch_size=None, batch_format="numpy"):
+                keep = b["stream"] % self.workers == self.rank
+                mine.append(torch.from_numpy(np.ascontiguousarray(b["ids"][keep])))
+            self.ids = torch.cat(mine)  # (b, L + 1)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(0, (self.ids.shape[1] - self.t) // self.t)
+
+    def epoch(self, epoch: int):
+        self.load()
+        offset = int(torch.randint(0, self.t, (1,), generator=torch.Generator().manual_seed(
+            self.seed * 100_003 + epoch)))
+        for j in range(self.steps_per_epoch):
+            a = offset + j * self.t
+            yield {"ids": self.ids[:, a : a + self.t + 1], "first": j == 0}
+
+
+def detach(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+class RNNTask:
+    # char-rnn clips gradients at 5. No bf16 autocast: cuDNN's LSTM ran 7-19% slower under it
+    # than in fp32 on an H200 (BENCHMARKS.md, GPU section).
+    metric, mode, clip, bf16, channels_last = "val_loss", "min", 5.0, False, False
+    VAL_CHUNK = 1000  # characters per forward pass in validation (the state carried)
+
+    def __init__(self, spec, cfg: WorkerConfig):
+        self.state = None  # carried from chunk to chunk (truncated BPTT)
+
+    def to_device(self, batch: dict, device, layout) -> dict:
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def loaders(self, shards: dict, cfg: WorkerConfig, rank: int, workers: int):
+        train = TextStreams(shards["train"], cfg.seq_len, rank, workers, cfg.seed)
+        val = TextStreams(shards["val"], self.VAL_CHUNK, rank, workers, cfg.seed)
+        return train, val
+
+    def begin_epoch(self) -> None:
+        self.state = None
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        ids = batch["ids"]  # (b, T + 1)
+        if batch.get("first"):
+            self.state = None
+        logits, state = model(ids[:, :-1], self.state)  # (b, T, V)
+        self.state = detach(state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               ids[:, 1:].reshape(-1))
+        return loss, ids[:, 1:].numel()
+
+    def val_sums(self, model, val, device, layout, autocast) -> torch.Tensor:
+        """The whole validation text with the state carried, as char-rnn evaluates: each of
+        this worker's streams from its first character to its last."""
+        val.load()
+        ids = val.ids.to(device)  # (b, L + 1)
+        loss, state = torch.zeros((), dtype=torch.float64, device=device), None
+        for a in range(0, ids.shape[1] - 1, self.VAL_CHUNK):
+            chunk = ids[:, a : a + self.VAL_CHUNK + 1]
+            logits, state = model(chunk[:, :-1], state)
+            loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                    chunk[:, 1:].reshape(-1), reduction="sum").double()
+        return torch.stack([loss, loss.new_tensor(float(ids[:, 1:].numel()))])
+
+    def metrics(self, sums: list[float]) -> dict:
+        nats = sums[0] / max(sums[1], 1)
+        return {"val_loss": nats, "bits_per_char": nats / LN2}
+
+
+TASKS = {"cnn": CNNTask, "rnn": RNNTask}
