@@ -31,7 +31,8 @@ TIME_LIMIT_HELP = ("Minutes of training and validation (start-up excluded). Alon
                    "or --max-steps, whichever ends first.")
 EPOCHS_HELP = "Passes over the training data; default 10 unless --time-limit sets the length."
 BATCH_HELP = "Global batch: {what} per step, all workers together (each takes its share)."
-LR_HELP = "Peak learning rate; default 0.1 per 128 images for SGD, 2e-3 for AdamW."
+LR_HELP = ("Peak learning rate; default 0.1 per 128 images for SGD, 2e-3 for AdamW (4e-3 for "
+           "char-RNNs).")
 OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision networks, AdamW "
                   "for mnist_cnn and char-RNNs), sgd or adamw.")
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",

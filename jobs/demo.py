@@ -80,7 +80,7 @@ def run_demo(out: str = "demo-output", small: bool = False) -> dict:
         t = step(3, "training the char-RNN on Python source (2 workers)")
         rnn = (dict(max_steps=40, hidden=64, seq_len=64) if small
                else dict(time_limit=1.25, hidden=256))
-        run_train(TrainOptions("rnn", str(data["corpus"]), str(runs / "chars"), lr=3e-3, **rnn))
+        run_train(TrainOptions("rnn", str(data["corpus"]), str(runs / "chars"), **rnn))
         times["train_rnn"] = time.monotonic() - t
         t = step(4, "labeling the archive with Ray Data")
         labels = run_label(LabelOptions(str(runs / "digits"), [str(data["label_tar"])],

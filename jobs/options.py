@@ -18,7 +18,8 @@ class TrainOptions:
     time_limit: float | None = None  # minutes of training and validation; alone, it sets the
     # run's length and the learning rate anneals by its end
     batch_size: int | None = None  # global (all workers); None: 128 images or 64 streams
-    lr: float | None = None  # peak; None: 0.1 per 128 images for SGD, 2e-3 for AdamW
+    lr: float | None = None  # peak; None: 0.1 per 128 images for SGD, else AdamW 2e-3 (CNN) or
+    # 4e-3 (char-RNN)
     workers: int = 2
     gpu: bool = False
     resume: bool = False

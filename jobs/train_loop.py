@@ -160,7 +160,7 @@ def run(w: Worker, train, val, prog: Progress) -> None:
             if finished:
                 return
             continue
-        lr = lr_at(prog.step, budget.total, cfg.lr, budget.warm)
+        lr = lr_at(prog.step, budget.total, cfg.lr, budget.warm, cfg.cooldown)
         for group in w.opt.param_groups:
             group["lr"] = lr
         loss, n = train_step(task, w.model, w.opt, task.to_device(batch, w.device, w.layout),

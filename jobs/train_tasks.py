@@ -31,6 +31,7 @@ class WorkerConfig:
     lr: float  # peak learning rate
     optimizer: str  # "sgd" | "adamw"
     weight_decay: float
+    cooldown: float  # the last share of the run over which the rate decays to zero
     epochs: int | None  # None: the time limit alone ends the run
     max_steps: int | None  # from --epochs or --max-steps, whichever is smaller
     time_limit_s: float | None

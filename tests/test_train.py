@@ -147,6 +147,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lrs[0] < lrs[19] == pytest.approx(1.0)
     assert lrs[-1] < 0.002 and all(a >= b for a, b in zip(lrs[20:], lrs[21:], strict=False))
     assert lr_at(1000, 1000, 1.0) == 0.0
+    # Warm-up, stable, decay: the peak held until the last 30%, then a line to zero.
+    wsd = [lr_at(s, 1000, 1.0, 20, cooldown=0.3) for s in range(1001)]
+    assert wsd[20] == wsd[690] == 1.0 and 0.4 < wsd[860] < 0.6 and wsd[1000] == 0.0
     # Under a time limit, before the step rate is measured, the rate holds at the peak.
     assert lr_at(19, float("inf"), 1.0) == pytest.approx(1.0) == lr_at(5000, float("inf"), 1.0)
 
