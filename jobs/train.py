@@ -159,13 +159,11 @@ def prepare(opts: TrainOptions) -> dict:
 def prepare_images(opts: TrainOptions) -> dict:
     # Decoded to uint8; normalized by the workers with the training set's own mean and std.
     preset = ImagePreset(opts.image_size, opts.channels)
-    data = image_dataset(opts.data, preset, 0.0 if opts.val else opts.val_fraction,
-                         seed=opts.seed, shuffle_above=TRAIN_CACHE_BYTES)
+    data = image_dataset(opts.data, preset, opts.val_fraction, seed=opts.seed,
+                         shuffle_above=TRAIN_CACHE_BYTES, val_uri=opts.val)
     for bad in data.skipped[:5]:
         console.print(f"[yellow]skipped[/] {bad}")
     train_ds, val = data.train, data.val
-    if opts.val:
-        val = image_dataset(opts.val, preset).train
     spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean, data.std)
     rows = train_ds.count()
     whole = train_ds.size_bytes() <= TRAIN_CACHE_BYTES

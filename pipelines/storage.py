@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from models import LoadedModel, model_from_bytes
-from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFolderError
+# The model folder's file names; models.checkpoint (which imports torch) loads only when a
+# model is, so that data tasks reading images never pay for importing torch.
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.safetensors"
 
 GLOB_CHARS = set("*?[")
 
@@ -194,7 +195,10 @@ def model_dir(uri: str) -> str:
     return str(uri)
 
 
-def load_model(uri: str, expect_kind: str | None = None) -> LoadedModel:
+def load_model(uri: str, expect_kind: str | None = None):
+    """The LoadedModel of a run or model folder."""
+    from models import ModelFolderError, model_from_bytes
+
     folder = model_dir(uri)
     files = {}
     for name in (CONFIG_FILE, WEIGHTS_FILE):

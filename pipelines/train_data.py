@@ -14,45 +14,55 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import ray.data
-from ray.data.expressions import col
 
 from . import sources, storage
 from .transforms import ImageError, ImagePreset, decode_uint8
 
 
-def _decode_units(batch: dict, units: list, preset: ImagePreset, val_fraction: float) -> dict:
-    """Units (rows of the plan) -> their decoded, labelled images as uint8, with each image's
-    per-channel sums of pixels and of their squares (exact integers) for the data set's
-    statistics. An image that cannot be used stays as a row with `error` set (and a blank x) so
-    the driver can report it. `val` marks a stable, random-looking share of the images (by a
-    hash of their path) for validation, so no shuffle is needed to hold them out."""
+def _decode_unit(unit, preset: ImagePreset, val_fraction: float, held_out: bool) -> tuple:
+    """One unit of the plan -> (what the driver needs to know, training block, validation
+    block). Images decode to uint8; the training images' per-channel sums of pixels and of
+    their squares (exact integers) give the data set's statistics. An image that cannot be
+    used is left out and reported. A `held_out` unit (from --val) goes to validation whole;
+    else a stable, random-looking share of the images (by a hash of their path) does, so no
+    shuffle is needed to hold them out."""
+    from ray.data.block import BlockAccessor
+
     c, s = preset.channels, preset.image_size
-    xs, labels, errors, val = [], [], [], []
-    blank = np.zeros((c, s, s), np.uint8)
-    for i in batch["unit"]:
-        for rec in sources.read_unit(units[i], with_labels=True):
-            x, error = None, rec.error or (None if rec.label else "no class folder")
-            if error is None:
-                try:
-                    x = decode_uint8(rec.data, preset)
-                except ImageError as e:
-                    error = str(e)
-            xs.append(x if x is not None else blank)
-            labels.append(str(rec.label or ""))
-            errors.append(f"{rec.source}:{rec.path}: {error}" if error else "")
-            h = zlib.crc32(f"{rec.source}:{rec.path}".encode()) / 2**32
-            val.append(h < val_fraction)
-    x = np.stack(xs) if xs else np.zeros((0, c, s, s), np.uint8)
-    flat = x.reshape(len(x), c, -1).astype(np.int64)  # (N, C, S*S)
-    return {"x": x, "label": np.array(labels, dtype=object),
-            "error": np.array(errors, dtype=object), "val": np.array(val, dtype=bool),
-            "s1": flat.sum(-1), "s2": (flat * flat).sum(-1)}
+    rows: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    skipped = []
+    for rec in sources.read_unit(unit, with_labels=True):
+        error = rec.error or (None if rec.label else "no class folder")
+        if error is None:
+            try:
+                x = decode_uint8(rec.data, preset)
+            except ImageError as e:
+                error = str(e)
+        if error:
+            skipped.append(f"{rec.source}:{rec.path}: {error}")
+            continue
+        val = held_out or zlib.crc32(f"{rec.source}:{rec.path}".encode()) / 2**32 < val_fraction
+        rows[val][0].append(x)
+        rows[val][1].append(str(rec.label))
+    blocks, labels = {}, set()
+    for val, (xs, names) in rows.items():
+        # An empty block is a one-row block cut to none: it keeps the tensor column's type.
+        x = np.stack(xs) if xs else np.zeros((1, c, s, s), np.uint8)  # (N, C, S, S)
+        block = BlockAccessor.batch_to_block({"x": x, "label": np.array(names or [""],
+                                                                        dtype=object)})
+        blocks[val] = block if xs else block.slice(0, 0)
+        labels.update(names)
+    flat = (np.stack(rows[False][0]) if rows[False][0] else np.zeros((0, c, s, s), np.uint8)
+            ).reshape(-1, c, s * s).astype(np.int64)  # (N, C, S*S)
+    meta = {"skipped": skipped, "labels": labels, "n": len(flat),
+            "sums": np.stack([flat.sum((0, 2)), (flat * flat).sum((0, 2))])}
+    return meta, blocks[False], blocks[True]
 
 
 @dataclass
 class ImageData:
     train: ray.data.Dataset  # rows {"x": (C, S, S) uint8, "label": str}
-    val: ray.data.Dataset | None  # the held-out share, when val_fraction > 0
+    val: ray.data.Dataset | None  # the held-out share (val_fraction > 0), or val_uri's images
     classes: list[str]
     skipped: list[str]  # "source:path: why" of every image left out
     mean: list[float]  # per channel, of the training images in 0..1
@@ -63,52 +73,42 @@ SHUFFLE_BYTES = 2 * 1024**3  # a training set up to this size is shuffled in ful
 
 
 def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
-                  chunk: int = 500, seed: int | None = None,
-                  shuffle_above: int = 0) -> ImageData:
-    """The decoded images of a source. With a seed, training rows above `shuffle_above` bytes
-    in all are shuffled once (in full up to SHUFFLE_BYTES, else by block): a class-per-folder
-    archive lists its classes one after another, and a worker that streams its shard mixes
-    only nearby rows through its shuffle buffer. A set small enough for every worker to hold
-    is left in order: the workers draw a fresh permutation of it every epoch."""
+                  chunk: int = 500, seed: int | None = None, shuffle_above: int = 0,
+                  val_uri: str | None = None) -> ImageData:
+    """The decoded images of a source (and of a validation source), in one pass of Ray tasks,
+    a unit each, whose blocks become the datasets as they are. With a seed, training rows
+    above `shuffle_above` bytes in all are shuffled once (in full up to SHUFFLE_BYTES, else
+    by block): a class-per-folder archive lists its classes one after another, and a worker
+    that streams its shard mixes only nearby rows through its shuffle buffer. A set small
+    enough for every worker to hold is left in order: the workers draw a fresh permutation of
+    it every epoch."""
     units = sources.plan([uri], chunk=chunk)
     if not units:
         raise ValueError(f"{uri}: no images found")
-    ds = ray.data.from_items([{"unit": i} for i in range(len(units))],
-                             override_num_blocks=len(units))
-    ds = ds.map_batches(_decode_units, batch_size=1, fn_kwargs={
-        "units": units, "preset": preset, "val_fraction": val_fraction}).materialize()
-    # One pass over the small columns gives the skipped images, the classes and the pixel
-    # statistics (Dataset.unique is an all-to-all aggregation: seconds even for a few
-    # thousand rows).
-    skipped, labels = [], set()
-    sums = np.zeros((2, preset.channels), np.float64)
-    n = 0
-    for b in ds.select_columns(["label", "error", "val", "s1", "s2"]).iter_batches(
-            batch_size=None, batch_format="numpy"):
-        good = b["error"] == ""
-        skipped.extend(e for e in b["error"][~good])
-        labels.update(b["label"][good].tolist())
-        use = good & ~b["val"]
-        sums += np.stack([b["s1"][use].sum(0), b["s2"][use].sum(0)])
-        n += int(use.sum())
-    ds = ds.drop_columns(["s1", "s2"])
-    good = ds.filter(expr=col("error") == "").drop_columns(["error"]) if skipped else \
-        ds.drop_columns(["error"])
-    classes = sorted(labels)
+    val_units = sources.plan([val_uri], chunk=chunk) if val_uri else []
+    if val_uri and not val_units:
+        raise ValueError(f"{val_uri}: no images found")
+    task = ray.remote(num_returns=3)(_decode_unit)
+    refs = [task.remote(u, preset, 0.0 if val_uri else val_fraction, i >= len(units))
+            for i, u in enumerate(units + val_units)]
+    metas = ray.get([r[0] for r in refs])
+    skipped = [e for m in metas for e in m["skipped"]]
+    classes = sorted(set().union(*(m["labels"] for m in metas[: len(units)])))
     if not classes:
         raise ValueError(f"{uri}: no decodable, labelled images (layout: CLASS_NAME/file.png, "
                          "or Parquet with image and label columns)")
+    n = sum(m["n"] for m in metas)
     pixels = max(1, n) * preset.image_size ** 2 * 255.0
+    sums = np.sum([m["sums"] for m in metas], axis=0).astype(np.float64)  # (2, C)
     mean = sums[0] / pixels
     std = np.sqrt(np.maximum(sums[1] / (pixels * 255.0) - mean**2, 0.0))
-    held_out = col("val") == True  # noqa: E712 (an expression, not a comparison)
-    train = good.filter(expr=~held_out).drop_columns(["val"]).materialize()
-    val = good.filter(expr=held_out).drop_columns(["val"]) if val_fraction > 0 else None
+    train = ray.data.from_arrow_refs([r[1] for r in refs[: len(units)]])
+    val = ray.data.from_arrow_refs([r[2] for r in refs]) if (val_uri or val_fraction > 0) \
+        else None
     if seed is not None and train.size_bytes() > shuffle_above:
         train = (train.random_shuffle(seed=seed) if train.size_bytes() <= SHUFFLE_BYTES
                  else train.randomize_block_order(seed=seed)).materialize()
-    return ImageData(train, val.materialize() if val else None, classes, skipped,
-                     [round(float(m), 6) for m in mean],
+    return ImageData(train, val, classes, skipped, [round(float(m), 6) for m in mean],
                      [round(max(float(v), 1e-3), 6) for v in std])
 
 

@@ -81,6 +81,20 @@ def test_rnn_overfits_a_tiny_batch(cell):
     assert loss.item() < first / 10
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_rnn_dropout_acts_in_training_only(layers):
+    torch.manual_seed(0)
+    model = CharRNN(20, "lstm", 8, 32, layers, dropout=0.5)
+    x = torch.randint(0, 20, (4, 12))
+    model.train()
+    a, b = model(x)[0], model(x)[0]
+    assert not torch.allclose(a, b)  # a fresh mask each pass
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])
+    if layers > 1:  # between the recurrent layers as well as before the output
+        assert model.rnn.dropout == 0.5
+
+
 def test_vocab_round_trip_and_unknown_policy():
     text = "hello, wörld!\n\tπ"
     v = CharVocab.build(text)
