@@ -52,6 +52,7 @@ def test_text_streams_cut_the_text_into_contiguous_stretches(ray_local):
 
 def worker_cfg(**kw) -> WorkerConfig:
     base = dict(kind="rnn", spec={}, out="", data="", batch=64, lr=1e-3, optimizer="adamw",
+                cooldown=1.0,
                 weight_decay=0.0, epochs=None, max_steps=None, time_limit_s=None, seed=3)
     return WorkerConfig(**{**base, **kw})
 

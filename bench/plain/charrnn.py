@@ -78,6 +78,9 @@ def main() -> None:
                    help="also evaluate every S seconds of training (outside the clock)")
     p.add_argument("--eval-chunk", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cooldown", type=float, default=0.0,
+                   help="not char-rnn's: decay the rate linearly to 0 over this last share of "
+                   "the budget (0: constant, as char-rnn); for schedule experiments")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -119,6 +122,9 @@ def main() -> None:
         if position == 0:
             state = None  # a new pass over the text
         i, j = chunks[position]
+        if a.cooldown > 0:
+            for group in opt.param_groups:
+                group["lr"] = a.lr * min(1.0, (1 - train_s / a.budget) / a.cooldown)
         logits, state = model(xs[:, i:j], state)
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                            ys[:, i:j].reshape(-1))
