@@ -15,7 +15,7 @@ from rich.console import Console
 
 from jobs.connect import RayOptions, ray_session
 from jobs.options import TrainOptions
-from jobs.train_tasks import WorkerConfig
+from jobs.train_tasks import WorkerConfig, image_steps, text_steps
 from models import CELLS, CNN_ARCHS, CharVocab, CNNSpec, RNNSpec
 from pipelines import storage
 from pipelines.train_data import image_dataset, read_text, text_streams
@@ -151,7 +151,7 @@ def prepare(opts: TrainOptions) -> dict:
     note = f" ({streams} streams: the text is short)" if streams < opts.batch_size else ""
     return {"train": text_streams(ids, streams).materialize(),
             "val": text_streams(val_ids, val_streams).materialize(), "spec": spec,
-            "train_rows": streams, "steps_per_epoch": (length + 1 - opts.seq_len) // opts.seq_len,
+            "train_rows": streams, "steps_per_epoch": text_steps(length, opts.seq_len),
             "summary": f"{len(train_text):,} train / {len(val_text):,} val characters, "
                        f"vocabulary {len(vocab)}{note}"}
 
@@ -167,8 +167,7 @@ def prepare_images(opts: TrainOptions) -> dict:
     spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean, data.std)
     rows = train_ds.count()
     whole = train_ds.size_bytes() <= TRAIN_CACHE_BYTES
-    b = opts.batch_size // opts.workers
-    per_epoch = rows // (b * opts.workers) if whole else (rows // opts.workers) // b
+    per_epoch = image_steps(rows, opts.batch_size, opts.workers, whole)
     if per_epoch < 1:
         raise ValueError(f"{rows} training images are less than one batch of "
                          f"{opts.batch_size}: lower --batch-size")

@@ -129,7 +129,6 @@ def train_loop_per_worker(config: dict) -> None:
 class Round:
     """Training since the last validation: what its metrics line reports."""
 
-    start: float = field(default_factory=time.monotonic)
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     samples: int = 0
     train_s: float = 0.0
@@ -170,16 +169,23 @@ def run(w: Worker, train, val, prog: Progress) -> None:
         rnd.samples += n
         step_s = time.monotonic() - t0
         train_s, rnd.train_s = train_s + step_s, rnd.train_s + step_s
-        elapsed = before + time.monotonic() - start
-        budget.total, late = agree(budget.estimate(prog.step, train_s, elapsed),
-                                   cfg.time_limit_s is not None and elapsed > cfg.time_limit_s)
-        last = prog.step >= budget.total or late
+        last = settle(budget, prog.step, train_s, before + time.monotonic() - start, cfg)
         if last or budget.eval_due(prog.step):
             validate(w, val, prog, rnd, budget, prog.epoch + done / per_epoch,
                      before + time.monotonic() - start)
             rnd = Round()
+            # The validation moved the clock: the next step's rate must already see it.
+            last = settle(budget, prog.step, train_s, before + time.monotonic() - start, cfg) \
+                or last
         if last:
             return
+
+
+def settle(budget: Budget, step: int, train_s: float, elapsed: float, cfg) -> bool:
+    """Agrees the run's total steps with the other workers; True when the run is over."""
+    budget.total, late = agree(budget.estimate(step, train_s, elapsed),
+                               cfg.time_limit_s is not None and elapsed > cfg.time_limit_s)
+    return step >= budget.total or late
 
 
 def agree(total: float, late: bool) -> tuple[float, bool]:

@@ -49,6 +49,18 @@ def per_worker(batch: int, workers: int) -> int:
     return max(1, batch // workers)
 
 
+def image_steps(rows: int, batch: int, workers: int, whole: bool) -> int:
+    """Steps an epoch of images: every worker takes its share of each global batch of the
+    whole set (`whole`), or full batches of its own equal split."""
+    b = per_worker(batch, workers)
+    return rows // (b * workers) if whole else (rows // workers) // b
+
+
+def text_steps(length: int, seq_len: int) -> int:
+    """Chunks an epoch of streams of `length` + 1 ids, whatever the epoch's offset."""
+    return max(0, (length + 1 - seq_len) // seq_len)
+
+
 def make_optimizer(model, cfg: WorkerConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
@@ -75,9 +87,8 @@ class ImageBatches:
 
     @property
     def steps_per_epoch(self) -> int:
-        per_step = self.b * (self.workers if self.cfg.whole_train else 1)
-        rows = self.cfg.train_rows // (1 if self.cfg.whole_train else self.workers)
-        return rows // per_step
+        return image_steps(self.cfg.train_rows, self.cfg.batch, self.workers,
+                           self.cfg.whole_train)
 
     def epoch(self, epoch: int):
         if not self.cfg.whole_train:
@@ -114,8 +125,10 @@ class CNNTask:
 
     def to_device(self, batch: dict, device, layout) -> dict:
         """Moves a batch and normalizes it there, as labeling does: x * scale + shift."""
+        if self.scale.device != device:  # once: the worker's device is known only here
+            self.scale, self.shift = self.scale.to(device), self.shift.to(device)
         x = batch["x"].to(device, non_blocking=True).float()  # (B, C, S, S)
-        x = x * self.scale.to(device) + self.shift.to(device)
+        x = x * self.scale + self.shift
         if layout is torch.channels_last:
             x = x.contiguous(memory_format=layout)
         return {"x": x, "y": batch["y"].to(device, non_blocking=True)}
@@ -188,7 +201,7 @@ class TextStreams:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(0, (self.ids.shape[1] - self.t) // self.t)
+        return text_steps(self.ids.shape[1] - 1, self.t)
 
     def epoch(self, epoch: int):
         self.load()
