@@ -475,7 +475,7 @@ def generation(lstm_model: Path, quick: bool) -> None:
     LINES.extend(["", f"### Generation (models.sample, {n} prompts, {s.max_chars} chars a row)",
                   "", "| lanes | fp32 chars/s | bf16 autocast chars/s |", "|---|---|---|"])
     prompts, seeds = starts[:n], [row_seed(7, i) for i in range(n)]
-    for lanes in [8, 32] if quick else [64, 256, 1024]:
+    for lanes in [8, 32] if quick else [64, 256, 1024, 4096]:
         rates = []
         for bf16 in (False, True):
             settings = dataclasses.replace(s, lanes=lanes)

@@ -170,8 +170,9 @@ def generate(
     top_k: int = typer.Option(0, help="Sample among the K likeliest characters; 0: all."),
     seed: int = typer.Option(0, help="Each row is seeded from (seed, row id)."),
     stop: str = typer.Option(None, help="Cut each text before this string."),
-    batch_size: int = typer.Option(64, help="Rows per actor call and Parquet part (sampling "
-                                   "always advances 64 sequences together)."),
+    batch_size: int = typer.Option(None, help="Rows per block and Parquet part; default: the "
+                                   "sampling lanes, 256 sequences stepped together on a CPU, "
+                                   "1024 on a GPU."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),

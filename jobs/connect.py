@@ -37,15 +37,29 @@ def local_cpus() -> int:
     return cpus or 1
 
 
-def runs_here(units: int, opts) -> bool:
-    """Whether a label or generate job runs the actor's code in this process: one unit of work
-    on this machine, where a pool would hold a single actor anyway and starting a local Ray
-    costs more than the work. A cluster address, a Ray already running here (a notebook, the
-    tests), --actors or --gpu choose Ray."""
-    if units != 1 or opts.gpu or opts.actors or opts.address or os.environ.get("RAY_ADDRESS"):
+# The size rule for label and generate jobs, from bench/label.py and bench/generate.py on 2
+# CPUs: there, the command's own process on every core (threads, one torch thread each) ran
+# as fast as a local Ray's actor pool once that was up (200,000 digits: 88.7 s against
+# 91.9 s; 500,000 characters: 46k chars/s against 28k), so Ray's 12-15 s start never paid
+# back at any size. Threads share the GIL (about 40% held at 2 threads), so on more cores a
+# pool of processes pulls ahead; there a job goes to Ray once it is bigger than what the
+# process would do in about Ray's start-up time. Not measured above 2 CPUs.
+HERE_ALWAYS_CPUS = 4
+HERE_MAX_SECONDS = 15.0
+
+
+def runs_here(opts, work: float, rate_per_cpu: float) -> bool:
+    """Whether a label or generate job runs the actors' code in this process on every core,
+    rather than starting a local Ray: `work` is the job's size (images, characters) and
+    `rate_per_cpu` what one core does of it a second, as measured. A cluster address, a Ray
+    already running here (a notebook, the tests), --actors or --gpu choose Ray."""
+    if opts.gpu or opts.actors or opts.address or os.environ.get("RAY_ADDRESS"):
         return False
     ray = sys.modules.get("ray")
-    return not (ray is not None and ray.is_initialized())
+    if ray is not None and ray.is_initialized():
+        return False
+    cpus = local_cpus()
+    return cpus <= HERE_ALWAYS_CPUS or work <= HERE_MAX_SECONDS * rate_per_cpu * cpus
 
 
 def ensure_token_auth() -> None:

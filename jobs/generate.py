@@ -15,21 +15,25 @@ from rich.console import Console
 from jobs.connect import RayOptions, local_cpus, ray_session, runs_here
 from jobs.options import GenerateOptions
 from jobs.redact import redact
-from models import SamplingSettings
+from models import GPU_LANES, LANES, SamplingSettings
 from pipelines import generate as gen
 from pipelines import sink, storage
+
+# One core steps a 2x256 char-LSTM ~22,000 characters a second (bench/generate.py).
+CHARS_PER_CPU_S = 22_000
 
 
 def settings_of(opts: GenerateOptions) -> SamplingSettings:
     """The sampling settings; a bad value fails here, before anything runs."""
-    if opts.batch_size < 1:
+    if opts.batch_size is not None and opts.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     if opts.actors is not None and opts.actors < 1:
         raise ValueError("--actors must be >= 1")
     if (opts.prompts is None) == (opts.num_samples is None):
         raise ValueError("give exactly one of --prompts or --num-samples")
     return SamplingSettings(max_chars=opts.max_chars, temperature=opts.temperature,
-                            top_k=opts.top_k, stop=opts.stop or None)
+                            top_k=opts.top_k, stop=opts.stop or None,
+                            lanes=GPU_LANES if opts.gpu else LANES)
 
 
 def job_args(opts: GenerateOptions, model_id: str, s: SamplingSettings, prompts: str) -> dict:
@@ -72,7 +76,7 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     job = job_args(opts, loaded.id, s, gen.prompts_digest(table))
     out = sink.OutputDir(opts.output, job, opts.overwrite)
     done = out.prepare(["id"])
-    blocks = gen.plan_blocks(table, done, opts.batch_size)
+    blocks = gen.plan_blocks(table, done, opts.batch_size or s.lanes)
     todo = sum(b.num_rows for b in blocks)
     console.print(f"kiln generate: {table.num_rows:,} prompts, {table.num_rows - todo:,} "
                   f"already written, {todo:,} to go; model {loaded.id}", highlight=False)
@@ -80,10 +84,12 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     chars = 0
     if blocks:
         parts_before = set(out.parts())
-        if runs_here(len(blocks), opts):
-            console.print("  sampling 1 block in this process (one block needs no Ray)",
-                          highlight=False)
-            chars = _run_here(opts, loaded.id, out, s, blocks[0], progress)
+        work = gen.characters_to_step(blocks, s)
+        if runs_here(opts, work, CHARS_PER_CPU_S):
+            workers = min(local_cpus(), len(blocks))
+            console.print(f"  sampling {len(blocks):,} block(s) in this process on {workers} "
+                          "thread(s)", highlight=False)
+            chars = _run_here(opts, loaded.id, out, s, blocks, workers, progress)
         else:
             with ray_session(RayOptions(address=opts.address)):
                 chars = _run_pipeline(opts, loaded.id, out, s, blocks, progress)
@@ -100,14 +106,22 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     return summary
 
 
-def _run_here(opts, model_id, out, s, block, progress) -> int:
-    """The actor's own code on the one block, in this process."""
+def _run_here(opts, model_id, out, s, blocks, workers, progress) -> int:
+    """The actors' own code in this process: `workers` threads, one torch thread each (as
+    each actor has, so the rows are the same), each sampling the next block as it finishes
+    one. The step's matrix products and pointwise kernels release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
     settings = gen.GenerateSettings(model=opts.model, model_id=model_id, output=out.uri,
                                     run_id=out.run_id, sampling=s, seed=opts.seed,
-                                    gpu=False, threads=local_cpus())  # as one actor would
-    result = gen.Generator(settings)(block)
-    progress.update(sum(result.column("rows").to_pylist()))
-    return sum(result.column("chars").to_pylist())
+                                    gpu=False, threads=1)
+    generator = gen.Generator(settings)
+    chars = 0
+    with ThreadPoolExecutor(workers, "kiln-generate") as pool:
+        for result in pool.map(generator, blocks):
+            progress.update(sum(result.column("rows").to_pylist()))
+            chars += sum(result.column("chars").to_pylist())
+    return chars
 
 
 def _run_pipeline(opts, model_id, out, s, blocks, progress) -> int:
@@ -115,7 +129,8 @@ def _run_pipeline(opts, model_id, out, s, blocks, progress) -> int:
     settings = gen.GenerateSettings(model=opts.model, model_id=model_id, output=out.uri,
                                     run_id=out.run_id, sampling=s, seed=opts.seed,
                                     gpu=opts.gpu, threads=threads)
-    ds = gen.generate_dataset(blocks, settings, opts.batch_size, actors, num_cpus, num_gpus)
+    ds = gen.generate_dataset(blocks, settings, opts.batch_size or s.lanes, actors, num_cpus,
+                              num_gpus)
     chars = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows = sum(batch.column("rows").to_pylist())

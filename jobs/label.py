@@ -32,6 +32,9 @@ from pipelines.label import (
 from pipelines.sink import JOB_FILE, SUMMARY_FILE, OutputDir, OutputError, Progress
 
 KEY_COLUMNS = ["source", "path", "label", "error"]  # read back from an interrupted run
+# One core labels ~1,300 28x28 digits a second with the MNIST net (bench/label.py); a job
+# whose size is unknown before reading (Parquet, streamed tars) counts as big.
+IMAGES_PER_CPU_S = 1300
 
 
 @dataclasses.dataclass
@@ -63,10 +66,12 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     parts: dict[str, dict] = {}
     if held:
         console.print(f"resuming: {len(held):,} rows already in {out.uri}", highlight=False)
-    if tasks and runs_here(len(tasks), opts):
-        console.print(f"labeling 1 unit in this process (one unit needs no Ray) with "
-                      f"{loaded.id}", highlight=False)
-        parts = follow(label_here(tasks, settings), progress)
+    work = float("inf") if known is None else known - len(held)
+    if tasks and runs_here(opts, work, IMAGES_PER_CPU_S):
+        workers = local_cpus()
+        console.print(f"labeling {len(tasks):,} unit(s) in this process on {workers} "
+                      f"thread(s) with {loaded.id}", highlight=False)
+        parts = follow(label_here(tasks, settings, workers), progress)
     elif tasks:
         with ray_session(RayOptions(address=opts.address)), quiet_ray_data():
             layout = actor_layout(opts, len(tasks))
@@ -75,7 +80,7 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
             settings = dataclasses.replace(settings, threads=layout.threads,
                                            decode_threads=layout.decode_threads)
             ds = label_dataset(tasks, settings, layout.actors, layout.num_cpus, layout.num_gpus)
-            parts = follow((row["stats"] for row in ds.iter_rows()), progress)
+            parts = follow((json.loads(row["stats"]) for row in ds.iter_rows()), progress)
     summary = make_summary(opts, loaded.id, held, parts, time.monotonic() - start)
     if opts.report:  # before summary.json, whose presence marks the job finished
         from jobs.label_report import write_report
@@ -153,22 +158,18 @@ def actor_layout(opts: LabelOptions, units: int) -> Layout:
     return Layout(actors, round(cores, 3), 0, 1, 1)
 
 
-def label_here(tasks: list[dict], settings: LabelSettings) -> Iterator[str]:
-    """The actor's own code, run in this process: the stats of each part as it is written."""
-    cpus = local_cpus()
-    settings = dataclasses.replace(settings, threads=max(1, min(cpus - 1, 8)),
-                                   decode_threads=1 if cpus <= 4 else 2)
-    predictor = LabelPredictor(settings)
-    for row in predictor({"task": [t["task"] for t in tasks]}):
-        yield from row["stats"]
+def label_here(tasks: list[dict], settings: LabelSettings, workers: int) -> Iterator[dict]:
+    """The actor's own code in this process, on `workers` threads with one torch thread
+    each (as each actor has): the stats of each part as it is written."""
+    settings = dataclasses.replace(settings, threads=1, decode_threads=workers)
+    return LabelPredictor(settings).label_tasks(tasks, workers)
 
 
-def follow(stats_rows: Iterable[str], progress: Progress) -> dict[str, dict]:
-    """Streams the stats (JSON) of every part written, keyed by part so that a part a retried
-    task wrote again counts once."""
+def follow(stats_rows: Iterable[dict], progress: Progress) -> dict[str, dict]:
+    """Streams the stats of every part written, keyed by part so that a part a retried task
+    wrote again counts once."""
     parts: dict[str, dict] = {}
-    for row in stats_rows:
-        stats = json.loads(row)
+    for stats in stats_rows:
         again = parts.get(stats["part"])
         parts[stats["part"]] = stats
         if again is None:

@@ -65,7 +65,8 @@ class GenerateOptions:
     top_k: int = 0
     seed: int = 0
     stop: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # rows per block and Parquet part; None: the lanes (256 on
+    # a CPU, 1024 on a GPU)
     gpu: bool = False
     overwrite: bool = False
     actors: int | None = None

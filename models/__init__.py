@@ -16,11 +16,12 @@ from .checkpoint import (  # noqa: E402
 )
 from .cnn import CNN_ARCHS, build_cnn  # noqa: E402
 from .rnn import CELLS, CharRNN  # noqa: E402
-from .sampling import SamplingSettings, row_seed, sample  # noqa: E402
+from .sampling import GPU_LANES, LANES, SamplingSettings, row_seed, sample  # noqa: E402
 from .vocab import UNK, CharVocab  # noqa: E402
 
 __all__ = [
-    "CELLS", "CNN_ARCHS", "UNK", "CNNSpec", "CharRNN", "CharVocab", "LoadedModel",
-    "ModelFolderError", "RNNSpec", "SamplingSettings", "build_cnn", "build_model", "load_folder",
-    "model_from_bytes", "model_to_bytes", "row_seed", "sample", "save_folder",
+    "CELLS", "CNN_ARCHS", "GPU_LANES", "LANES", "UNK", "CNNSpec", "CharRNN", "CharVocab",
+    "LoadedModel", "ModelFolderError", "RNNSpec", "SamplingSettings", "build_cnn",
+    "build_model", "load_folder", "model_from_bytes", "model_to_bytes", "row_seed", "sample",
+    "save_folder",
 ]

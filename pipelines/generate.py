@@ -185,6 +185,16 @@ def plan_blocks(table: pa.Table, done: set[tuple], batch_size: int) -> list[pa.T
     return [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
 
 
+def characters_to_step(blocks: list[pa.Table], s: SamplingSettings) -> int:
+    """The job's size in sampling steps of one lane: every prompt character is fed, then
+    every generated one (an empty prompt is one newline)."""
+    total = 0
+    for block in blocks:
+        lengths = pc.fill_null(pc.utf8_length(block.column("prompt")), 0).to_numpy()
+        total += int(np.clip(lengths, 1, s.max_prompt_chars).sum()) + block.num_rows * s.max_chars
+    return total
+
+
 # --- the actor -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -115,8 +115,11 @@ class LabelPredictor:
     def __init__(self, settings: LabelSettings):
         import torch
 
+        from models.runtime import keep_freed_memory
+
         self.torch, self.s = torch, settings
         torch.set_num_threads(max(1, settings.threads))
+        keep_freed_memory()
         # A decode thread holding the GIL would otherwise make the model thread wait a whole
         # switch interval (5 ms) after each of its ops.
         sys.setswitchinterval(0.0005)
@@ -139,6 +142,52 @@ class LabelPredictor:
             unit, skip = pickle.loads(task)
             for stats in self.label_unit(unit, skip):
                 yield {"stats": [json.dumps(stats)]}
+
+    def label_tasks(self, tasks: list[dict], workers: int) -> Iterator[dict]:
+        """Labels every task's unit on `workers` threads of this process, each taking the
+        next unit as it finishes one, as the actors of a pool do; yields the stats of each
+        part as it is written. The model's kernels and the decoders release the GIL, so on
+        one torch thread each the workers keep as many cores busy."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for task in tasks:
+            todo.put(task["task"])
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+        end = object()
+
+        def work() -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        unit, skip = pickle.loads(todo.get_nowait())
+                    except queue.Empty:
+                        break
+                    for stats in self.label_unit(unit, skip):
+                        done.put(stats)
+                        if stop.is_set():
+                            break
+            except BaseException as e:  # the caller raises it
+                done.put(e)
+            done.put(end)
+
+        threads = [threading.Thread(target=work, name=f"kiln-label-{i}", daemon=True)
+                   for i in range(max(1, min(workers, len(tasks))))]
+        for t in threads:
+            t.start()
+        running = len(threads)
+        try:
+            while running:
+                item = done.get()
+                if item is end:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=10)
 
     def label_unit(self, unit: Unit, skip: frozenset[str]) -> Iterator[dict]:
         """Labels one unit; yields the stats of each part once it is written."""
@@ -258,7 +307,7 @@ def decode_batch(records: list[Record], preset: ImagePreset) -> tuple[list, np.n
         if rec.error:
             continue
         try:
-            images.append(decode_uint8(rec.data, preset))
+            images.append(decode_uint8(rec.data, preset, fast=True))
             good.append(i)
         except ImageError as e:
             rec.error = str(e)

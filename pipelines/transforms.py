@@ -2,11 +2,19 @@
 inference, configured from the model's config.json, so normalization cannot drift.
 
 decode() turns encoded bytes into a normalized (C, S, S) float32 array or raises ImageError
-with a short `kind` that labeling counts in its summary."""
+with a short `kind` that labeling counts in its summary.
+
+Two decoders give the same pixels (within one level): TorchCodec's, which runs without the
+GIL and so scales with threads, takes plain 8-bit grey or RGB PNGs and baseline or
+progressive grey or YCbCr JPEGs that need no EXIF rotation and no more than a 3x resize
+(`fast_decode`); Pillow takes everything else (palettes, alpha, 16-bit, CMYK, TIFF, WebP, GIF,
+rotated photos, JPEGs at least twice the model's size, which it decodes straight at a reduced
+scale) and every broken file, so the error rows stay Pillow's."""
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -146,9 +154,14 @@ def normalize(arr: np.ndarray, preset: ImagePreset) -> np.ndarray:
 
 
 def decode_uint8(data: bytes, preset: ImagePreset, train: bool = False,
-                 rng: np.random.Generator | None = None) -> np.ndarray:
+                 rng: np.random.Generator | None = None, fast: bool = False) -> np.ndarray:
     """Encoded bytes -> (C, S, S) uint8, not yet normalized (labeling normalizes whole
-    batches at once); raises ImageError."""
+    batches at once); raises ImageError. `fast` tries TorchCodec first (it imports torch:
+    labeling has it loaded already, the training set's decoding tasks do not)."""
+    if fast and not train:
+        arr = fast_decode(data, preset)
+        if arr is not None:
+            return arr
     img = open_image(data, preset.max_pixels, draft_size=preset.image_size)
     try:
         return to_uint8(img, preset, train, rng)
@@ -156,6 +169,124 @@ def decode_uint8(data: bytes, preset: ImagePreset, train: bool = False,
         raise
     except Exception as e:
         raise ImageError("corrupt", f"cannot convert mode {img.mode}: {e}") from None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RESIZE_LIMIT = 3  # Pillow's resize (reducing_gap=3) box-reduces first beyond 6x; stay under 3x
+
+
+def image_header(data: bytes) -> tuple[str, int, int, int] | None:
+    """(format, width, height, channels) of a PNG or JPEG that fast_decode can take, read from
+    its header alone; None for any other file (Pillow decodes those)."""
+    if data.startswith(PNG_SIGNATURE):
+        if len(data) < 33 or data[12:16] != b"IHDR":
+            return None
+        width, height = struct.unpack(">II", data[16:24])
+        depth, colour = data[24], data[25]
+        if depth != 8 or colour not in (0, 2):  # 8-bit grey or RGB, no palette, no alpha
+            return None
+        return "png", width, height, 1 if colour == 0 else 3
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_header(data)
+    return None
+
+
+def _jpeg_header(data: bytes) -> tuple[str, int, int, int] | None:
+    """Walks a JPEG's marker segments up to its frame header."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        segment = data[pos + 4 : pos + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            if _exif_orientation(segment[6:]) not in (None, 1):
+                return None  # Pillow turns it upright
+        elif marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive Huffman
+            if len(segment) < 6:
+                return None
+            height, width = struct.unpack(">HH", segment[1:5])
+            channels = segment[5]
+            return ("jpeg", width, height, channels) if channels in (1, 3) else None
+        elif 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # lossless or arithmetic coding: Pillow's
+        elif marker == 0xDA:  # scan data before a frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The Orientation tag of an EXIF block's first directory; None if it has none or cannot
+    be read (Pillow then leaves the image as it is, and so does fast_decode)."""
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (ifd,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+        for i in range(count):
+            entry = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:
+                return struct.unpack(order + "H", entry[8:10])[0]
+    except (KeyError, struct.error):
+        return None
+    return None
+
+
+@lru_cache(maxsize=1)
+def _torchcodec():
+    """TorchCodec's PNG and JPEG decoders, or None where it cannot load."""
+    try:
+        from torchcodec.decoders import decode_jpeg, decode_png
+    except Exception:  # not installed, or no build for this platform
+        return None
+    return {"png": decode_png, "jpeg": decode_jpeg}
+
+
+def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
+    """(C, S, S) uint8 through TorchCodec, whose decoders release the GIL, for the files that
+    image_header() admits; None for any other file or where TorchCodec fails, and Pillow then
+    decodes it (or names its error). The same pixels as Pillow's path within one level: the
+    same libjpeg and libpng, Pillow's grey formula, and torch's antialiased bilinear resize,
+    which follows Pillow's."""
+    header = image_header(data)
+    decoders = _torchcodec() if header else None
+    if decoders is None:
+        return None
+    fmt, width, height, _ = header
+    s = preset.image_size
+    if width * height > preset.max_pixels or width < 1 or height < 1:
+        return None
+    if max(width, height) >= RESIZE_LIMIT * s:
+        return None  # Pillow box-reduces large images first
+    if fmt == "jpeg" and min(width, height) >= 2 * s:
+        return None  # Pillow decodes these straight at 1/2 to 1/8 scale (JPEG draft mode)
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = decoders[fmt](torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                mode="UNCHANGED")  # (C, H, W)
+    except Exception:
+        return None
+    if img.dim() != 3 or img.shape[0] not in (1, 3) or img.shape[1:] != (height, width):
+        return None
+    if preset.channels == 1 and img.shape[0] == 3:  # Pillow's L = R 299/1000 + G 587/1000 ..
+        rgb = img.to(torch.int32)
+        img = ((rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000) >> 16)[None]
+        img = img.to(torch.uint8)
+    elif preset.channels == 3 and img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    if (height, width) != (s, s):
+        img = F.interpolate(img[None].contiguous(), size=(s, s), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    return np.ascontiguousarray(img.numpy())
 
 
 def decode(data: bytes, preset: ImagePreset, train: bool = False,

@@ -225,30 +225,63 @@ def test_kill_and_resume_cli(trained, digits_data, tmp_path):
     assert summary["rows_in"] == n and summary["rows_resumed"] >= 1000
 
 
-def test_one_unit_runs_in_process_with_the_same_rows(ray_local, trained, digits_data,
-                                                      tmp_path):
-    """A job of one unit on this machine skips starting a local Ray; its rows are the rows
-    the Ray actor pool gives for the same input, broken members included."""
+def test_in_process_and_ray_give_the_same_rows(ray_local, trained, digits_data, tmp_path):
+    """With no Ray running, a job on this machine labels in the command's own process on
+    every core; its rows are exactly the Ray actor pool's for the same input: three units,
+    odd images (palette, alpha, 16-bit, CMYK, EXIF-rotated, large JPEG) and every hostile
+    member kind among them."""
     pngs, _ = digits_data
-    images = pngs[:150] + [pngs[0][:40], b"", b"not an image"]
-    names = [f"{i:04d}.png" for i in range(len(images))]
-    tar = embedded.write_flat_archive(tmp_path / "one.tar", images, names)
+    goods = {f"{i // 500}/{i:04d}.png": pngs[i % len(pngs)] for i in range(2300)}
+    goods.update({f"odd/{name}": data for name, data in ic.odd_images().items()})
+    tar = ic.bad_tar(tmp_path / "mixed.tar", goods)
     cmd = [sys.executable, "-m", "jobs", "label", "--model", str(trained), "--input", str(tar),
-           "--output", str(tmp_path / "here"), "--top-k", "3"]
+           "--output", str(tmp_path / "here"), "--top-k", "3", "--batch-size", "100"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = run_cli(cmd, env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "in this process" in done.stderr and "3 errors" in done.stderr
+    assert "3 unit(s) in this process" in done.stderr, done.stderr[-2000:]
     # The test process runs a Ray, so run_label takes the actor pool.
-    run_label(LabelOptions(str(trained), [str(tar)], str(tmp_path / "ray"), top_k=3))
+    run_label(LabelOptions(str(trained), [str(tar)], str(tmp_path / "ray"), top_k=3,
+                           batch_size=100))
 
     def rows(out):
-        return sorted((r["path"], r["label"], r["top_labels"], r["error"])
-                      for r in read_rows(tmp_path / out))
+        return sorted((r["path"], r["label"], r["confidence"], r["top_labels"],
+                       r["top_scores"], r["error"]) for r in read_rows(tmp_path / out))
 
     here, on_ray = rows("here"), rows("ray")
-    assert len(here) == len(images) and here == on_ray
-    assert sum(r[3] is not None for r in here) == 3
+    assert len(here) == len(goods) + len(ic.BAD_TAR_KINDS)
+    assert here == on_ray
+    kinds = {r[0]: r[5].split(":")[0] for r in here if r[5]}
+    assert kinds == ic.BAD_TAR_KINDS
+
+
+def test_size_rule_picks_the_process_or_ray(monkeypatch):
+    """On a small machine every job runs in the command's process; on a big one, jobs bigger
+    than ~15 s of the process's work (or of unknown size) go to Ray; an address, --actors,
+    --gpu or a running Ray always choose Ray."""
+    import ray
+
+    from jobs import connect
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    opts = LabelOptions("m", ["i"], "o")
+    monkeypatch.setattr(connect, "local_cpus", lambda: 2)
+    assert connect.runs_here(opts, 100, 1000)
+    assert connect.runs_here(opts, 10**9, 1000) and connect.runs_here(opts, float("inf"), 1000)
+    monkeypatch.setattr(connect, "local_cpus", lambda: 16)
+    limit = connect.HERE_MAX_SECONDS * 1000 * 16
+    assert connect.runs_here(opts, 100, 1000) and connect.runs_here(opts, limit, 1000)
+    assert not connect.runs_here(opts, limit + 1, 1000)
+    assert not connect.runs_here(opts, float("inf"), 1000)
+    for choice in ({"actors": 2}, {"gpu": True}, {"address": "ray://head:10001"}):
+        assert not connect.runs_here(dataclasses.replace(opts, **choice), 100, 1000)
+    monkeypatch.setattr(connect, "local_cpus", lambda: 2)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert not connect.runs_here(opts, 100, 1000)
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert not connect.runs_here(opts, 100, 1000)
 
 
 def test_predictor_without_ray(trained, digits_data, tmp_path):

@@ -96,3 +96,62 @@ def test_truncated_jpeg_and_limit_per_preset():
     with pytest.raises(ImageError) as err:
         decode(GOOD, small_limit)
     assert err.value.kind == "too_large"
+
+
+def _photo_cases() -> list[tuple[str, bytes]]:
+    """Real photos (scikit-image's) as PNG and JPEG at the models' size, smaller (upscaled) and
+    up to 3x larger, in colour and grey."""
+    import skimage.data
+    from PIL import Image
+
+    photos = {"astronaut": skimage.data.astronaut(), "chelsea": skimage.data.chelsea(),
+              "camera": skimage.data.camera()}
+    cases = []
+    for name, arr in photos.items():
+        for size in ((32, 32), (28, 28), (20, 15), (80, 50)):
+            img = Image.fromarray(arr).resize(size, Image.BILINEAR)
+            for grey in (False, True):
+                im = img.convert("L") if grey else img
+                tag = f"{name}-{size[0]}x{size[1]}-{'grey' if grey else 'rgb'}"
+                cases.append((f"{tag}.png", ic.encode(im)))
+                cases.append((f"{tag}.jpg", ic.encode(im, "JPEG", quality=90)))
+                cases.append((f"{tag}-progressive.jpg", ic.encode(im, "JPEG", quality=75,
+                                                                 progressive=True)))
+    return cases
+
+
+PHOTOS = _photo_cases()
+
+
+@pytest.mark.parametrize("preset", [GRAY, RGB], ids=["gray-model", "rgb-model"])
+def test_fast_decoder_gives_pillows_pixels_within_one_level(preset):
+    """TorchCodec (PNG, baseline and progressive JPEG; with grey conversion and resizes up to
+    3x) against Pillow's path, pixel by pixel."""
+    from pipelines.transforms import fast_decode
+
+    for name, data in PHOTOS:
+        fast = fast_decode(data, preset)
+        assert fast is not None, f"{name} should take the fast path"
+        slow = decode_uint8(data, preset)
+        assert fast.shape == slow.shape and fast.dtype == np.uint8
+        worst = np.abs(fast.astype(int) - slow.astype(int)).max()
+        assert worst <= 1, f"{name}: {worst} levels apart"
+        assert np.array_equal(decode_uint8(data, preset, fast=True), fast)
+
+
+def test_fast_decoder_leaves_the_rest_to_pillow():
+    """Palettes, alpha, 16-bit, CMYK, EXIF rotation, other formats and images that Pillow
+    reduces cheaply are not the fast decoder's; broken files keep Pillow's error kinds."""
+    from pipelines.transforms import fast_decode
+
+    taken = {n for n in ODD if fast_decode(ODD[n], RGB) is not None}
+    assert taken == {"gray.png", "rgb.png", "ycbcr.jpg", "tiny_1x1.png"}
+    for name, data in ODD.items():
+        assert np.abs(decode_uint8(data, RGB, fast=True).astype(int)
+                      - decode_uint8(data, RGB).astype(int)).max() <= 1, name
+    jpeg = ic.encode(ic.pattern((64, 64)), "JPEG")
+    bad = {**BAD, "truncated_jpeg": jpeg[: len(jpeg) * 9 // 10]}
+    for name, data in bad.items():
+        with pytest.raises(ImageError) as err:
+            decode_uint8(data, GRAY, fast=True)
+        assert err.value.kind == name.split("_jpeg")[0]
