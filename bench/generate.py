@@ -84,7 +84,9 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
     import torch
 
     from models import SamplingSettings, load_folder, row_seed, sample
+    from models.runtime import keep_freed_memory
 
+    keep_freed_memory()  # as kiln's generator does
     loaded = load_folder(model)
     torch.set_num_threads(1)
     seeds = [row_seed(0, i) for i in range(len(prompts))]
@@ -130,7 +132,7 @@ def main() -> None:
     print(f"kiln generate: {here['whole_s']:.1f} s ({here['how']})", flush=True)
     ray = kiln(model, pfile, tmp / "ray", c, "--actors", str(cpus))
     print(f"kiln generate on Ray: {ray['whole_s']:.1f} s", flush=True)
-    lanes = lanes_sweep(model, prompts[:256], 200)
+    lanes = lanes_sweep(model, prompts[:1000], 100)
     print(f"lanes: {lanes}", flush=True)
     assert here["chars"] == ray["chars"] == args.prompts * c
 
@@ -166,7 +168,7 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
 - The naive loops are timed on their first prompts only (the whole set would take
   ~{args.prompts * c / base_rate / 60:.0f} min); every text is {c} chars, so rates compare.
   Their rates leave out Python's start and imports; kiln's include them.
-- `models.sample` on one thread, 256 prompts x 200 chars: {sweep} chars/s (LANES = 256).
+- `models.sample` on one thread, 1,000 prompts x 100 chars: {sweep} chars/s (LANES = 256).
 - The physical limit: the LSTM costs ~1.62 MFLOP a character (2x256, embedding folded into a
   table), so one core at ~65 GFLOP/s (the fp32 matmul rate measured here on one thread) steps
   ~40,000 characters a second at most.

@@ -115,6 +115,7 @@ def _run_here(opts, model_id, out, s, blocks, workers, progress) -> int:
     settings = gen.GenerateSettings(model=opts.model, model_id=model_id, output=out.uri,
                                     run_id=out.run_id, sampling=s, seed=opts.seed,
                                     gpu=False, threads=1)
+    sink.skip_pandas_probe()
     generator = gen.Generator(settings)
     chars = 0
     with ThreadPoolExecutor(workers, "kiln-generate") as pool:

@@ -29,7 +29,14 @@ from pipelines.label import (
     label_dataset,
     make_tasks,
 )
-from pipelines.sink import JOB_FILE, SUMMARY_FILE, OutputDir, OutputError, Progress
+from pipelines.sink import (
+    JOB_FILE,
+    SUMMARY_FILE,
+    OutputDir,
+    OutputError,
+    Progress,
+    skip_pandas_probe,
+)
 
 KEY_COLUMNS = ["source", "path", "label", "error"]  # read back from an interrupted run
 # One core labels ~1,300 28x28 digits a second with the MNIST net (bench/label.py); a job
@@ -71,7 +78,7 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
         workers = local_cpus()
         console.print(f"labeling {len(tasks):,} unit(s) in this process on {workers} "
                       f"thread(s) with {loaded.id}", highlight=False)
-        parts = follow(label_here(tasks, settings, workers), progress)
+        parts = follow(label_here(tasks, settings, workers, loaded), progress)
     elif tasks:
         with ray_session(RayOptions(address=opts.address)), quiet_ray_data():
             layout = actor_layout(opts, len(tasks))
@@ -158,11 +165,13 @@ def actor_layout(opts: LabelOptions, units: int) -> Layout:
     return Layout(actors, round(cores, 3), 0, 1, 1)
 
 
-def label_here(tasks: list[dict], settings: LabelSettings, workers: int) -> Iterator[dict]:
+def label_here(tasks: list[dict], settings: LabelSettings, workers: int,
+               loaded=None) -> Iterator[dict]:
     """The actor's own code in this process, on `workers` threads with one torch thread
     each (as each actor has): the stats of each part as it is written."""
+    skip_pandas_probe()
     settings = dataclasses.replace(settings, threads=1, decode_threads=workers)
-    return LabelPredictor(settings).label_tasks(tasks, workers)
+    return LabelPredictor(settings, loaded).label_tasks(tasks, workers)
 
 
 def follow(stats_rows: Iterable[dict], progress: Progress) -> dict[str, dict]:

@@ -217,8 +217,11 @@ class Generator:
     def __init__(self, settings: GenerateSettings):
         import torch
 
+        from models.runtime import keep_freed_memory
+
         self.torch, self.s = torch, settings
         torch.set_num_threads(max(1, settings.threads))
+        keep_freed_memory()  # a step's buffers are reused, not page-faulted in again
         loaded = storage.load_model(settings.model, expect_kind="rnn")
         if loaded.id != settings.model_id:
             raise ModelFolderError(f"{settings.model} changed during the run (now "

@@ -112,7 +112,8 @@ def part_name(unit: Unit, index: int) -> str:
 class LabelPredictor:
     """The Ray Data actor: loads the model once, then labels whole units per call."""
 
-    def __init__(self, settings: LabelSettings):
+    def __init__(self, settings: LabelSettings, loaded=None):
+        """`loaded`: the model's LoadedModel when the caller has it already (in-process)."""
         import torch
 
         from models.runtime import keep_freed_memory
@@ -123,7 +124,7 @@ class LabelPredictor:
         # A decode thread holding the GIL would otherwise make the model thread wait a whole
         # switch interval (5 ms) after each of its ops.
         sys.setswitchinterval(0.0005)
-        loaded = storage.load_model(settings.model, expect_kind="cnn")
+        loaded = loaded or storage.load_model(settings.model, expect_kind="cnn")
         self.device = torch.device("cuda" if settings.gpu else "cpu")
         # Channels-last runs this family's convolutions and pooling ~1.5x faster on CPU (oneDNN
         # picks blocked NHWC kernels; NCHW max-pooling alone was a quarter of the time).
