@@ -48,15 +48,21 @@ HERE_ALWAYS_CPUS = 4
 HERE_MAX_SECONDS = 15.0
 
 
+def may_run_here(opts) -> bool:
+    """Whether anything asks for Ray: a cluster address, a Ray already running in this
+    process (a notebook, the tests), --actors or --gpu."""
+    if opts.gpu or opts.actors or opts.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    return not (ray is not None and ray.is_initialized())
+
+
 def runs_here(opts, work: float, rate_per_cpu: float) -> bool:
     """Whether a label or generate job runs the actors' code in this process on every core,
     rather than starting a local Ray: `work` is the job's size (images, characters) and
     `rate_per_cpu` what one core does of it a second, as measured. A cluster address, a Ray
     already running here (a notebook, the tests), --actors or --gpu choose Ray."""
-    if opts.gpu or opts.actors or opts.address or os.environ.get("RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if not may_run_here(opts):
         return False
     cpus = local_cpus()
     return cpus <= HERE_ALWAYS_CPUS or work <= HERE_MAX_SECONDS * rate_per_cpu * cpus

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from rich.console import Console
 
 import models
-from jobs.connect import RayOptions, local_cpus, ray_session, runs_here
+from jobs.connect import RayOptions, local_cpus, may_run_here, ray_session, runs_here
 from jobs.options import LabelOptions
 from jobs.redact import redact
 from pipelines import sources, storage
@@ -60,6 +60,8 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     console = console or Console(stderr=True, soft_wrap=True)
     check_options(opts)
     start = time.monotonic()
+    if may_run_here(opts):
+        skip_pandas_probe()
     loaded = storage.load_model(opts.model, expect_kind="cnn")  # fail fast, before Ray
     units = sources.plan(opts.inputs)
     out = OutputDir(opts.output, job_identity(opts, loaded.id), opts.overwrite)
@@ -169,7 +171,6 @@ def label_here(tasks: list[dict], settings: LabelSettings, workers: int,
                loaded=None) -> Iterator[dict]:
     """The actor's own code in this process, on `workers` threads with one torch thread
     each (as each actor has): the stats of each part as it is written."""
-    skip_pandas_probe()
     settings = dataclasses.replace(settings, threads=1, decode_threads=workers)
     return LabelPredictor(settings, loaded).label_tasks(tasks, workers)
 
