@@ -88,6 +88,7 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
 
     keep_freed_memory()  # as kiln's generator does
     loaded = load_folder(model)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     seeds = [row_seed(0, i) for i in range(len(prompts))]
     rates = {}
@@ -96,6 +97,7 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
         sample(loaded.model, loaded.vocab, prompts, seeds,
                SamplingSettings(max_chars=max_chars, lanes=lanes))
         rates[lanes] = len(prompts) * max_chars / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
     return rates
 
 

@@ -204,8 +204,9 @@ largest size: one). Both pay Python's and torch's imports (~2.5-3 s here).
 - On a local Ray (`--actors 2`: Ray's start, two actor processes, Ray's shutdown):
   {ray['n']:,} images {ray['seconds']:.1f} s, 100 images {ray['start']:.1f} s. kiln runs a
   job on this machine in its own process (threads, one torch thread each) unless `--address`,
-  `--actors` or `--gpu` ask for Ray: on {cpus} CPUs the process is as fast as the pool at
-  every size measured, so Ray's start never pays back (jobs/connect.py, `runs_here`).
+  `--actors` or `--gpu` ask for Ray: on {cpus} CPUs the process labels as fast as the pool once
+  that is up (measured while building it: 200,000 images in 88.7 s of job time against the
+  pool's 91.9 s), so Ray's start never pays back (jobs/connect.py, `runs_here`).
 - The model alone, MNIST net on one thread, channels-last, batches of {BATCH}:
   {m['default']:,.0f} images/s with glibc's default allocator settings,
   **{m['keep']:,.0f}** with `keep_freed_memory()` ({m['keep'] / m['default']:.2f}x: glibc no
