@@ -120,10 +120,13 @@ def _run_here(opts, model_id, out, s, blocks, workers, progress) -> int:
                                     gpu=False, threads=1)
     generator = gen.Generator(settings)
     chars = 0
-    with ThreadPoolExecutor(workers, "kiln-generate") as pool:
+    pool = ThreadPoolExecutor(workers, "kiln-generate")
+    try:
         for result in pool.map(generator, blocks):
             progress.update(sum(result.column("rows").to_pylist()))
             chars += sum(result.column("chars").to_pylist())
+    finally:  # on an error or Ctrl-C the blocks not begun are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
     return chars
 
 

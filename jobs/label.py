@@ -77,7 +77,7 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
         console.print(f"resuming: {len(held):,} rows already in {out.uri}", highlight=False)
     work = float("inf") if known is None else known - len(held)
     if tasks and runs_here(opts, work, IMAGES_PER_CPU_S):
-        workers = local_cpus()
+        workers = min(local_cpus(), len(tasks))
         console.print(f"labeling {len(tasks):,} unit(s) in this process on {workers} "
                       f"thread(s) with {loaded.id}", highlight=False)
         parts = follow(label_here(tasks, settings, workers, loaded), progress)
