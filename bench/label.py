@@ -96,10 +96,23 @@ def decode_rates() -> list[tuple[str, str, float, float]]:
         photos.append(buf.getvalue())
     sets = [("28x28 digit PNGs", digits * 6, ImagePreset(28, 1)),
             ("500x375 photo JPEGs -> 224", photos * 100, ImagePreset(224, 3))]
+    import torch
+    import torch.nn.functional as F
+    from torchvision.io import ImageReadMode, decode_image  # deprecated in 0.29, for comparison
+
+    def torchvision(data: bytes, p: ImagePreset):
+        mode = ImageReadMode.GRAY if p.channels == 1 else ImageReadMode.RGB
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode)
+        if img.shape[1:] != (p.image_size, p.image_size):
+            img = F.interpolate(img[None].contiguous(memory_format=torch.channels_last),
+                                size=(p.image_size,) * 2, mode="bilinear", antialias=True)[0]
+        return img.numpy()
+
     rows = []
     for name, data, preset in sets:
         for decoder, fn in (("Pillow", lambda d, p=preset: decode_uint8(d, p)),
-                            ("TorchCodec", lambda d, p=preset: fast_decode(d, p))):
+                            ("TorchCodec (kiln's)", lambda d, p=preset: fast_decode(d, p)),
+                            ("torchvision.io", lambda d, p=preset: torchvision(d, p))):
             assert fn(data[0]) is not None and np.asarray(fn(data[0])).dtype == np.uint8
             rates = []
             for threads in (1, 2):
@@ -212,8 +225,9 @@ largest size: one). Both pay Python's and torch's imports (~2.5-3 s here).
   **{m['keep']:,.0f}** with `keep_freed_memory()` ({m['keep'] / m['default']:.2f}x: glibc no
   longer unmaps and page-faults the activation buffers on every batch).
 
-Decoding, images/s, each decoder alone on 1 and 2 threads (`pipelines/transforms.py`:
-TorchCodec's decoders release the GIL; Pillow's Python side does not):
+Decoding, images/s, each decoder alone on 1 and 2 threads, with the resize to the model's size
+(`pipelines/transforms.py`: TorchCodec's decoders release the GIL; Pillow's Python side does
+not). kiln uses TorchCodec, which replaces torchvision's decoders (deprecated in 0.29):
 
 | images | decoder | 1 thread | 2 threads | scaling |
 | --- | --- | ---: | ---: | ---: |
