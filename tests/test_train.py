@@ -233,7 +233,11 @@ def test_colour_photos_under_a_time_limit_flip_and_label_with_their_own_statisti
     last = rows[-1]
     assert last["epoch"] > 10  # no --epochs: the budget, not the default, ends the run
     cfg = storage.load_model(run).config
-    assert last["lr"] < 0.05 * cfg["train"]["lr"]  # annealed to (nearly) zero by the end
+    # Annealed to (nearly) zero by the end: the schedule reaches its end when the clock does,
+    # unless a validation runs slower than the ones before it and ends the run a few percent
+    # early (seen at 5.3% of the peak on a loaded machine); a run that did not anneal would
+    # end at its peak.
+    assert last["lr"] < 0.1 * cfg["train"]["lr"]
     # It ends within one validation of its budget (and training time is what it counts).
     assert last["elapsed_s"] <= budget_min * 60 + max(r["val_s"] for r in rows) + 5
     assert cfg["train"]["augment"] == "flip" and cfg["train"]["optimizer"] == "sgd"
