@@ -1,7 +1,8 @@
-"""`kiln generate`: bulk text generation with a trained char-RNN on Ray Data.
+"""`kiln generate`: bulk text generation with a trained char-RNN, in this process's threads
+or on a Ray Data actor pool (jobs.connect.runs_here decides).
 
 The driver checks everything it can before Ray starts (the model's kind, the prompt file's
-encoding, the output folder), then streams one stats row per written part for live progress
+encoding, the output folder), then follows one stats row per written part for live progress
 and writes summary.json. Re-running with the same arguments writes only the missing rows."""
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     job = job_args(opts, loaded.id, s, gen.prompts_digest(table))
     out = sink.OutputDir(opts.output, job, opts.overwrite)
     done = out.prepare(["id"])
-    blocks = gen.plan_blocks(table, done, opts.batch_size or s.lanes)
+    rows_per_block = opts.batch_size or s.lanes
+    blocks = gen.plan_blocks(table, done, rows_per_block)
     todo = sum(b.num_rows for b in blocks)
     console.print(f"kiln generate: {table.num_rows:,} prompts, {table.num_rows - todo:,} "
                   f"already written, {todo:,} to go; model {loaded.id}", highlight=False)
@@ -94,7 +96,8 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
             chars = _run_here(opts, loaded.id, out, s, blocks, workers, progress)
         else:
             with ray_session(RayOptions(address=opts.address)):
-                chars = _run_pipeline(opts, loaded.id, out, s, blocks, progress)
+                chars = _run_pipeline(opts, loaded.id, out, s, blocks, rows_per_block,
+                                      progress)
         _remove_late_parts(out, parts_before, console)
     summary = _summary(opts, loaded.id, table.num_rows, table.num_rows - todo, progress,
                        chars, stats, time.monotonic() - start)
@@ -130,13 +133,12 @@ def _run_here(opts, model_id, out, s, blocks, workers, progress) -> int:
     return chars
 
 
-def _run_pipeline(opts, model_id, out, s, blocks, progress) -> int:
+def _run_pipeline(opts, model_id, out, s, blocks, rows_per_block, progress) -> int:
     actors, num_cpus, num_gpus, threads = plan_actors(opts, len(blocks))
     settings = gen.GenerateSettings(model=opts.model, model_id=model_id, output=out.uri,
                                     run_id=out.run_id, sampling=s, seed=opts.seed,
                                     gpu=opts.gpu, threads=threads)
-    ds = gen.generate_dataset(blocks, settings, opts.batch_size or s.lanes, actors, num_cpus,
-                              num_gpus)
+    ds = gen.generate_dataset(blocks, settings, rows_per_block, actors, num_cpus, num_gpus)
     chars = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows = sum(batch.column("rows").to_pylist())

@@ -1,8 +1,9 @@
-"""`kiln label`: label every image of the inputs with a trained CNN, on Ray Data.
+"""`kiln label`: label every image of the inputs with a trained CNN.
 
 The driver plans the inputs into units (pipelines.sources), reads back what an earlier,
-interrupted run of the same job already wrote, hands the remaining units to an actor pool
-(pipelines.label), follows the parts as they are written, and ends with summary.json, a
+interrupted run of the same job already wrote, hands the remaining units to threads of this
+process or to a Ray Data actor pool (jobs.connect.runs_here decides; pipelines.label's
+LabelPredictor serves both), follows the parts as they are written, and ends with summary.json, a
 totals line and, with --report, report.html."""
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from .vocab import CharVocab
 # Sequences advanced together each step; fixed per device so that no row depends on the batch.
 # On a CPU core a 2x256 LSTM samples fastest at about 256 lanes (bench/generate.py sweeps 64,
 # 256 and 512): wider steps amortize each step's Python and numpy overhead, until the
-# step's buffers outgrow the caches. On a GPU
-# the step costs about the same at any width up to thousands of lanes (bench/gpu.py).
+# step's buffers outgrow the caches. On a GPU the step costs about the same at any width up
+# to thousands of lanes (bench/gpu.py).
 LANES = 256
 GPU_LANES = 1024
 

@@ -110,7 +110,8 @@ def part_name(unit: Unit, index: int) -> str:
 
 
 class LabelPredictor:
-    """The Ray Data actor: loads the model once, then labels whole units per call."""
+    """The Ray Data actor (and the in-process labeler, `label_tasks`): loads the model once,
+    then labels whole units per call."""
 
     def __init__(self, settings: LabelSettings, loaded=None):
         """`loaded`: the model's LoadedModel when the caller has it already (in-process)."""

@@ -268,11 +268,9 @@ def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
     import torch
     import torch.nn.functional as F
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = decoders[fmt](torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                mode="UNCHANGED")  # (C, H, W)
+    try:  # a bytearray: torch.frombuffer warns on read-only bytes
+        img = decoders[fmt](torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                            mode="UNCHANGED")  # (C, H, W)
     except Exception:
         return None
     if img.dim() != 3 or img.shape[0] not in (1, 3) or img.shape[1:] != (height, width):
