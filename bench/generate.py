@@ -36,12 +36,14 @@ def make_model(folder: Path) -> Path:
     import torch
 
     from jobs import embedded
-    from models import CharRNN, CharVocab, RNNSpec, save_folder
+    from models import CharRNN, CharVocab, RNNSpec, model_to_bytes
+    from pipelines import storage
 
     torch.manual_seed(0)
     vocab = CharVocab.build(embedded.stdlib_corpus(1_000_000))
     spec = RNNSpec(vocab.chars, "lstm", embed=64, hidden=256, layers=2)
-    save_folder(folder / "model", CharRNN(len(vocab), "lstm", 64, 256, 2).eval(), "rnn", spec)
+    net = CharRNN(len(vocab), "lstm", 64, 256, 2).eval()
+    storage.save_model(str(folder / "model"), model_to_bytes(net, "rnn", spec))
     return folder
 
 
@@ -83,11 +85,12 @@ def kiln(model: Path, prompts: Path, out: Path, max_chars: int, *extra: str) -> 
 def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, float]:
     import torch
 
-    from models import SamplingSettings, load_folder, row_seed, sample
+    from models import SamplingSettings, row_seed, sample
     from models.runtime import keep_freed_memory
+    from pipelines import storage
 
     keep_freed_memory()  # as kiln's generator does
-    loaded = load_folder(model)
+    loaded = storage.load_model(str(model))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     seeds = [row_seed(0, i) for i in range(len(prompts))]

@@ -49,8 +49,8 @@ from jobs.train_tasks import (  # noqa: E402
     make_optimizer,
 )
 from models import CharVocab, SamplingSettings, build_model, row_seed, sample  # noqa: E402
-from models.checkpoint import CNNSpec, RNNSpec, save_folder  # noqa: E402
-from pipelines import sources  # noqa: E402
+from models.checkpoint import CNNSpec, RNNSpec, model_to_bytes  # noqa: E402
+from pipelines import sources, storage  # noqa: E402
 from pipelines.label import LabelPredictor, LabelSettings  # noqa: E402
 from pipelines.transforms import ImagePreset, choose_augment, decode_uint8  # noqa: E402
 
@@ -251,7 +251,7 @@ def train_digits(work: Path, quick: bool) -> Path:
                   f"- MNIST net on the digits (1,437 train / 360 held out, batch {bs}): "
                   f"{epochs} epochs in {secs:.1f} s, held-out accuracy **{acc:.4f}**."])
     folder = work / "digits_model"
-    save_folder(folder, model.float().cpu(), "cnn", spec)
+    storage.save_model(str(folder), model_to_bytes(model.float().cpu(), "cnn", spec))
     return folder
 
 
@@ -306,7 +306,7 @@ def train_lstm(work: Path, quick: bool, budget_s: float) -> Path:
                  f"({nats / math.log(2):.2f} bits/char) at epoch {best['epoch']}, "
                  f"{best['secs']:.0f} s in (CPU target: <= 1.60 in 15 min on 2 cores).")
     folder = work / "lstm_model"
-    save_folder(folder, model.float().cpu(), "rnn", spec)
+    storage.save_model(str(folder), model_to_bytes(model.float().cpu(), "rnn", spec))
     return folder
 
 
@@ -435,7 +435,8 @@ def labeling(work: Path, digits_model: Path, quick: bool) -> None:
                    image_size=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     torch.manual_seed(0)
     photo_model = work / "resnet18_model"
-    save_folder(photo_model, build_model("cnn", spec), "cnn", spec)
+    storage.save_model(str(photo_model),
+                       model_to_bytes(build_model("cnn", spec), "cnn", spec))
     top = min(15, cpus - 1)
     ways = [1, 2] if quick else sorted({1, 3, 7, top})
     LINES.extend(["", f"### Labeling: one label actor (LabelPredictor, {DEV.type}), "
@@ -464,9 +465,8 @@ def labeling(work: Path, digits_model: Path, quick: bool) -> None:
 
 # -------------------------------------------------------------------------------- generation
 def generation(lstm_model: Path, quick: bool) -> None:
-    from models.checkpoint import load_folder
 
-    loaded = load_folder(lstm_model)
+    loaded = storage.load_model(str(lstm_model))
     net, vocab = loaded.model.to(DEV).eval(), loaded.vocab
     text = embedded.stdlib_corpus(200_000)
     starts = [text[i:i + 20] for i in range(0, 200_000, 97)]

@@ -38,7 +38,8 @@ def make_data(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
     import torch
 
     from jobs import embedded
-    from models import CNNSpec, build_cnn, save_folder
+    from models import CNNSpec, build_cnn, model_to_bytes
+    from pipelines import storage
 
     pngs, labels = embedded.digits(28)
     tars = {}
@@ -48,8 +49,9 @@ def make_data(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
                                               [pngs[i % len(pngs)] for i in range(n)], names)
     torch.manual_seed(0)
     model = work / "model"
-    save_folder(model, build_cnn("mnist_cnn", 10, 1, 28).eval(), "cnn",
-                CNNSpec("mnist_cnn", [str(i) for i in range(10)]))
+    spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)])
+    storage.save_model(str(model), model_to_bytes(build_cnn("mnist_cnn", 10, 1, 28).eval(), "cnn",
+                                                  spec))
     return tars, model
 
 

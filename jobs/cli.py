@@ -3,7 +3,6 @@ dataclass and hands it to its job function."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -40,6 +39,15 @@ ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
 
 
+DEBUG = {"on": False}  # `kiln --debug`: tracebacks and Ray's own output on the console
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(
+        False, "--debug", help="Show tracebacks, and Ray's and its workers' output.")):
+    DEBUG["on"] = debug
+
+
 def fail(message: str, code: int = 2) -> None:
     from jobs.redact import redact
 
@@ -47,26 +55,32 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def job(module: str, function: str):
-    """A job function, or a plain 'not built yet' exit for a command still to come."""
-    try:
-        return getattr(importlib.import_module(f"jobs.{module}"), function)
-    except (ModuleNotFoundError, AttributeError):
-        fail(f"`kiln {module}` is not built yet in this version of kiln", code=3)
+def one_line(e: BaseException) -> str:
+    """An unexpected exception as its type and the last line of its message (a Ray error's
+    message ends with the remote exception's own line)."""
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"
 
 
 def run_job(fn, *args):
-    """Runs a job; known failures become one clear line and exit code 2."""
-    from models import ModelFolderError
+    """Runs a job. A user's mistake (a ValueError and its kin: bad options, data, models,
+    outputs, storage) is one line and exit code 2; anything else one line naming its type
+    and exit code 1; --debug re-raises both with their tracebacks."""
     from pipelines.sink import OutputError
     from pipelines.storage import StorageError
 
-    try:
+    try:  # models.ModelFolderError is a ValueError (and importing models costs torch's 2.5 s)
         return fn(*args)
-    except (ModelFolderError, StorageError, OutputError, FileNotFoundError, ValueError) as e:
+    except (StorageError, OutputError, FileNotFoundError, ValueError) as e:
+        if DEBUG["on"]:
+            raise
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume", code=130)
+    except Exception as e:
+        if DEBUG["on"]:
+            raise
+        fail(f"{one_line(e)} (kiln --debug ... shows the traceback)", code=1)
 
 
 @train_app.command("cnn", epilog="Example: kiln train cnn --data digits.tar --out runs/digits")
@@ -93,11 +107,13 @@ def train_cnn(
     address: str = ADDRESS,
 ):
     """Train an image classifier."""
+    from jobs.train import run_train
+
     opts = TrainOptions("cnn", data, out, val, val_fraction, epochs, None, time_limit, batch_size,
                         lr, workers, gpu, resume, seed, optimizer, arch=arch,
                         image_size=image_size, channels=channels, augment=augment,
-                        address=address)
-    run_job(job("train", "run_train"), opts)
+                        address=address, debug=DEBUG["on"])
+    run_job(run_train, opts)
 
 
 @train_app.command("rnn", epilog="Example: kiln train rnn --data corpus.txt --out runs/chars "
@@ -129,12 +145,13 @@ def train_rnn(
     address: str = ADDRESS,
 ):
     """Train a character-level language model (char-rnn)."""
+    from jobs.train import run_train
+
     opts = TrainOptions("rnn", data, out, val, val_fraction, epochs, max_steps, time_limit,
                         batch_size, lr, workers, gpu, resume, seed, optimizer, cell=cell,
-                        layers=layers,
-                        hidden=hidden, embed=embed, dropout=dropout, seq_len=seq_len,
-                        address=address)
-    run_job(job("train", "run_train"), opts)
+                        layers=layers, hidden=hidden, embed=embed, dropout=dropout,
+                        seq_len=seq_len, address=address, debug=DEBUG["on"])
+    run_job(run_train, opts)
 
 
 @app.command(epilog="Example: kiln label --model runs/digits --input 'photos/*.tar' "
@@ -153,9 +170,11 @@ def label(
     address: str = ADDRESS,
 ):
     """Label every image of the inputs with a trained CNN."""
+    from jobs.label import run_label
+
     opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
-                        actors, address)
-    run_job(job("label", "run_label"), opts)
+                        actors, address, debug=DEBUG["on"])
+    run_job(run_label, opts)
 
 
 @app.command(epilog="Example: kiln generate --model runs/chars --num-samples 100 "
@@ -182,9 +201,12 @@ def generate(
     """Generate text from prompts (or unconditionally) with a trained char-RNN."""
     if (prompts is None) == (num_samples is None):
         fail("give exactly one of --prompts or --num-samples")
+    from jobs.generate import run_generate
+
     opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
-                           seed, stop, batch_size, gpu, overwrite, actors, address)
-    run_job(job("generate", "run_generate"), opts)
+                           seed, stop, batch_size, gpu, overwrite, actors, address,
+                           debug=DEBUG["on"])
+    run_job(run_generate, opts)
 
 
 @app.command(epilog="Example: kiln info runs/digits")
@@ -215,34 +237,42 @@ def submit(
 ):
     """Run a kiln job on a Ray cluster through Ray Jobs (the args after --)."""
     from jobs.options import SubmitOptions
-
+    from jobs.submit import submit as submit_job
     opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait)
-    run_job(job("submit", "submit"), opts)
+    run_job(submit_job, opts)
 
 
 @app.command()
 def status(job_id: str, address: str = ADDRESS):
     """Show a submitted job's status."""
-    run_job(job("submit", "status"), job_id, address)
+    from jobs.submit import status as job_status
+
+    run_job(job_status, job_id, address)
 
 
 @app.command()
 def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
          address: str = ADDRESS):
     """Print a submitted job's logs."""
-    run_job(job("submit", "logs"), job_id, address, follow)
+    from jobs.submit import logs as job_logs
+
+    run_job(job_logs, job_id, address, follow)
 
 
 @app.command()
 def stop(job_id: str, address: str = ADDRESS):
     """Stop a submitted job."""
-    run_job(job("submit", "stop"), job_id, address)
+    from jobs.submit import stop as stop_job
+
+    run_job(stop_job, job_id, address)
 
 
 @app.command("list")
 def list_jobs(address: str = ADDRESS):
     """List the jobs of a Ray cluster."""
-    run_job(job("submit", "list_jobs"), address)
+    from jobs.submit import list_jobs as jobs_list
+
+    run_job(jobs_list, address)
 
 
 @app.command(epilog="Example: kiln demo --out demo-output")
@@ -251,7 +281,9 @@ def demo(
     small: bool = typer.Option(False, "--small", help="A faster, smaller run (for tests)."),
 ):
     """The whole flow on embedded data: build data sets, train, label, generate, report."""
-    run_job(job("demo", "run_demo"), out, small)
+    from jobs.demo import run_demo
+
+    run_job(run_demo, out, small)
 
 
 def main() -> None:  # pragma: no cover

@@ -25,10 +25,10 @@ def quiet_ray_data_logs() -> None:
 @dataclass
 class RayOptions:
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray for this command
-    num_cpus: int | None = None  # local Ray only; None: every core
-    num_gpus: int | None = None
-    object_store_mb: int = int(os.environ.get("KILN_OBJECT_STORE_MB", DEFAULT_OBJECT_STORE_MB))
+    object_store_mb: int | None = None  # local Ray; None: KILN_OBJECT_STORE_MB, else 1536
     include_dashboard: bool = False
+    log_to_driver: bool = False  # workers' output on this console (--debug); else only in
+    # the session's log files (logs_dir())
 
 
 def local_cpus() -> int:
@@ -48,13 +48,30 @@ HERE_ALWAYS_CPUS = 4
 HERE_MAX_SECONDS = 15.0
 
 
-def may_run_here(opts) -> bool:
-    """Whether anything asks for Ray: a cluster address, a Ray already running in this
-    process (a notebook, the tests), --actors or --gpu."""
-    if opts.gpu or opts.actors or opts.address or os.environ.get("RAY_ADDRESS"):
-        return False
+def has_cluster() -> bool:
+    """Whether Ray would join a running cluster: RAY_ADDRESS names one, or a Ray is already
+    up in this process (a notebook, the tests)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
     ray = sys.modules.get("ray")
-    return not (ray is not None and ray.is_initialized())
+    return ray is not None and ray.is_initialized()
+
+
+def check_gpu(opts) -> None:
+    """--gpu on a local Ray needs a GPU on this machine; a cluster's are counted once
+    connected."""
+    if opts.gpu and not (opts.address or has_cluster()):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--gpu was given but this machine has no CUDA GPU; drop --gpu, "
+                             "or point --address at a Ray cluster with GPU workers")
+
+
+def may_run_here(opts) -> bool:
+    """Whether nothing asks for Ray: no cluster address or running Ray, no --actors, no
+    --gpu."""
+    return not (opts.gpu or opts.actors or opts.address or has_cluster())
 
 
 def runs_here(opts, work: float, rate_per_cpu: float) -> bool:
@@ -97,7 +114,10 @@ def _quiet_data_context() -> None:
 
 @contextlib.contextmanager
 def ray_session(opts: RayOptions | None = None):
-    """Connects for the duration of a command; a local Ray started here stops with it."""
+    """Connects for the duration of a command; a local Ray started here stops with it. Unless
+    opts.log_to_driver (--debug), what Ray itself writes to this process's stderr (its C++
+    core's lines, its loggers) goes to console_log() instead, and kiln's own lines still reach
+    the terminal."""
     import ray
 
     opts = opts or RayOptions()
@@ -109,28 +129,75 @@ def ray_session(opts: RayOptions | None = None):
         _quiet_data_context()
         yield
         return
+    with contextlib.ExitStack() as stack:
+        if not opts.log_to_driver:
+            stack.enter_context(native_stderr_to(console_log()))
+        _init(ray, opts)
+        stack.callback(ray.shutdown)
+        _quiet_data_context()
+        yield
+
+
+def _init(ray, opts: RayOptions) -> None:
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster's workers do not have this shell's S3 settings: hand them over (a Ray Job's
         # driver already runs inside the job's runtime_env, which kiln submit fills).
+        from pipelines.storage import AWS_VARS
+
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+        env = {} if in_job else {k: os.environ[k] for k in AWS_VARS if os.environ.get(k)}
+        ray.init(address=address, logging_level=logging.WARNING,
+                 log_to_driver=opts.log_to_driver,
                  runtime_env={"env_vars": env} if env else None)
-    else:
-        ray.init(
-            address="local",
-            num_cpus=opts.num_cpus,
-            num_gpus=opts.num_gpus,
-            object_store_memory=opts.object_store_mb * 1024 * 1024,
-            _temp_dir=os.path.join(tempfile.gettempdir(), f"kiln-ray-{os.getuid()}"),
-            include_dashboard=opts.include_dashboard,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            # Workers import kiln from the same interpreter; no runtime_env upload is needed.
-        )
-    _quiet_data_context()
+        return
+    store_mb = opts.object_store_mb or int(os.environ.get("KILN_OBJECT_STORE_MB",
+                                                          DEFAULT_OBJECT_STORE_MB))
+    ray.init(
+        address="local",
+        object_store_memory=store_mb * 1024 * 1024,
+        _temp_dir=TEMP_DIR,
+        include_dashboard=opts.include_dashboard,
+        logging_level=logging.WARNING,
+        log_to_driver=opts.log_to_driver,
+        # Workers import kiln from the same interpreter; no runtime_env upload is needed.
+    )
+
+
+TEMP_DIR = os.path.join(tempfile.gettempdir(), f"kiln-ray-{os.getuid()}")
+
+
+def console_log() -> str:
+    """Where Ray's own console output goes in a command without --debug."""
+    os.makedirs(TEMP_DIR, exist_ok=True)
+    return os.path.join(TEMP_DIR, "console.log")
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: str):
+    """Points file descriptor 2 (where Ray's C++ core and its loggers write) at `path` and
+    sys.stderr (where kiln's console writes) at the terminal, for the duration."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    before = sys.stderr
+    sys.stderr = open(terminal, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.dup2(log, 2)
+    os.close(log)
     try:
         yield
     finally:
-        ray.shutdown()
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        sys.stderr = before
+
+
+def logs_dir() -> str | None:
+    """The log folder of this process's Ray session (where every worker's output is kept),
+    or None without one."""
+    ray = sys.modules.get("ray")
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API has it
+    except AttributeError:
+        return None

@@ -91,12 +91,12 @@ def write_report(root: Path, data: dict, label_summary: dict, gen_summary: dict)
     runs = root / "runs"
     for run in ("digits", "chars"):
         shutil.copy(runs / run / "curves.png", files / f"{run}-curves.png")
-    labels = OutputDir(str(root / "labels"), {}).read_table().to_pylist()
+    labels = OutputDir(str(root / "labels")).read_table().to_pylist()
     cnn = load_model(str(runs / "digits"), expect_kind="cnn")
     conf_src, acc = confusion_png(labels, data["truth"], cnn.spec.classes, files / "confusion.png")
     sheet = contact_sheet_png(labels, data["label_tar"], files / "least-confident.png")
     errors = [[html.escape(r["path"]), html.escape(r["error"])] for r in labels if r["error"]]
-    gen = OutputDir(str(root / "generated"), {}).read_table().to_pylist()
+    gen = OutputDir(str(root / "generated")).read_table().to_pylist()
     gen_rows = [[f"<pre>{html.escape(r['prompt'])}</pre>", f"<pre>{html.escape(r['text'])}</pre>"]
                 for r in sorted(gen, key=lambda r: str(r["id"]))[:8]]
     rnn_metrics = load_model(str(runs / "chars")).config["metrics"]

@@ -99,7 +99,7 @@ def render(summary: dict, table: pa.Table, sheet: list[dict]) -> str:
     labels = list(summary.get("labels", {}).items())[:60]
     conf = table.filter(pc.is_valid(table["confidence"]))["confidence"].to_numpy()
     head = [
-        ("model", summary["model"]), ("inputs", ", ".join(summary["args"]["inputs"])),
+        ("model", summary["model"]), ("inputs", ", ".join(summary["arguments"]["inputs"])),
         ("rows", f"{summary['rows_in']:,}"), ("labeled", f"{summary['rows_labeled']:,}"),
         ("errors", f"{summary['error_rows']:,}"),
         ("throughput", f"{summary['rows_per_s']:,.0f} rows/s over {summary['elapsed_s']} s"),

@@ -38,6 +38,7 @@ class TrainOptions:
     dropout: float = 0.0
     seq_len: int = 100
     address: str | None = None
+    debug: bool = False  # --debug: tracebacks and Ray's own output on the console
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LabelOptions:
     report: bool = False
     actors: int | None = None  # None: one per 1 CPU (or GPU) the cluster has
     address: str | None = None
+    debug: bool = False
 
 
 @dataclass
@@ -71,6 +73,7 @@ class GenerateOptions:
     overwrite: bool = False
     actors: int | None = None
     address: str | None = None
+    debug: bool = False
 
 
 @dataclass

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 
-SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN")
+from pipelines.storage import AWS_SECRETS
+
+SECRET_VARS = (*AWS_SECRETS, "RAY_AUTH_TOKEN")
 _URL_CREDS = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
 
 

@@ -22,13 +22,10 @@ from urllib.parse import urlsplit
 
 from jobs.options import SubmitOptions
 from jobs.redact import redact
+from pipelines.storage import AWS_VARS
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# Passed to the job when set here, so that s3:// URIs work on the cluster as they do locally.
-# They travel in the job's runtime_env; kiln never prints them (see jobs/redact.py).
-AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 # gitignore patterns, relative to the project root. Ray also honours .gitignore and .rayignore,
 # but a copy of the project need not have them. Data and models belong on s3://, not in the
 # upload: a path on this machine means nothing on a cluster, and Ray caps the upload at a few
@@ -164,6 +161,8 @@ def working_dir(path: str | None) -> str | None:
 
 
 def runtime_env(opts: SubmitOptions) -> dict:
+    # The AWS variables set here, so that s3:// URIs work on the cluster as they do locally;
+    # they travel in the job's runtime_env, never printed (jobs/redact.py).
     env = {k: os.environ[k] for k in AWS_VARS if os.environ.get(k)}
     env.update(opts.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that `kiln logs --follow` sees lines as printed

@@ -1,31 +1,28 @@
-"""`kiln train cnn|rnn`: prepares the data on Ray Data, runs the per-worker loop under
-TorchTrainer (DDP, checkpoints every epoch, failures retried from the last checkpoint), and
-finishes the run folder: model/ (best epoch), metrics.jsonl, curves.png."""
+"""`kiln train cnn|rnn`: checks every option and the data before Ray starts, prepares the data
+on Ray Data (the model kind's task object, jobs/train_tasks.py, knows how), runs the per-worker
+loop under TorchTrainer (jobs/train_fit.py: DDP, a checkpoint every validation, lost workers
+retried from it), and finishes the run folder: model/ (best epoch), metrics.jsonl, curves.png."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
-import numpy as np
-import ray
 from rich.console import Console
 
-from jobs.connect import RayOptions, ray_session
+from jobs.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
 from jobs.options import TrainOptions
-from jobs.train_tasks import WorkerConfig, image_steps, text_steps
-from models import CELLS, CNN_ARCHS, CharVocab, CNNSpec, RNNSpec
+from jobs.train_fit import CHECKPOINTS, check_fits_here, fit
+from jobs.train_tasks import TASKS
+from models import CELLS, CNN_ARCHS
+from models.cnn import TORCHVISION_ARCHS
 from pipelines import storage
-from pipelines.train_data import image_dataset, read_text, text_streams
-from pipelines.transforms import ImagePreset, choose_augment
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-CHECKPOINTS = "checkpoints"
+from pipelines.transforms import choose_augment
 
 
-def run_train(opts: TrainOptions) -> dict:
+def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     opts = resolve(opts)
     validate(opts)
     # Workers write the run folder from their own working directories.
@@ -35,25 +32,24 @@ def run_train(opts: TrainOptions) -> dict:
     if opts.val:
         storage.check_reachable(opts.val, must_exist=True)
     storage.check_reachable(opts.out)
-    ckpt_dir = storage.join(opts.out, CHECKPOINTS)
-    if storage.exists(ckpt_dir) and not opts.resume:
+    if storage.exists(storage.join(opts.out, CHECKPOINTS)) and not opts.resume:
         raise ValueError(f"{opts.out} already holds a training run; pass --resume to continue "
                          "it, or choose another --out")
+    task = TASKS[opts.kind]
+    early = task.check_data(opts)  # the data's mistakes fail here, before Ray starts
     # No dashboard for a training job's own local Ray: on 2 CPUs its processes cost the DDP
     # workers ~5% of their steps (a 2x256 LSTM: 12,200 vs 11,600 chars/s).
-    ray_opts = RayOptions(address=opts.address, include_dashboard=False)
-    with ray_session(ray_opts):
+    with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug)):
         t0 = time.monotonic()
-        data = prepare(opts)
+        data = task.prepare(opts, early)
         console.print(f"data ready in {time.monotonic() - t0:.1f}s: {data['summary']}")
-        result = fit(opts, data)
+        fit(opts, data, task, console)
     history = read_metrics(opts.out)
     if history:
-        storage.write_bytes(storage.join(opts.out, "curves.png"), curves_png(history, opts.kind))
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}")
-    best = storage.load_model(opts.out).config.get("metrics", {})
-    console.print(f"[bold green]done[/]: best {summary_line(best)} -> {opts.out}/model")
+        storage.write_bytes(storage.join(opts.out, "curves.png"),
+                            curves_png(history, task.metric_key))
+    best = storage.read_model_config(opts.out).get("metrics", {})
+    console.print(f"[bold green]done[/]: best {task.summary_line(best)} -> {opts.out}/model")
     return {"best": best, "epochs": len(history), "out": opts.out}
 
 
@@ -97,14 +93,21 @@ def validate(opts: TrainOptions) -> None:
                          f"{', '.join(OPTIMIZERS)}")
     if not 0 < opts.val_fraction < 1 and opts.val is None:
         raise ValueError("--val-fraction must be between 0 and 1")
+    check_gpu(opts)
+    if not (opts.address or has_cluster()):
+        check_fits_here(opts, local_cpus())
     if opts.kind == "cnn":
         if opts.arch not in CNN_ARCHS:
             raise ValueError(f"unknown --arch {opts.arch!r}; choose one of "
                              f"{', '.join(sorted(CNN_ARCHS))}")
         if opts.channels not in (1, 3):
             raise ValueError("--channels must be 1 or 3")
-        if opts.image_size < 8:
-            raise ValueError(f"--image-size must be at least 8, got {opts.image_size}")
+        if not 8 <= opts.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"--image-size must be between 8 and {MAX_IMAGE_SIZE}, got "
+                             f"{opts.image_size}")
+        if opts.arch in TORCHVISION_ARCHS and opts.image_size < 32:
+            raise ValueError(f"--arch {opts.arch} needs --image-size of at least 32, got "
+                             f"{opts.image_size}")
         choose_augment(opts.augment, opts.channels)
     else:
         if opts.cell not in CELLS:
@@ -119,156 +122,7 @@ def validate(opts: TrainOptions) -> None:
 
 
 OPTIMIZERS = ("sgd", "adamw")
-ADAM_COOLDOWN = 0.3  # AdamW holds its peak rate for 70% of the run (jobs/schedule.py)
-VAL_STREAMS_PER_WORKER = 4
-
-
-def prepare(opts: TrainOptions) -> dict:
-    """Datasets, the model spec and a one-line description, per model kind."""
-    if opts.kind == "cnn":
-        return prepare_images(opts)
-    text = read_text(opts.data)
-    if opts.val:
-        train_text, val_text = text, read_text(opts.val)
-    else:
-        cut = int(len(text) * (1 - opts.val_fraction))
-        train_text, val_text = text[:cut], text[cut:]
-    vocab = CharVocab.build(train_text, min_count=2 if len(train_text) > 100_000 else 1)
-    ids = np.asarray(vocab.encode(train_text), dtype=np.int64)
-    # One stream per sequence of the global batch, unless the text is too short for each
-    # to hold two chunks.
-    streams = max(opts.workers, min(opts.batch_size, (len(ids) - 1) // (2 * opts.seq_len)))
-    if (len(ids) - 1) // streams < 2 * opts.seq_len - 1:
-        raise ValueError(f"the training text ({len(ids):,} characters) is too short for "
-                         f"--seq-len {opts.seq_len} on {opts.workers} workers")
-    val_ids = np.asarray(vocab.encode(val_text), dtype=np.int64)
-    val_streams = min(opts.workers * VAL_STREAMS_PER_WORKER, len(val_ids) - 1)
-    if val_streams < opts.workers:
-        raise ValueError(f"the validation text ({len(val_ids):,} characters) is too short")
-    val_streams -= val_streams % opts.workers
-    spec = RNNSpec(vocab.chars, opts.cell, opts.embed, opts.hidden, opts.layers, opts.dropout)
-    length = (len(ids) - 1) // streams
-    note = f" ({streams} streams: the text is short)" if streams < opts.batch_size else ""
-    return {"train": text_streams(ids, streams).materialize(),
-            "val": text_streams(val_ids, val_streams).materialize(), "spec": spec,
-            "train_rows": streams, "steps_per_epoch": text_steps(length, opts.seq_len),
-            "summary": f"{len(train_text):,} train / {len(val_text):,} val characters, "
-                       f"vocabulary {len(vocab)}{note}"}
-
-
-def prepare_images(opts: TrainOptions) -> dict:
-    # Decoded to uint8; normalized by the workers with the training set's own mean and std.
-    preset = ImagePreset(opts.image_size, opts.channels)
-    data = image_dataset(opts.data, preset, opts.val_fraction, seed=opts.seed,
-                         shuffle_above=TRAIN_CACHE_BYTES, val_uri=opts.val)
-    for bad in data.skipped[:5]:
-        console.print(f"[yellow]skipped[/] {bad}")
-    train_ds, val = data.train, data.val
-    spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean, data.std)
-    rows = train_ds.count()
-    whole = train_ds.size_bytes() <= TRAIN_CACHE_BYTES
-    per_epoch = image_steps(rows, opts.batch_size, opts.workers, whole)
-    if per_epoch < 1:
-        raise ValueError(f"{rows} training images are less than one batch of "
-                         f"{opts.batch_size}: lower --batch-size")
-    return {"train": train_ds, "val": val, "spec": spec, "train_rows": rows,
-            "steps_per_epoch": per_epoch, "whole_train": whole,
-            "summary": f"{rows:,} train / {val.count():,} val images, {len(data.classes)} "
-                       f"classes, {len(data.skipped)} skipped"}
-
-
-TRAIN_CACHE_BYTES = 512 * 1024 * 1024  # a training set up to this size is held by each worker
-VAL_CACHE_BYTES = 256 * 1024 * 1024
-
-
-def worker_config(opts: TrainOptions, data: dict, cpus: float) -> WorkerConfig:
-    per_epoch = data["steps_per_epoch"]
-    max_steps = opts.max_steps
-    if opts.epochs is not None:
-        max_steps = min(max_steps or per_epoch * opts.epochs, per_epoch * opts.epochs)
-    settings = {k: getattr(opts, k) for k in (
-        "epochs", "max_steps", "time_limit", "batch_size", "lr", "optimizer", "workers",
-        "seed", "augment" if opts.kind == "cnn" else "seq_len")}
-    augment = choose_augment(opts.augment, opts.channels) if opts.kind == "cnn" else "none"
-    if opts.kind == "cnn":
-        settings["augment"] = augment
-    return WorkerConfig(
-        kind=opts.kind, spec=data["spec"].__dict__, out=opts.out, data=opts.data,
-        batch=opts.batch_size, lr=opts.lr, optimizer=opts.optimizer,
-        weight_decay=5e-4 if opts.optimizer == "sgd" else (1e-4 if opts.kind == "cnn" else 0.0),
-        cooldown=1.0 if opts.optimizer == "sgd" else ADAM_COOLDOWN,
-        epochs=opts.epochs, max_steps=max_steps,
-        time_limit_s=opts.time_limit * 60 if opts.time_limit else None, seed=opts.seed,
-        # A lone worker on a small machine takes every core as torch threads; Ray's own
-        # reservation stays below the CPUs so that Ray Data's tasks always find room.
-        threads=1 if opts.gpu else max(1, int(cpus // opts.workers)),
-        augment=augment, seq_len=opts.seq_len, whole_train=data.get("whole_train", True),
-        train_rows=data["train_rows"],
-        cache_val=data["val"].size_bytes() / opts.workers <= VAL_CACHE_BYTES,
-        settings=settings)
-
-
-def fit(opts: TrainOptions, data: dict):
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
-    from jobs.train_loop import train_loop_per_worker
-
-    cpus = ray.cluster_resources().get("CPU", 1)
-    per_worker = 1.0 if opts.gpu else max(0.5, min(1.0, (cpus - 0.25) / opts.workers))
-    cfg = worker_config(opts, data, cpus)
-    # Text streams are never split (each worker picks its own by number); images are split
-    # only when the training set is too large for every worker to hold it.
-    split = [] if opts.kind == "rnn" else ["val"] + ([] if cfg.whole_train else ["train"])
-    fs, path = storage.filesystem(opts.out)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
-                                     resources_per_worker={"CPU": per_worker}),
-        run_config=RunConfig(
-            name=CHECKPOINTS, storage_path=path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=3),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-        datasets={"train": data["train"], "val": data["val"]},
-        dataset_config=DataConfig(datasets_to_split=split),
-    )
-    return with_epoch_lines(trainer.fit, opts)
-
-
-def with_epoch_lines(fit_fn, opts: TrainOptions):
-    """Runs fit() and prints each epoch's line as rank 0 appends it to metrics.jsonl."""
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=fit_fn()), daemon=True)
-    thread.start()
-    shown = len(read_metrics(opts.out)) if opts.resume else 0
-    while thread.is_alive():
-        thread.join(1.0)
-        history = read_metrics(opts.out)
-        for rec in history[shown:]:
-            console.print(f"epoch {rec['epoch']:>5}  train_loss {rec['train_loss']:.4f}  "
-                          f"{summary_line(rec)}  {rec['samples_per_s']:,.0f} samples/s  "
-                          f"{rec['elapsed_s']:.0f}s")
-        shown = max(shown, len(history))
-    if "result" not in box:
-        raise RuntimeError("training stopped without a result (see the Ray logs above)")
-    return box["result"]
-
-
-def summary_line(rec: dict) -> str:
-    if "val_accuracy" in rec:
-        return f"val_loss {rec['val_loss']:.4f}  val_accuracy {rec['val_accuracy']:.4f}"
-    return f"val_loss {rec.get('val_loss', float('nan')):.4f} nats/char  " \
-           f"{rec.get('bits_per_char', float('nan')):.4f} bits/char"
+MAX_IMAGE_SIZE = 2048  # beyond it one decoded image alone would take tens of megabytes
 
 
 def read_metrics(out: str) -> list[dict]:
@@ -280,7 +134,7 @@ def read_metrics(out: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def curves_png(history: list[dict], kind: str) -> bytes:
+def curves_png(history: list[dict], key: str) -> bytes:
     import io
 
     import matplotlib
@@ -294,7 +148,6 @@ def curves_png(history: list[dict], kind: str) -> bytes:
     a.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
     a.set(xlabel="epoch", ylabel="loss (nats)", title="loss")
     a.legend()
-    key = "val_accuracy" if kind == "cnn" else "bits_per_char"
     b.plot(epochs, [r[key] for r in history], "o-", color="C2")
     b.set(xlabel="epoch", ylabel=key.replace("_", " "), title=key.replace("_", " "))
     for ax in (a, b):

@@ -17,12 +17,11 @@ from jobs.schedule import Budget, lr_at
 from jobs.train_tasks import TASKS, WorkerConfig, make_optimizer
 from models import build_model
 from models.checkpoint import (
-    SPECS,
-    load_folder,
-    load_training_state,
+    OPTIMIZER_FILE,
+    STATE_FILE,
     model_to_bytes,
-    save_folder,
-    save_training_state,
+    training_state_from_bytes,
+    training_state_to_bytes,
 )
 from pipelines import storage
 
@@ -87,25 +86,27 @@ class Worker:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """`config`: {"worker": WorkerConfig}, as jobs/train_fit.py hands it to Ray Train."""
     import ray.train
     import ray.train.torch
 
     quiet_train_logs()
-    cfg = WorkerConfig(**config)
+    cfg: WorkerConfig = config["worker"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)
-    spec = SPECS[cfg.kind](**cfg.spec)
+    spec = cfg.spec
     task = TASKS[cfg.kind](spec, cfg)
     model = build_model(cfg.kind, spec)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, task.weight_decay[cfg.optimizer])
     prog = Progress()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume, or a worker group restarted after a failure
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_folder(d).model.state_dict())
-            prog = Progress(**load_training_state(d, opt))
+            model.load_state_dict(storage.load_model(d).model.state_dict())
+            state = storage.read_files(d, (OPTIMIZER_FILE, STATE_FILE))
+            prog = Progress(**training_state_from_bytes(state, opt, d))
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     layout = torch.channels_last if on_gpu and task.channels_last else torch.preserve_format
@@ -251,13 +252,15 @@ def report(w: Worker, prog: Progress, record: dict, is_best: bool) -> None:
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if w.rank == 0:
-            save_folder(d, w.raw, cfg.kind, w.spec, extra)
-            save_training_state(d, w.opt, prog.__dict__)
+            files = model_to_bytes(w.raw, cfg.kind, w.spec, extra)
+            storage.save_model(d, files)
+            storage.write_files(d, training_state_to_bytes(w.opt, prog.__dict__))
             lines = "".join(json.dumps(r) + "\n" for r in prog.history)
             storage.write_bytes(storage.join(cfg.out, "metrics.jsonl"), lines.encode())
             if is_best:
-                storage.save_model(storage.join(cfg.out, "model"),
-                                   model_to_bytes(w.raw, cfg.kind, w.spec, extra))
+                storage.save_model(storage.join(cfg.out, "model"), files)
+            if cfg.lines is not None:  # the driver's epoch line
+                cfg.lines.put(record)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(record, checkpoint=ckpt,
                          checkpoint_dir_name=f"eval-{len(prog.history):04d}")

@@ -14,9 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import CharVocab, CNNSpec, RNNSpec
 from pipelines.transforms import ImagePreset, augment_batch, scale_shift
 
 LN2 = math.log(2)
+TRAIN_CACHE_BYTES = 512 * 1024 * 1024  # a training set up to this size is held by each worker
+VAL_STREAMS_PER_WORKER = 4
 
 
 @dataclass
@@ -24,13 +27,12 @@ class WorkerConfig:
     """Everything a training worker is told; the driver fills it (jobs/train.py)."""
 
     kind: str  # "cnn" | "rnn"
-    spec: dict  # CNNSpec / RNNSpec fields
+    spec: CNNSpec | RNNSpec
     out: str  # the run folder URI
     data: str  # the training data URI (for the model card)
     batch: int  # global batch: images or text streams per step, all workers together
     lr: float  # peak learning rate
     optimizer: str  # "sgd" | "adamw"
-    weight_decay: float
     cooldown: float  # the last share of the run over which the rate decays to zero
     epochs: int | None  # None: the time limit alone ends the run
     max_steps: int | None  # from --epochs or --max-steps, whichever is smaller
@@ -43,6 +45,8 @@ class WorkerConfig:
     train_rows: int = 0
     cache_val: bool = True  # the validation shard is read once and kept
     settings: dict = field(default_factory=dict)  # the user's options, for the model card
+    lines: object = None  # a ray.util.queue.Queue: rank 0 puts each metrics record for the
+    # driver's epoch line
 
 
 def per_worker(batch: int, workers: int) -> int:
@@ -61,11 +65,11 @@ def text_steps(length: int, seq_len: int) -> int:
     return max(0, (length + 1 - seq_len) // seq_len)
 
 
-def make_optimizer(model, cfg: WorkerConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: WorkerConfig, weight_decay: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                               weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=weight_decay)
 
 
 class ImageBatches:
@@ -111,6 +115,49 @@ class CNNTask:
     # bf16 autocast and channels-last on CUDA: 1.56x (resnet20) and 2.1x (resnet18 at 224)
     # the fp32 step on an H200 (BENCHMARKS.md, GPU section).
     metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
+    weight_decay = {"sgd": 5e-4, "adamw": 1e-4}  # the ResNet recipe's; Keras' MNIST net's
+    metric_key = "val_accuracy"  # the curve beside the loss
+
+    @staticmethod
+    def summary_line(rec: dict) -> str:
+        return f"val_loss {rec['val_loss']:.4f}  val_accuracy {rec['val_accuracy']:.4f}"
+
+    @staticmethod
+    def check_data(opts) -> dict:
+        """Before Ray starts: the data and validation sources are image sets laid out by
+        class, with enough images for a batch."""
+        from pipelines.train_data import check_image_source
+
+        known = check_image_source(opts.data)
+        if opts.val:
+            check_image_source(opts.val)
+        if known is not None and known < opts.batch_size:
+            raise ValueError(f"{opts.data} holds {known} images, less than one batch of "
+                             f"{opts.batch_size}: lower --batch-size")
+        return {}
+
+    @staticmethod
+    def prepare(opts, early: dict) -> dict:
+        """Decoded to uint8 on Ray Data; normalized by the workers with the training set's own
+        mean and std."""
+        from pipelines.train_data import image_dataset
+
+        preset = ImagePreset(opts.image_size, opts.channels)
+        data = image_dataset(opts.data, preset, opts.val_fraction, seed=opts.seed,
+                             shuffle_above=TRAIN_CACHE_BYTES, val_uri=opts.val)
+        spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean,
+                       data.std)
+        rows = data.train.count()
+        whole = data.train.size_bytes() <= TRAIN_CACHE_BYTES
+        per_epoch = image_steps(rows, opts.batch_size, opts.workers, whole)
+        if per_epoch < 1:
+            raise ValueError(f"{rows} training images are less than one batch of "
+                             f"{opts.batch_size}: lower --batch-size")
+        skipped = "".join(f"\n  skipped {bad}" for bad in data.skipped[:5])
+        return {"train": data.train, "val": data.val, "spec": spec, "train_rows": rows,
+                "steps_per_epoch": per_epoch, "whole_train": whole,
+                "summary": f"{rows:,} train / {data.val.count():,} val images, "
+                           f"{len(data.classes)} classes, {len(data.skipped)} skipped{skipped}"}
 
     def __init__(self, spec, cfg: WorkerConfig):
         self.index = {c: i for i, c in enumerate(spec.classes)}
@@ -220,6 +267,54 @@ class RNNTask:
     # char-rnn clips gradients at 5. No bf16 autocast: cuDNN's LSTM ran 7-19% slower under it
     # than in fp32 on an H200 (BENCHMARKS.md, GPU section).
     metric, mode, clip, bf16, channels_last = "val_loss", "min", 5.0, False, False
+    weight_decay = {"sgd": 5e-4, "adamw": 0.0}  # char-rnn trains without
+    metric_key = "bits_per_char"
+
+    @staticmethod
+    def summary_line(rec: dict) -> str:
+        return (f"val_loss {rec.get('val_loss', float('nan')):.4f} nats/char  "
+                f"{rec.get('bits_per_char', float('nan')):.4f} bits/char")
+
+    @staticmethod
+    def check_data(opts) -> dict:
+        """Before Ray starts: the text read, the vocabulary built, and the streams sized."""
+        from pipelines.train_data import read_text
+
+        text = read_text(opts.data)
+        if opts.val:
+            train_text, val_text = text, read_text(opts.val)
+        else:
+            cut = int(len(text) * (1 - opts.val_fraction))
+            train_text, val_text = text[:cut], text[cut:]
+        vocab = CharVocab.build(train_text, min_count=2 if len(train_text) > 100_000 else 1)
+        ids = np.asarray(vocab.encode(train_text), dtype=np.int64)
+        # One stream per sequence of the global batch, unless the text is too short for each
+        # to hold two chunks.
+        streams = max(opts.workers, min(opts.batch_size, (len(ids) - 1) // (2 * opts.seq_len)))
+        if (len(ids) - 1) // streams < 2 * opts.seq_len - 1:
+            raise ValueError(f"the training text ({len(ids):,} characters) is too short for "
+                             f"--seq-len {opts.seq_len} on {opts.workers} workers")
+        val_ids = np.asarray(vocab.encode(val_text), dtype=np.int64)
+        val_streams = min(opts.workers * VAL_STREAMS_PER_WORKER, len(val_ids) - 1)
+        if val_streams < opts.workers:
+            raise ValueError(f"the validation text ({len(val_ids):,} characters) is too short")
+        note = f" ({streams} streams: the text is short)" if streams < opts.batch_size else ""
+        return {"ids": ids, "streams": streams, "val_ids": val_ids,
+                "val_streams": val_streams - val_streams % opts.workers,
+                "spec": RNNSpec(vocab.chars, opts.cell, opts.embed, opts.hidden, opts.layers,
+                                opts.dropout),
+                "summary": f"{len(train_text):,} train / {len(val_text):,} val characters, "
+                           f"vocabulary {len(vocab)}{note}"}
+
+    @staticmethod
+    def prepare(opts, early: dict) -> dict:
+        from pipelines.train_data import text_streams
+
+        length = (len(early["ids"]) - 1) // early["streams"]
+        return {"train": text_streams(early["ids"], early["streams"]).materialize(),
+                "val": text_streams(early["val_ids"], early["val_streams"]).materialize(),
+                "spec": early["spec"], "train_rows": early["streams"],
+                "steps_per_epoch": text_steps(length, opts.seq_len), "summary": early["summary"]}
     VAL_CHUNK = 1000  # characters per forward pass in validation (the state carried)
 
     def __init__(self, spec, cfg: WorkerConfig):

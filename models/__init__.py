@@ -9,10 +9,8 @@ from .checkpoint import (  # noqa: E402
     ModelFolderError,
     RNNSpec,
     build_model,
-    load_folder,
     model_from_bytes,
     model_to_bytes,
-    save_folder,
 )
 from .cnn import CNN_ARCHS, build_cnn  # noqa: E402
 from .rnn import CELLS, CharRNN  # noqa: E402
@@ -22,6 +20,5 @@ from .vocab import UNK, CharVocab  # noqa: E402
 __all__ = [
     "CELLS", "CNN_ARCHS", "GPU_LANES", "LANES", "UNK", "CNNSpec", "CharRNN", "CharVocab",
     "LoadedModel", "ModelFolderError", "RNNSpec", "SamplingSettings", "build_cnn",
-    "build_model", "load_folder", "model_from_bytes", "model_to_bytes", "row_seed", "sample",
-    "save_folder",
+    "build_model", "model_from_bytes", "model_to_bytes", "row_seed", "sample",
 ]

@@ -1,13 +1,13 @@
-"""The model folder: `config.json` (what to build, how to feed it, how it did) and
-`weights.safetensors` (the state dict). Loading never unpickles. The bytes-level pair serves
-any storage; the folder pair serves local disk."""
+"""The model folder's format: `config.json` (what to build, how to feed it, how it did) and
+`weights.safetensors` (the state dict), and beside them for resume the optimizer's state, all
+as {file name: bytes}. Loading never unpickles. No disk or storage I/O here: reading and
+writing folders, and finding the model folder of a run, is pipelines.storage's."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
@@ -143,36 +143,14 @@ def model_from_bytes(config_bytes: bytes, weights_bytes: bytes, expect_kind: str
     return LoadedModel(kind, spec, model, config)
 
 
-def save_folder(folder: str | Path, model, kind: str, spec, extra: dict | None = None) -> dict:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = model_to_bytes(model, kind, spec, extra)
-    for name, data in files.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(folder / name)  # a reader never sees half a file
-    return json.loads(files[CONFIG_FILE])
-
-
-def load_folder(folder: str | Path, expect_kind: str | None = None) -> LoadedModel:
-    folder = Path(folder)
-    if (folder / "model" / CONFIG_FILE).exists():
-        folder = folder / "model"  # a run folder
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise ModelFolderError(f"{folder} is not a model folder: {name} is missing")
-    return model_from_bytes((folder / CONFIG_FILE).read_bytes(),
-                            (folder / WEIGHTS_FILE).read_bytes(), expect_kind, str(folder))
-
-
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
 
 
-def save_training_state(folder: str | Path, optimizer: torch.optim.Optimizer, state: dict
-                        ) -> None:
-    """Beside a model folder: the optimizer's tensors as safetensors, its settings and the
-    trainer's progress (`state`, JSON-able) as JSON. Resume reads these back, no pickle."""
-    folder = Path(folder)
+def training_state_to_bytes(optimizer: torch.optim.Optimizer, state: dict
+                            ) -> dict[str, bytes]:
+    """{file name: bytes} of what resume needs beside the model folder: the optimizer's
+    tensors as safetensors, its settings and the trainer's progress (`state`, JSON-able) as
+    JSON. Resume reads these back, no pickle."""
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, per_param in opt["state"].items():
@@ -181,19 +159,18 @@ def save_training_state(folder: str | Path, optimizer: torch.optim.Optimizer, st
                 tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
-    (folder / OPTIMIZER_FILE).write_bytes(st_save(tensors))
-    (folder / STATE_FILE).write_text(json.dumps(
-        {"trainer": state, "param_groups": opt["param_groups"], "scalars": scalars}, indent=1))
+    meta = {"trainer": state, "param_groups": opt["param_groups"], "scalars": scalars}
+    return {OPTIMIZER_FILE: st_save(tensors), STATE_FILE: json.dumps(meta, indent=1).encode()}
 
 
-def load_training_state(folder: str | Path, optimizer: torch.optim.Optimizer | None) -> dict:
+def training_state_from_bytes(files: dict[str, bytes], optimizer: torch.optim.Optimizer | None,
+                              where: str = "checkpoint") -> dict:
     """Restores the optimizer (when given) and returns the trainer's progress."""
-    folder = Path(folder)
     try:
-        saved = json.loads((folder / STATE_FILE).read_text())
-        tensors = st_load((folder / OPTIMIZER_FILE).read_bytes())
-    except (OSError, ValueError) as e:
-        raise ModelFolderError(f"{folder}: the training checkpoint is incomplete: {e}") from None
+        saved = json.loads(files[STATE_FILE])
+        tensors = st_load(files[OPTIMIZER_FILE])
+    except (KeyError, ValueError) as e:
+        raise ModelFolderError(f"{where}: the training checkpoint is incomplete: {e}") from None
     if optimizer is not None:
         state: dict = {}
         for name, value in list(tensors.items()) + list(saved["scalars"].items()):

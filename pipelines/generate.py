@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ from models import CharVocab, SamplingSettings, row_seed, sample
 from models.checkpoint import ModelFolderError
 
 from . import sink, storage
+from .bulk import BulkActor
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SCHEMA = pa.schema([
@@ -211,10 +213,12 @@ class GenerateSettings:
     threads: int = 1  # torch intra-op threads per actor (CPU)
 
 
-class Generator:
-    """The Ray Data actor: loads the model once, then samples whole blocks of prompts."""
+class Generator(BulkActor):
+    """The actor (of a Ray Data pool, or in the command's own threads: pipelines.bulk): loads
+    the model once, then samples a whole block of prompts per task into one part."""
 
-    def __init__(self, settings: GenerateSettings):
+    def __init__(self, settings: GenerateSettings, loaded=None):
+        """`loaded`: the model's LoadedModel when the caller has it already (in-process)."""
         import torch
 
         from models.runtime import keep_freed_memory
@@ -222,30 +226,33 @@ class Generator:
         self.torch, self.s = torch, settings
         torch.set_num_threads(max(1, settings.threads))
         keep_freed_memory()  # a step's buffers are reused, not page-faulted in again
-        loaded = storage.load_model(settings.model, expect_kind="rnn")
+        loaded = loaded or storage.load_model(settings.model, expect_kind="rnn")
         if loaded.id != settings.model_id:
             raise ModelFolderError(f"{settings.model} changed during the run (now "
                                    f"{loaded.id}, was {settings.model_id})")
         self.device = torch.device("cuda" if settings.gpu else "cpu")
         self.model = loaded.model.to(self.device).eval()
         self.vocab, self.model_id = loaded.vocab, loaded.id
-        self.out = sink.OutputDir(settings.output, {})
-        self.out.run_id = settings.run_id
+        self.parts = sink.Parts(settings.output, settings.run_id)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def run_task(self, block: pa.Table) -> Iterator[dict]:
+        yield self.sample_block(block)
+
+    def sample_block(self, block: pa.Table) -> dict:
+        """Samples every row of a block and writes them as one part; its stats."""
         s = self.s.sampling
-        ids = batch.column("id").to_pylist()
-        prompts = [p or "" for p in batch.column("prompt").to_pylist()]
+        ids = block.column("id").to_pylist()
+        prompts = [p or "" for p in block.column("prompt").to_pylist()]
         seeds = [row_seed(self.s.seed, i) for i in ids]
         with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16,
                                  enabled=self.s.gpu):
             texts = sample(self.model, self.vocab, prompts, seeds, s, self.device)
         _, unknown = prompt_stats(prompts, self.vocab, s.max_prompt_chars)
-        table = output_table(batch, texts, seeds, unknown, s, self.model_id)
-        name = f"{pc.min(batch.column('_seq')).as_py():010d}"
-        sink.write_part(self.out.part_uri(name), table)
-        return pa.table({"part": [name], "rows": [len(ids)],
-                         "chars": [sum(len(t) for t in texts)]})
+        table = output_table(block, texts, seeds, unknown, s, self.model_id)
+        name = f"{pc.min(block.column('_seq')).as_py():010d}"
+        self.parts.write(name, table)
+        return {"part": name, "rows": len(ids), "errors": {},
+                "chars": sum(len(t) for t in texts)}
 
 
 def output_table(batch: pa.Table, texts: list[str], seeds: list[int], unknown: list[int],
@@ -263,21 +270,3 @@ def output_table(batch: pa.Table, texts: list[str], seeds: list[int], unknown: l
         "unknown_chars": pa.array(unknown, pa.int32()),
         "model": pa.array([model_id] * n, pa.string()),
     }, schema=schema)
-
-
-def generate_dataset(blocks: list[pa.Table], settings: GenerateSettings, batch_size: int,
-                     actors: int, num_cpus: float, num_gpus: float):
-    """The Ray Data pipeline: one block per batch, an actor pool of `actors` Generators, two
-    blocks in flight per actor so that none waits in one actor's queue while another idles."""
-    import ray.data
-
-    ds = ray.data.from_arrow(blocks)
-    return ds.map_batches(
-        Generator,
-        fn_constructor_args=(settings,),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )

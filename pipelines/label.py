@@ -13,8 +13,6 @@ import base64
 import hashlib
 import heapq
 import io
-import json
-import pickle
 import queue
 import sys
 import threading
@@ -27,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import sink, storage
-from .sources import Record, Unit, read_unit
+from .bulk import BulkActor, pack
+from .sources import Record, Unit, read_unit, unit_paths
 from .transforms import ImageError, ImagePreset, decode_uint8, open_image, scale_shift
 
 SCHEMA = pa.schema([
@@ -63,20 +62,9 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def unit_paths(unit: Unit) -> list[str] | None:
-    """Every path a unit yields when it is known without reading it, else None."""
-    if unit.kind in ("files", "tar"):
-        return [item[0] for item in unit.items]
-    if unit.kind == "zip":
-        return list(unit.items)
-    if unit.kind == "broken":
-        return [""]
-    return None  # parquet and streamed tars only learn their paths as they read
-
-
 def make_tasks(units: list[Unit], done: set[tuple[str, str]]) -> list[dict]:
-    """One from_items row per unit that still has work, carrying the unit and the paths of
-    it that are already written (`skip`), pickled so that Arrow leaves its shape alone."""
+    """One task per unit that still has work: the unit and the paths of it that are already
+    written (`skip`)."""
     by_source: dict[str, set[str]] = {}
     for source, path in done:
         by_source.setdefault(source, set()).add(path)
@@ -90,28 +78,17 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]]) -> list[dict]:
                 continue  # the whole unit is written already
         else:
             skip = frozenset(done_here)
-        tasks.append({"task": pickle.dumps((unit, skip), protocol=5)})
+        tasks.append(pack((unit, skip)))
     return tasks
-
-
-def count_known(units: list[Unit]) -> int | None:
-    """How many rows the units hold, when every unit knows without reading."""
-    total = 0
-    for unit in units:
-        paths = unit_paths(unit)
-        if paths is None:
-            return None
-        total += len(paths)
-    return total
 
 
 def part_name(unit: Unit, index: int) -> str:
     return f"{hashlib.sha1(unit.key.encode()).hexdigest()[:16]}-{index:05d}"
 
 
-class LabelPredictor:
-    """The Ray Data actor (and the in-process labeler, `label_tasks`): loads the model once,
-    then labels whole units per call."""
+class LabelPredictor(BulkActor):
+    """The actor (of a Ray Data pool, or in the command's own threads: pipelines.bulk): loads
+    the model once, then labels a whole unit per task."""
 
     def __init__(self, settings: LabelSettings, loaded=None):
         """`loaded`: the model's LoadedModel when the caller has it already (in-process)."""
@@ -135,61 +112,11 @@ class LabelPredictor:
         self.k = min(settings.top_k, len(self.classes))
         # (x / 255 - mean) / std as one multiply-add on the whole uint8 batch, as in training.
         self.scale, self.shift = scale_shift(self.preset, self.device)
-        self.out = sink.OutputDir(settings.output, {})
-        self.out.run_id = settings.run_id
+        self.parts = sink.Parts(settings.output, settings.run_id)
         self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), "kiln-decode")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
-        for task in batch["task"]:
-            unit, skip = pickle.loads(task)
-            for stats in self.label_unit(unit, skip):
-                yield {"stats": [json.dumps(stats)]}
-
-    def label_tasks(self, tasks: list[dict], workers: int) -> Iterator[dict]:
-        """Labels every task's unit on `workers` threads of this process, each taking the
-        next unit as it finishes one, as the actors of a pool do; yields the stats of each
-        part as it is written. The model's kernels and the decoders release the GIL, so on
-        one torch thread each the workers keep as many cores busy."""
-        todo: queue.SimpleQueue = queue.SimpleQueue()
-        for task in tasks:
-            todo.put(task["task"])
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        stop = threading.Event()
-        end = object()
-
-        def work() -> None:
-            try:
-                while not stop.is_set():
-                    try:
-                        unit, skip = pickle.loads(todo.get_nowait())
-                    except queue.Empty:
-                        break
-                    for stats in self.label_unit(unit, skip):
-                        done.put(stats)
-                        if stop.is_set():
-                            break
-            except BaseException as e:  # the caller raises it
-                done.put(e)
-            done.put(end)
-
-        threads = [threading.Thread(target=work, name=f"kiln-label-{i}", daemon=True)
-                   for i in range(max(1, min(workers, len(tasks))))]
-        for t in threads:
-            t.start()
-        running = len(threads)
-        try:
-            while running:
-                item = done.get()
-                if item is end:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=10)
+    def run_task(self, task: tuple[Unit, frozenset[str]]) -> Iterator[dict]:
+        return self.label_unit(*task)
 
     def label_unit(self, unit: Unit, skip: frozenset[str]) -> Iterator[dict]:
         """Labels one unit; yields the stats of each part once it is written."""
@@ -236,7 +163,7 @@ class LabelPredictor:
 
     def _write_part(self, name: str, part: list[Batch], thumbs: Thumbs) -> dict:
         table = label_table(part, self.classes, self.model_id)
-        sink.write_part(self.out.part_uri(name), table)
+        self.parts.write(name, table)
         errors = Counter(error_kind(r.error) for b in part for r in b.records if r.error)
         top1 = np.concatenate([b.idx[:, 0] for b in part])
         counts = np.bincount(top1, minlength=len(self.classes))
@@ -401,25 +328,6 @@ def thumbnail(data: bytes) -> str | None:
     except Exception:
         return None
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def label_dataset(tasks: list[dict], settings: LabelSettings, actors: int, num_cpus: float,
-                  num_gpus: float):
-    """The Ray Data pipeline: a block per task, an actor pool of `actors` LabelPredictors.
-    Each actor takes one unit at a time (two in flight) so that no unit waits in one
-    actor's queue while another actor idles at the end."""
-    import ray.data
-
-    ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-    return ds.map_batches(
-        LabelPredictor,
-        fn_constructor_args=(settings,),
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )
 
 
 def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str | None]:

@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
@@ -50,15 +51,36 @@ def skip_pandas_probe() -> None:
         sys.meta_path.remove(hook)
 
 
+class Parts:
+    """Where a run writes its parts: OUTPUT/part-NAME-RUN_ID.parquet. The actors hold one."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = str(uri).rstrip("/"), run_id
+
+    def uri_of(self, name: str) -> str:
+        return storage.join(self.uri, f"part-{name}-{self.run_id}.parquet")
+
+    def write(self, name: str, table: pa.Table) -> None:
+        write_part(self.uri_of(name), table)
+
+
 class OutputDir:
-    def __init__(self, uri: str, job: dict, overwrite: bool = False):
-        """`job`: the arguments that decide which rows the output holds (JSON-able)."""
+    """A job's output folder: what it holds, which rows are done, its summary."""
+
+    def __init__(self, uri: str, job: dict | None = None, overwrite: bool = False):
+        """`job`: the arguments that decide which rows the output holds (JSON-able); None to
+        only read the output."""
         self.uri, self.job, self.overwrite = str(uri).rstrip("/"), job, overwrite
         self.run_id = uuid.uuid4().hex[:8]
 
     def prepare(self, key_columns: list[str]) -> set[tuple]:
         """Checks the output can take this job and returns the keys already written."""
+        if self.job is None:
+            raise ValueError("an OutputDir opened to read has no job to prepare")
         storage.check_reachable(self.uri)
+        if storage.info(self.uri).type == pafs.FileType.File:
+            raise OutputError(f"{self.uri} is a file; the output is a folder: choose another "
+                              "--output")
         job_uri = storage.join(self.uri, JOB_FILE)
         if self.overwrite:
             storage.delete_dir(self.uri)
@@ -108,7 +130,7 @@ class OutputDir:
         return done
 
     def part_uri(self, name: str) -> str:
-        return storage.join(self.uri, f"part-{name}-{self.run_id}.parquet")
+        return Parts(self.uri, self.run_id).uri_of(name)
 
     def write_summary(self, summary: dict) -> None:
         storage.write_bytes(storage.join(self.uri, SUMMARY_FILE),

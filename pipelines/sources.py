@@ -80,6 +80,28 @@ def plan(inputs: list[str], chunk: int = 1000) -> list[Unit]:
     return units
 
 
+def unit_paths(unit: Unit) -> list[str] | None:
+    """Every path a unit yields when it is known without reading it, else None."""
+    if unit.kind in ("files", "tar"):
+        return [item[0] for item in unit.items]
+    if unit.kind == "zip":
+        return list(unit.items)
+    if unit.kind == "broken":
+        return [""]
+    return None  # parquet and streamed tars only learn their paths as they read
+
+
+def count_known(units: list[Unit]) -> int | None:
+    """How many rows the units hold, when every unit knows without reading."""
+    total = 0
+    for unit in units:
+        paths = unit_paths(unit)
+        if paths is None:
+            return None
+        total += len(paths)
+    return total
+
+
 def _chunks(source: str, kind: str, items: list, chunk: int) -> list[Unit]:
     return [Unit(source, kind, items[i : i + chunk], n)
             for n, i in enumerate(range(0, len(items), chunk))]

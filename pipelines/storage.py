@@ -17,6 +17,11 @@ import pyarrow.fs as pafs
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.safetensors"
 
 GLOB_CHARS = set("*?[")
+# The standard AWS variables that S3 reads, the one list of them: kiln submit hands them to a
+# job and a local command to a cluster's workers; the secret ones are kept out of every log.
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class StorageError(RuntimeError):
@@ -28,10 +33,10 @@ def is_s3(uri: str) -> bool:
 
 
 def _s3_settings() -> tuple:
-    """The environment's S3 settings; part of the cache key so a changed environment is seen."""
-    keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-    return tuple(os.environ.get(k) for k in keys)
+    """The environment's S3 settings, the one place kiln reads them (in every process that
+    touches S3: a Ray worker has them from its own environment); part of the cache key, so
+    a changed environment is seen."""
+    return tuple(os.environ.get(k) for k in AWS_VARS)
 
 
 @lru_cache(maxsize=8)
@@ -189,10 +194,19 @@ def check_reachable(uri: str, *, must_exist: bool = False) -> None:
 
 
 def model_dir(uri: str) -> str:
-    """The model folder of a URI that names either a run folder or its model/ folder."""
+    """The one resolver of model folders: a URI that names a run folder resolves to its
+    model/ folder; any other names a model folder itself."""
     if exists(join(uri, "model", CONFIG_FILE)):
         return join(uri, "model")
     return str(uri)
+
+
+def read_model_config(uri: str) -> dict:
+    """The config.json of a run or model folder, without building the model."""
+    from models.checkpoint import parse_config
+
+    folder = model_dir(uri)
+    return parse_config(read_bytes(join(folder, CONFIG_FILE)), join(folder, CONFIG_FILE))
 
 
 def load_model(uri: str, expect_kind: str | None = None):
@@ -211,7 +225,28 @@ def load_model(uri: str, expect_kind: str | None = None):
     return model_from_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], expect_kind, str(uri))
 
 
-def save_model(uri: str, files: dict[str, bytes]) -> None:
-    # Weights first: a folder whose config.json is present is complete.
+def save_model(uri: str, files: dict[str, bytes]) -> dict:
+    """Writes a model folder from models.model_to_bytes' files; returns its config. Weights
+    first: a folder whose config.json is present is complete."""
+    import json
+
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         write_bytes(join(uri, name), files[name])
+    return json.loads(files[CONFIG_FILE])
+
+
+def write_files(uri: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        write_bytes(join(uri, name), data)
+
+
+def read_files(uri: str, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The named files of a folder; a missing one is left out."""
+    files = {}
+    for name in names:
+        try:
+            files[name] = read_bytes(join(uri, name))
+        except StorageError as e:
+            if "no such file" not in str(e):
+                raise
+    return files

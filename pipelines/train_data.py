@@ -10,12 +10,15 @@ from __future__ import annotations
 import io
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray.data
 
 from . import sources, storage
+
+if TYPE_CHECKING:
+    import ray.data
 from .transforms import ImageError, ImagePreset, decode_uint8
 
 
@@ -59,6 +62,37 @@ def _decode_unit(unit, preset: ImagePreset, val_fraction: float, held_out: bool)
     return meta, blocks[False], blocks[True]
 
 
+def check_image_source(uri: str) -> int | None:
+    """Fails fast, before any decoding, where `uri` cannot be image training data: a lone
+    file that is not an archive or Parquet, an archive that cannot be opened, images not laid
+    out CLASS_NAME/file, fewer than two classes, Parquet without `label`. Returns how many
+    files it holds when that is known without reading them."""
+    layout = ("image training data is a directory or an archive (.tar, .tar.gz, .tgz, .zip) "
+              "laid out CLASS_NAME/file.png, or Parquet with image and label columns")
+    units = sources.plan([uri], chunk=500)
+    if any(sources.input_kind(u.source) == "file" for u in units):
+        raise ValueError(f"{uri}: not a directory, an archive or a Parquet file; {layout}")
+    if units and all(u.kind == "broken" for u in units):
+        raise ValueError(f"{uri}: cannot be opened: {units[0].items[0]}")
+    for u in units:
+        if u.kind == "parquet":
+            fs, path = storage.filesystem(u.source)
+            with fs.open_input_file(path) as f:
+                if "label" not in pq.ParquetFile(f).schema_arrow.names:
+                    raise ValueError(f"{u.source}: Parquet training data needs a `label` "
+                                     "column; " + layout)
+    paths = [p for u in units for p in (sources.unit_paths(u) or []) if u.kind != "broken"]
+    if any(u.kind in ("parquet", "tarstream") for u in units):
+        return None
+    classes = {p.split("/", 1)[0] for p in paths if "/" in p}
+    if not classes:
+        raise ValueError(f"{uri}: no class folders found; {layout}")
+    if len(classes) < 2:
+        raise ValueError(f"{uri}: one class folder ({classes.pop()}); a classifier needs at "
+                         "least two")
+    return len(paths)
+
+
 @dataclass
 class ImageData:
     train: ray.data.Dataset  # rows {"x": (C, S, S) uint8, "label": str}
@@ -82,6 +116,9 @@ def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
     that streams its shard mixes only nearby rows through its shuffle buffer. A set small
     enough for every worker to hold is left in order: the workers draw a fresh permutation of
     it every epoch."""
+    import ray
+    import ray.data
+
     units = sources.plan([uri], chunk=chunk)
     if not units:
         raise ValueError(f"{uri}: no images found")
@@ -143,6 +180,8 @@ def text_streams(ids: np.ndarray, streams: int) -> ray.data.Dataset:
     more id for the last target (char-rnn's layout: stream i is read left to right, chunk by
     chunk, its hidden state carried from chunk to chunk); rows {"stream": i,
     "ids": (L + 1,) int64}. The few ids past streams * L + 1 are left out."""
+    import ray.data
+
     length = (len(ids) - 1) // streams
     if length < 1:
         raise ValueError(f"the text ({len(ids):,} characters) is too short for {streams} "

@@ -1,5 +1,6 @@
-"""Image decoding and transforms: one module for training (train=True adds augmentation) and
-inference, configured from the model's config.json, so normalization cannot drift.
+"""Image decoding and transforms: one module for training and inference, configured from the
+model's config.json, so normalization cannot drift. Training augments whole tensor batches
+after decoding (augment_batch).
 
 decode() turns encoded bytes into a normalized (C, S, S) float32 array or raises ImageError
 with a short `kind` that labeling counts in its summary.
@@ -118,25 +119,15 @@ def _lab_to_srgb():
                                    "LAB", "RGB")
 
 
-def to_uint8(img: Image.Image, preset: ImagePreset, train: bool = False,
-             rng: np.random.Generator | None = None) -> np.ndarray:
-    """A decoded image -> (C, S, S) uint8 at the preset's size and channels. Training shifts
-    it by up to 1/14 of its size (random crop of an edge-padded copy), as the reference
-    recipes do for small images."""
+def to_uint8(img: Image.Image, preset: ImagePreset) -> np.ndarray:
+    """A decoded image -> (C, S, S) uint8 at the preset's size and channels."""
     s = preset.image_size
     img = to_mode(img, preset.channels)
     if img.size != (s, s):
         img = img.resize((s, s), Image.BILINEAR, reducing_gap=3.0)
     # frombuffer on tobytes() skips numpy's slower __array_interface__ path.
     arr = np.frombuffer(img.tobytes(), dtype=np.uint8)
-    arr = arr.reshape(1, s, s) if preset.channels == 1 else arr.reshape(s, s, 3).transpose(2, 0, 1)
-    if train:
-        rng = rng or np.random.default_rng()
-        pad = max(1, s // 14)
-        padded = np.pad(arr, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
-        dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-        arr = padded[:, dy : dy + s, dx : dx + s]
-    return arr
+    return arr.reshape(1, s, s) if preset.channels == 1 else arr.reshape(s, s, 3).transpose(2, 0, 1)
 
 
 @lru_cache(maxsize=16)
@@ -153,18 +144,17 @@ def normalize(arr: np.ndarray, preset: ImagePreset) -> np.ndarray:
     return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
 
-def decode_uint8(data: bytes, preset: ImagePreset, train: bool = False,
-                 rng: np.random.Generator | None = None, fast: bool = False) -> np.ndarray:
+def decode_uint8(data: bytes, preset: ImagePreset, fast: bool = False) -> np.ndarray:
     """Encoded bytes -> (C, S, S) uint8, not yet normalized (labeling normalizes whole
     batches at once); raises ImageError. `fast` tries TorchCodec first (it imports torch:
     labeling has it loaded already, the training set's decoding tasks do not)."""
-    if fast and not train:
+    if fast:
         arr = fast_decode(data, preset)
         if arr is not None:
             return arr
     img = open_image(data, preset.max_pixels, draft_size=preset.image_size)
     try:
-        return to_uint8(img, preset, train, rng)
+        return to_uint8(img, preset)
     except ImageError:
         raise
     except Exception as e:
@@ -288,10 +278,9 @@ def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
     return np.ascontiguousarray(img.numpy())
 
 
-def decode(data: bytes, preset: ImagePreset, train: bool = False,
-           rng: np.random.Generator | None = None) -> np.ndarray:
+def decode(data: bytes, preset: ImagePreset) -> np.ndarray:
     """Encoded bytes -> normalized (C, S, S) float32; raises ImageError."""
-    return normalize(decode_uint8(data, preset, train, rng), preset)
+    return normalize(decode_uint8(data, preset), preset)
 
 
 def scale_shift(preset: ImagePreset, device=None):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from models import CNNSpec, ModelFolderError, RNNSpec, build_model, load_folder, save_folder
+from models import CNNSpec, ModelFolderError, RNNSpec, build_model
 from models.checkpoint import model_to_bytes
 from pipelines import storage
 
@@ -23,9 +23,10 @@ def rnn():
 @pytest.mark.parametrize("make", [cnn, rnn])
 def test_local_round_trip(tmp_path, make):
     model, spec = make()
-    cfg = save_folder(tmp_path / "m", model, "cnn" if isinstance(spec, CNNSpec) else "rnn",
-                      spec, {"metrics": {"val_loss": 1.5}})
-    loaded = load_folder(tmp_path / "m")
+    kind = "cnn" if isinstance(spec, CNNSpec) else "rnn"
+    cfg = storage.save_model(str(tmp_path / "m"),
+                             model_to_bytes(model, kind, spec, {"metrics": {"val_loss": 1.5}}))
+    loaded = storage.load_model(str(tmp_path / "m"))
     assert loaded.spec == spec and loaded.id == cfg["id"]
     assert loaded.config["metrics"] == {"val_loss": 1.5}
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.model.state_dict().items(),
@@ -35,9 +36,9 @@ def test_local_round_trip(tmp_path, make):
 
 def test_run_folder_resolves_to_model(tmp_path):
     model, spec = cnn()
-    save_folder(tmp_path / "run" / "model", model, "cnn", spec)
-    assert load_folder(tmp_path / "run").kind == "cnn"
+    storage.save_model(str(tmp_path / "run" / "model"), model_to_bytes(model, "cnn", spec))
     assert storage.load_model(str(tmp_path / "run")).kind == "cnn"
+    assert storage.model_dir(str(tmp_path / "run")) == str(tmp_path / "run" / "model")
 
 
 def test_s3_round_trip(s3_bucket):
@@ -52,48 +53,62 @@ def test_s3_round_trip(s3_bucket):
 
 def test_corrupt_weights_give_a_clear_error(tmp_path):
     model, spec = cnn()
-    save_folder(tmp_path, model, "cnn", spec)
+    storage.save_model(str(tmp_path), model_to_bytes(model, "cnn", spec))
     weights = tmp_path / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelFolderError, match="weights.safetensors is corrupt or truncated"):
-        load_folder(tmp_path)
+        storage.load_model(str(tmp_path))
     weights.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelFolderError, match="corrupt or truncated"):
-        load_folder(tmp_path)
+        storage.load_model(str(tmp_path))
 
 
 def test_wrong_kind_and_mismatched_config(tmp_path):
     model, spec = rnn()
-    save_folder(tmp_path, model, "rnn", spec)
+    storage.save_model(str(tmp_path), model_to_bytes(model, "rnn", spec))
     with pytest.raises(ModelFolderError, match="holds a RNN model, but this command needs a CNN"):
-        load_folder(tmp_path, expect_kind="cnn")
+        storage.load_model(str(tmp_path), expect_kind="cnn")
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["spec"]["hidden"] = 32
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFolderError, match="does not match config.json"):
-        load_folder(tmp_path)
+        storage.load_model(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelFolderError, match="not valid JSON"):
-        load_folder(tmp_path)
+        storage.load_model(str(tmp_path))
     cfg["kind"] = "transformer"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFolderError, match="names kind 'transformer'"):
-        load_folder(tmp_path)
+        storage.load_model(str(tmp_path))
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(ModelFolderError, match="config.json is missing"):
-        load_folder(tmp_path)
+        storage.load_model(str(tmp_path))
     with pytest.raises(ModelFolderError, match="is missing"):
         storage.load_model(str(tmp_path))
 
 
 def test_weights_are_never_unpickled(tmp_path):
     """A pickle in place of the weights is refused, not executed."""
+    import pathlib
     import pickle
 
+    class Hostile:  # unpickling it creates `marker`
+        def __init__(self, marker: pathlib.Path):
+            self.marker = marker
+
+        def __reduce__(self):
+            return pathlib.Path.touch, (self.marker,)
+
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(Hostile(probe)))
+    assert probe.exists()  # the payload does run wherever it is unpickled
+
+    marker, folder = tmp_path / "unpickled", tmp_path / "model"
     model, spec = cnn()
-    save_folder(tmp_path, model, "cnn", spec)
-    (tmp_path / "weights.safetensors").write_bytes(pickle.dumps(model.state_dict()))
+    storage.save_model(str(folder), model_to_bytes(model, "cnn", spec))
+    (folder / "weights.safetensors").write_bytes(pickle.dumps(Hostile(marker)))
     with pytest.raises(ModelFolderError, match="corrupt or truncated"):
-        load_folder(tmp_path)
+        storage.load_model(str(folder))
+    assert not marker.exists()

@@ -1,9 +1,19 @@
 """The kiln command line, run as a user runs it."""
 
+import os
 import subprocess
 import sys
 
-from models import CNNSpec, build_model, save_folder
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from models import CNNSpec, build_model
+from models.checkpoint import model_to_bytes
+from pipelines import storage
+
+COMMANDS = {"train", "label", "generate", "info", "submit", "status", "logs", "stop", "list",
+            "demo"}
 
 
 def kiln(*args, **kw):
@@ -11,18 +21,44 @@ def kiln(*args, **kw):
                           timeout=120, **kw)
 
 
+def listed_commands(help_text: str) -> list[str]:
+    """The first word of each row of the help's "Commands" box (rows that continue a wrapped
+    description start with spaces)."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("╭─ Commands"))
+    names = []
+    for line in lines[start + 1:]:
+        if line.startswith("╰"):
+            return names
+        row = line.strip("│")
+        if row[1:2].strip():  # "│ name  description │"; a continuation is "│     more │"
+            names.append(row.split()[0])
+    raise AssertionError("the Commands box is not closed")
+
+
 def test_help_lists_every_command():
-    out = kiln("--help").stdout
-    for cmd in ("train", "label", "generate", "info", "submit", "status", "logs", "stop", "list",
-                "demo"):
-        assert cmd in out
-    assert "--data" in kiln("train", "cnn", "--help").stdout
+    res = kiln("--help")
+    assert res.returncode == 0, res.stderr
+    top = listed_commands(res.stdout)
+    assert sorted(top) == sorted(COMMANDS)  # each once, none missing, none extra
+    runner = CliRunner()
+    sub = runner.invoke(app, ["train", "--help"], prog_name="kiln")
+    assert sub.exit_code == 0, sub.output
+    assert sorted(listed_commands(sub.output)) == ["cnn", "rnn"]
+    for cmd in [[c] for c in sorted(COMMANDS - {"train"})] + [["train", "cnn"], ["train", "rnn"]]:
+        res = runner.invoke(app, [*cmd, "--help"], prog_name="kiln")
+        assert res.exit_code == 0, (cmd, res.output)
+        usage = next(line.strip() for line in res.output.splitlines() if "Usage:" in line)
+        assert usage.startswith(f"Usage: kiln {' '.join(cmd)} "), (cmd, usage)
+        if cmd == ["train", "cnn"]:
+            assert "--data" in res.output
 
 
 def test_info_prints_the_model_card(tmp_path):
     spec = CNNSpec("resnet8", ["cat", "dog", "eel"], 3, 32)
-    save_folder(tmp_path / "run" / "model", build_model("cnn", spec), "cnn", spec,
-                {"metrics": {"val_accuracy": 0.9312}})
+    storage.save_model(str(tmp_path / "run" / "model"),
+                       model_to_bytes(build_model("cnn", spec), "cnn", spec,
+                                      {"metrics": {"val_accuracy": 0.9312}}))
     res = kiln("info", str(tmp_path / "run"))
     assert res.returncode == 0, res.stderr
     assert "resnet8" in res.stdout and "cat, dog, eel" in res.stdout and "0.9312" in res.stdout
@@ -32,3 +68,65 @@ def test_info_on_a_bad_folder_is_one_clear_line(tmp_path):
     res = kiln("info", str(tmp_path))
     assert res.returncode == 2
     assert "config.json is missing" in res.stderr and "Traceback" not in res.stderr
+
+
+def mistake_inputs(tmp_path):
+    """Real inputs for the mistakes below: a one-class archive, a text file, a char-RNN."""
+    import io
+    import tarfile
+
+    from models import RNNSpec
+
+    one_class = tmp_path / "one-class.tar"
+    with tarfile.open(one_class, "w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"cats/{i}.png")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"\x89PNG"))
+    (tmp_path / "notes.txt").write_text("a few words\n")
+    spec = RNNSpec(list("ab \n"), "gru", 4, 8, 1)
+    storage.save_model(str(tmp_path / "lm"), model_to_bytes(build_model("rnn", spec), "rnn", spec))
+    return tmp_path
+
+
+MISTAKES = {
+    "text given to train cnn": (["train", "cnn", "--data", "{t}/notes.txt", "--out", "{t}/run"],
+                                "notes.txt: not a directory, an archive or a Parquet file"),
+    "an archive of one class": (["train", "cnn", "--data", "{t}/one-class.tar", "--out",
+                                 "{t}/run"], "one class folder (cats)"),
+    "a torchvision net on tiny images": (["train", "cnn", "--data", "{t}/one-class.tar",
+                                          "--out", "{t}/run", "--arch", "resnet18"],
+                                         "--arch resnet18 needs --image-size of at least 32"),
+    "text shorter than two chunks": (["train", "rnn", "--data", "{t}/notes.txt", "--out",
+                                      "{t}/run"], "too short for --seq-len 100"),
+    "no characters to generate": (["generate", "--model", "{t}/lm", "--num-samples", "2",
+                                   "--output", "{t}/gen", "--max-chars", "0"],
+                                  "--max-chars must be at least 1"),
+    "an output that is a file": (["generate", "--model", "{t}/lm", "--num-samples", "2",
+                                  "--output", "{t}/notes.txt"], "is a file"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_a_mistake_is_one_clear_line_before_ray_starts(tmp_path, mistake):
+    args, expected = MISTAKES[mistake]
+    t = mistake_inputs(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = kiln(*[a.format(t=t) for a in args], env=env)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not (t / "run").exists() and not (t / "gen").exists()  # nothing was started
+
+
+def test_gpu_without_one_is_one_clear_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    t = mistake_inputs(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = kiln("generate", "--model", str(t / "lm"), "--num-samples", "2", "--output",
+               str(t / "gen"), "--gpu", env=env)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "--gpu was given but this machine has no CUDA GPU" in res.stderr

@@ -122,10 +122,11 @@ def test_labeling_survives_losing_a_node(cluster, digits_data, tmp_path):
     names = [f"img/{i:05d}.png" for i in range(6000)]
     tar = embedded.write_flat_archive(tmp_path / "many.tar", [pngs[i % len(pngs)] for i in
                                                               range(6000)], names)
-    from models import CNNSpec, build_model, save_folder
+    from models import CNNSpec, build_model, model_to_bytes
 
     spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)])
-    save_folder(tmp_path / "model", build_model("cnn", spec), "cnn", spec)
+    storage.save_model(str(tmp_path / "model"),
+                       model_to_bytes(build_model("cnn", spec), "cnn", spec))
     out = tmp_path / "labels"
     proc = kiln(c.address, "label", "--model", str(tmp_path / "model"), "--input", str(tar),
                 "--output", str(out), "--batch-size", "64")

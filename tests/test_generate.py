@@ -30,12 +30,12 @@ from models import (
     RNNSpec,
     SamplingSettings,
     build_model,
-    load_folder,
+    model_to_bytes,
     row_seed,
     sample,
-    save_folder,
 )
 from pipelines import generate as gen
+from pipelines import storage
 from pipelines.sink import OutputDir, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def rnn_model(tmp_path_factory):
         if time.monotonic() > deadline:
             break
     folder = tmp_path_factory.mktemp("rnn") / "run" / "model"
-    save_folder(folder, model.eval(), "rnn", spec)
+    storage.save_model(str(folder), model_to_bytes(model.eval(), "rnn", spec))
     return folder.parent
 
 
@@ -126,7 +126,8 @@ def test_prompt_policy_counts():
 
 def test_wrong_kind_model_is_a_clear_error(tmp_path):
     spec = CNNSpec("mnist_cnn", ["a", "b"])
-    save_folder(tmp_path / "cnn", build_model("cnn", spec), "cnn", spec)
+    storage.save_model(str(tmp_path / "cnn"),
+                       model_to_bytes(build_model("cnn", spec), "cnn", spec))
     with pytest.raises(ModelFolderError, match="holds a CNN model.*needs a RNN model"):
         run_generate(opts(tmp_path / "cnn", tmp_path / "out", num_samples=3))
 
@@ -162,7 +163,7 @@ def test_generate_rows_columns_and_summary(ray_local, rnn_model, prompt_file, tm
     assert table.column_names == COLUMNS and table.num_rows == len(PROMPTS)
     got = rows(out)
     assert sorted(got) == list(range(1, len(PROMPTS) + 1))
-    loaded = load_folder(rnn_model)
+    loaded = storage.load_model(str(rnn_model))
     settings = SamplingSettings(max_chars=40, top_k=20)
     for i in (1, 3, 7):  # the text is the continuation alone, as models.sample gives it
         r = got[i]
@@ -252,8 +253,8 @@ def test_killed_run_resumes_with_every_prompt_once(rnn_model, tmp_path):
     ids = OutputDir(str(out), {}).read_table().column("id").to_pylist()
     assert sorted(ids) == list(range(1, n + 1))  # every prompt exactly once
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows_already_done"] > 0 and summary["rows_written"] > 0
-    assert summary["rows_already_done"] + summary["rows_written"] == n
+    assert summary["rows_resumed"] > 0 and summary["rows_written"] > 0
+    assert summary["rows_resumed"] + summary["rows_written"] == n
 
 
 def test_parquet_with_string_ids(ray_local, rnn_model, tmp_path):
@@ -269,7 +270,7 @@ def test_parquet_with_string_ids(ray_local, rnn_model, tmp_path):
 def test_parts_written_late_by_a_killed_run_are_removed(tmp_path):
     from rich.console import Console
 
-    from jobs.generate import _remove_late_parts
+    from jobs.bulk import remove_late_parts
     from pipelines.sink import write_part
 
     out = OutputDir(str(tmp_path), {})
@@ -280,7 +281,7 @@ def test_parts_written_late_by_a_killed_run_are_removed(tmp_path):
     mine = out.part_uri("0000000000")
     write_part(mine, pa.table({"id": [2]}))
     write_part(late, pa.table({"id": [2]}))  # the old run id, after `before` was read
-    _remove_late_parts(out, before, Console(file=io.StringIO()))
+    remove_late_parts(out, before, Console(file=io.StringIO()))
     assert sorted(out.parts()) == sorted([old, mine])
 
 

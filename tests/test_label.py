@@ -21,11 +21,11 @@ import torch
 from jobs import embedded
 from jobs.label import run_label
 from jobs.options import LabelOptions
-from models import CNNSpec, build_cnn, save_folder
-from pipelines import sources
+from models import CNNSpec, build_cnn, model_to_bytes
+from pipelines import sources, storage
 from pipelines.label import SCHEMA, LabelPredictor, LabelSettings, make_tasks
 from pipelines.sink import OutputDir, OutputError
-from pipelines.transforms import ImagePreset, decode
+from pipelines.transforms import ImagePreset, augment_batch, decode
 from tests import image_cases as ic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +35,15 @@ CLASSES = [str(i) for i in range(10)]
 @pytest.fixture(scope="module")
 def trained(digits_files, tmp_path_factory):
     """An MnistNet trained in-process on the digits for a few seconds (plain PyTorch, through
-    the same transforms.decode that labeling uses); returns its model folder."""
+    the same transforms.decode that labeling uses, shifted as training does); returns its
+    model folder."""
     torch.manual_seed(0)
     spec = CNNSpec("mnist_cnn", CLASSES)
     preset = ImagePreset.from_spec(spec)
     recs = [r for u in sources.plan([str(digits_files["tar"])])
             for r in sources.read_unit(u, with_labels=True)]
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(np.stack([decode(r.data, preset, train=True, rng=rng) for r in recs]))
+    x = augment_batch(torch.from_numpy(np.stack([decode(r.data, preset) for r in recs])),
+                      "shift")
     y = torch.tensor([CLASSES.index(r.label) for r in recs])
     model = build_cnn("mnist_cnn", 10, 1, 28)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -53,7 +54,8 @@ def trained(digits_files, tmp_path_factory):
             loss.backward()
             opt.step()
     folder = tmp_path_factory.mktemp("model") / "run"
-    save_folder(folder / "model", model.eval(), "cnn", spec, {"metrics": {"loss": loss.item()}})
+    storage.save_model(str(folder / "model"), model_to_bytes(model.eval(), "cnn", spec,
+                                                         {"metrics": {"loss": loss.item()}}))
     return folder
 
 
@@ -93,14 +95,15 @@ def test_label_every_input_kind(ray_local, trained, digits_files, tmp_path):
     assert summary["errors"] == {} and summary["rows_labeled"] == len(pngs)
     assert sum(summary["labels"].values()) == len(pngs)
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["model"] == summary["model"] and on_disk["args"]["top_k"] == 3
+    assert on_disk["model"] == summary["model"] and on_disk["arguments"]["top_k"] == 3
     page = (out / "report.html").read_text()
     for part in ("label histogram", "confidence histogram", "Least confident 48 images",
                  "<h2>Errors</h2>", "data:image/png;base64,"):
         assert part in page
-    # A finished output is never added to silently; --overwrite starts over.
-    with pytest.raises(OutputError, match="finished"):
-        run_label(opts)
+    # A finished output is complete: the same job run again writes nothing and adds nothing.
+    again = run_label(opts)
+    assert again["rows_written"] == 0 and again["rows_resumed"] == len(pngs)
+    assert len(read_rows(out)) == len(pngs)
 
 
 def test_label_bad_inputs(ray_local, trained, digits_data, tmp_path):
@@ -323,7 +326,6 @@ def test_s3_inputs_and_output(ray_local, trained, digits_data, s3_bucket, tmp_pa
 
     from rich.console import Console
 
-    from pipelines import storage
 
     pngs, labels = digits_data
     tar = embedded.write_class_tar(tmp_path / "a.tar", pngs[:300], labels[:300])
@@ -351,7 +353,7 @@ def test_s3_inputs_and_output(ray_local, trained, digits_data, s3_bucket, tmp_pa
 def test_actor_layout(monkeypatch):
     import ray
 
-    from jobs.label import actor_layout
+    from jobs.bulk import actor_layout
 
     def cluster(cpus, gpus=0):
         res = {"CPU": cpus, "GPU": gpus}

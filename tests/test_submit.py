@@ -34,7 +34,8 @@ from jobs.submit import (
     submit,
     working_dir,
 )
-from models import CNNSpec, build_model, save_folder
+from models import CNNSpec, build_model, model_to_bytes
+from pipelines import storage
 from tests.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
@@ -142,7 +143,8 @@ def small_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("submit")
     pngs, labels = embedded.digits(28)
     spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)], 1, 28)
-    save_folder(d / "run" / "model", build_model("cnn", spec), "cnn", spec)
+    storage.save_model(str(d / "run" / "model"),
+                       model_to_bytes(build_model("cnn", spec), "cnn", spec))
     tar = embedded.write_class_tar(d / "digits.tar", pngs[:60], labels[:60])
     return {"run": d / "run", "tar": tar, "n": 60, "dir": d}
 

@@ -180,18 +180,52 @@ def test_a_time_budget_is_estimated_in_steps_and_validated_towards_its_end():
     assert not both.by_time and not both.eval_due(299)
 
 
+def crops_of(out: torch.Tensor, x: torch.Tensor, pad: int, edge: bool, mirror: bool
+             ) -> list[tuple[int, int, bool]]:
+    """For each output image, the one (dy, dx, mirrored) such that it is the S x S crop at
+    (dy, dx) of its input padded by `pad` (edge values, or zeros), mirrored left-right if so;
+    fails if an image is no such crop."""
+    s = x.shape[-1]
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)),
+                    mode="edge" if edge else "constant")
+
+    def crop(i: int, dy: int, dx: int, m: bool) -> np.ndarray:
+        window = padded[i, :, dy : dy + s, dx : dx + s]
+        return window[..., ::-1] if m else window
+
+    found = []
+    for i, img in enumerate(out.numpy()):
+        hits = [(dy, dx, m) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                for m in ((False, True) if mirror else (False,))
+                if np.array_equal(img, crop(i, dy, dx, m))]
+        assert len(hits) == 1, f"image {i} is not a crop of its padded input: {hits}"
+        found.append(hits[0])
+    return found
+
+
 def test_augment_shifts_or_flips_but_keeps_shape_and_pixels():
     torch.manual_seed(0)
-    x = torch.arange(64 * 3 * 32 * 32, dtype=torch.float32).reshape(64, 3, 32, 32)
+    b, c, s = 64, 3, 32
+    # Distinct nonzero values: each crop is unambiguous and zero padding tells from pixels.
+    x = torch.arange(1, b * c * s * s + 1, dtype=torch.float32).reshape(b, c, s, s)
+
     shifted = augment_batch(x, "shift")
     assert shifted.shape == x.shape
-    assert set(shifted.flatten().tolist()) <= set(x.flatten().tolist())  # edge-padded shifts
-    assert (shifted != x).flatten(1).any(1).sum() > 40  # most images moved
+    pad = max(1, s // 14)
+    offsets = crops_of(shifted, x, pad, edge=True, mirror=False)
+    assert sum((dy, dx) != (pad, pad) for dy, dx, _ in offsets) > 40  # most images moved
+    assert {dy for dy, _, _ in offsets} == {dx for _, dx, _ in offsets} == set(range(2 * pad + 1))
+
     flipped = augment_batch(x, "flip")
-    # a flipped image's rows run right to left: a column index that falls along the row
-    mirrored = (flipped[:, 0, 16, 17] - flipped[:, 0, 16, 16] < 0).sum().item()
-    assert 15 < mirrored < 49
-    assert ((flipped == 0).flatten(1).any(1)).sum() > 20  # zero (mean-colour) padding shows
+    assert flipped.shape == x.shape
+    pad = max(1, s // 8)
+    offsets = crops_of(flipped, x, pad, edge=False, mirror=True)
+    assert sum((dy, dx) != (pad, pad) for dy, dx, _ in offsets) > 40
+    assert {0, 2 * pad} <= {dy for dy, _, _ in offsets} & {dx for _, dx, _ in offsets}
+    mirrored = sum(m for _, _, m in offsets)
+    assert 15 < mirrored < 49  # about half the images, each way
+    assert (flipped == 0).flatten(1).any(1).sum() > 20  # zero (mean-colour) padding shows
+
     assert torch.equal(augment_batch(x, "none"), x)
 
 
@@ -260,3 +294,35 @@ def test_colour_photos_under_a_time_limit_flip_and_label_with_their_own_statisti
         probs = loaded.model(torch.from_numpy((x - mean) / std)).softmax(1).max(1).values
     for i, c in enumerate(val_labels):
         assert labeled[f"{c}/{i}.jpg"] == pytest.approx(float(probs[i]), abs=1e-4)
+
+
+def test_a_workers_error_is_one_line_and_not_retried(ray_local, tmp_path):
+    """A worker's own exception ends the run at once, as one line with its type and message;
+    FailureConfig's retries are kept for lost workers (the killed-worker test above)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.util.queue import Queue
+    from rich.console import Console
+
+    from jobs.train_fit import MAX_FAILURES, TrainingError, trainer_class, with_epoch_lines
+    from jobs.train_tasks import CNNTask
+
+    attempts = tmp_path / "attempts"
+
+    def loop(config):
+        with open(config["attempts"], "a") as f:
+            f.write("x")
+        raise ValueError("row 7 has no label")
+
+    trainer = trainer_class()(
+        loop, train_loop_config={"attempts": str(attempts)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="t", storage_path=str(tmp_path / "st"),
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES)))
+    lines = Queue(actor_options={"num_cpus": 0})
+    try:
+        with pytest.raises(TrainingError) as e:
+            with_epoch_lines(trainer.fit, lines, CNNTask, Console(file=io.StringIO()))
+    finally:
+        lines.shutdown()
+    assert str(e.value) == "training failed: worker 0 raised ValueError: row 7 has no label"
+    assert attempts.read_text() == "x"  # one attempt: not retried

@@ -3,8 +3,8 @@ in order), each worker's share of the global batch, text streams read chunk afte
 state carried, and validation and the all-reduces under a real process group (gloo here; NCCL
 on a GPU)."""
 
-import os
-import socket
+import dataclasses
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -54,7 +54,8 @@ def worker_cfg(**kw) -> WorkerConfig:
     base = dict(kind="rnn", spec={}, out="", data="", batch=64, lr=1e-3, optimizer="adamw",
                 cooldown=1.0,
                 weight_decay=0.0, epochs=None, max_steps=None, time_limit_s=None, seed=3)
-    return WorkerConfig(**{**base, **kw})
+    known = {f.name for f in dataclasses.fields(WorkerConfig)}  # weight_decay is going away
+    return WorkerConfig(**{k: v for k, v in {**base, **kw}.items() if k in known})
 
 
 class Rows:  # the task side of ImageBatches: numpy rows -> tensors
@@ -137,55 +138,88 @@ def test_the_char_rnn_carries_its_state_from_chunk_to_chunk():
     assert torch.equal(task.loss(model, {"ids": ids[:, :21], "first": True})[0], first)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def check_collectives(backend: str, device: torch.device) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group(backend, rank=0, world_size=1)
+def check_collectives(backend: str, device: torch.device, init_method: str, rank: int = 0,
+                      world_size: int = 1) -> None:
+    """One rank's part: validation and the all-reduces with every rank holding its own share
+    of the data; what each rank ends up with must be what the union of the shares gives."""
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
     try:
+        torch.manual_seed(0)  # every rank: the same model (as DDP keeps it), the same union
         spec = CNNSpec(arch="mnist_cnn", classes=[str(i) for i in range(10)], mean=[0.2],
                        std=[0.3])
         model = build_model("cnn", spec).to(device).eval()
-        x, y = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10,
-                                                                                        (40,))
-        val = ValBatches(lambda: iter([{"x": x[:32], "y": y[:32]}, {"x": x[32:], "y": y[32:]}]),
-                         cache=True)
+        n = 64
+        x, y = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10,
+                                                                                       (n,))
+        # Uneven, interleaved shares (on 2 ranks: a third and two thirds), so that a mean of
+        # the ranks' means or one rank's own figures would not pass for the union's.
+        owner = torch.clamp(torch.arange(n) % (world_size + 1), max=world_size - 1)
+        mx, my = x[owner == rank], y[owner == rank]
+        val = ValBatches(lambda: iter([{"x": mx[i : i + 16], "y": my[i : i + 16]}
+                                       for i in range(0, len(my), 16)]), cache=True)
         val.load()
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
         task = CNNTask(spec, worker_cfg(kind="cnn"))
-        got = task.metrics(all_sum(task.val_sums(model, val, device, torch.preserve_format,
-                                                 autocast)))
+        own = task.val_sums(model, val, device, torch.preserve_format, autocast).tolist()
+        sums = all_sum(torch.tensor(own, dtype=torch.float64))
+        got = task.metrics(sums)
         with torch.no_grad(), autocast:
             normalized = (x.float() / 255 - 0.2) / 0.3
-            want = (model(normalized.to(device)).argmax(1).cpu() == y).float().mean().item()
-        assert got["val_accuracy"] == pytest.approx(want)
-        assert all_sum(torch.tensor([1.5, 2.0])) == [1.5, 2.0]
-        assert agree(123.0, True) == (123.0, True) and agree(float("inf"), False)[0] == float(
-            "inf")
-        rnn = build_model("rnn", RNNSpec(vocab=list("abcdef"))).to(device).eval()
-        streams = TextStreams(None, 1000, 0, 1, seed=0)
-        streams.ids = torch.randint(0, 7, (2, 1500))
+            logits = model(normalized.to(device)).float().cpu()
+        want = {"val_accuracy": (logits.argmax(1) == y).float().mean().item(),
+                "val_loss": torch.nn.functional.cross_entropy(logits, y).item()}
+        rel = 1e-5 if device.type == "cpu" else 1e-2  # bf16 autocast on a GPU
+        assert sums[2] == n  # every image counted once, on every rank
+        assert got["val_accuracy"] == pytest.approx(want["val_accuracy"])
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=rel)
+        if world_size > 1:  # the check above can tell the union from this rank's share
+            assert own[2] < n
+            assert task.metrics(own)["val_loss"] != pytest.approx(want["val_loss"], rel=rel)
+
+        ranks = range(world_size)
+        assert all_sum(torch.tensor([rank + 1.5, 10.0 * (rank + 1)])) == [
+            sum(r + 1.5 for r in ranks), sum(10.0 * (r + 1) for r in ranks)]
+        # The smallest estimate of the total steps, and any one rank's lateness, win.
+        assert agree(123.0 + 7 * rank, rank == world_size - 1) == (123.0, True)
+        assert agree(50.0 + rank, False) == (50.0, False)
+        assert agree(float("inf") if rank == 0 else 80.0 + rank, False) == (
+            float("inf") if world_size == 1 else 81.0, False)
+
+        # A small char-RNN: validation runs 1,000 characters per pass, the state carried.
+        rnn = build_model("rnn", RNNSpec(vocab=list("abcdef"), embed=16, hidden=32)).to(
+            device).eval()
+        union = torch.randint(0, 7, (3, 1201))  # 3 streams (2 + 1 on 2 ranks), two passes each
+        streams = TextStreams(None, 1000, rank, world_size, seed=0)
+        streams.ids = union[rank::world_size]  # stream % W == rank, as load() picks them
         rnn_task = RNNTask(None, worker_cfg())
-        sums = all_sum(rnn_task.val_sums(rnn, streams, device, None, autocast))
-        assert sums[1] == 2 * 1499  # every character of both streams but the first is scored
+        own = rnn_task.val_sums(rnn, streams, device, None, autocast).tolist()
+        sums = all_sum(torch.tensor(own, dtype=torch.float64))
+        assert sums[1] == 3 * 1200  # every character of every stream but the first is scored
         with torch.no_grad():
-            logits, _ = rnn(streams.ids[:, :-1].to(device))
+            logits, _ = rnn(union[:, :-1].to(device))
             whole = torch.nn.functional.cross_entropy(logits.reshape(-1, 7).float().cpu(),
-                                                      streams.ids[:, 1:].reshape(-1))
-        assert rnn_task.metrics(sums)["val_loss"] == pytest.approx(whole.item(), rel=1e-4)
+                                                      union[:, 1:].reshape(-1)).item()
+        assert rnn_task.metrics(sums)["val_loss"] == pytest.approx(whole, rel=1e-4)
+        if world_size > 1:
+            assert rnn_task.metrics(own)["val_loss"] != pytest.approx(whole, rel=1e-4)
     finally:
         dist.destroy_process_group()
 
 
-def test_validation_and_all_reduce_under_a_process_group():
-    check_collectives("gloo", torch.device("cpu"))
+def collectives_rank(rank: int, world_size: int, init_method: str) -> None:
+    """A spawned gloo rank (torch.multiprocessing.spawn passes the rank first)."""
+    torch.set_num_threads(1)
+    check_collectives("gloo", torch.device("cpu"), init_method, rank, world_size)
+
+
+def test_validation_and_all_reduce_under_a_process_group(tmp_path):
+    """Two processes, each with its own data: a sum over one rank would be the identity."""
+    torch.multiprocessing.spawn(collectives_rank, args=(2, f"file://{tmp_path / 'pg'}"),
+                                nprocs=2, join=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_validation_and_all_reduce_under_nccl_on_a_gpu():
+def test_validation_and_all_reduce_under_nccl_on_a_gpu(tmp_path):
     # NCCL refuses CPU tensors: the sums must travel on the GPU.
-    check_collectives("nccl", torch.device("cuda"))
+    check_collectives("nccl", torch.device("cuda"), f"file://{tmp_path / 'pg'}")

@@ -1,0 +1,208 @@
+"""The Ray Train run of `kiln train`: TorchTrainer over the per-worker loop (DDP, a checkpoint
+every validation), each epoch's line printed as rank 0 reports it, lost workers and nodes
+retried from the last checkpoint and every other failure raised at once as one line."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from rich.console import Console
+
+from jobs.connect import logs_dir
+from jobs.options import TrainOptions
+from jobs.train_tasks import WorkerConfig
+from pipelines import storage
+from pipelines.transforms import choose_augment
+
+CHECKPOINTS = "checkpoints"
+ADAM_COOLDOWN = 0.3  # AdamW holds its peak rate for 70% of the run (jobs/schedule.py)
+VAL_CACHE_BYTES = 256 * 1024 * 1024
+MAX_FAILURES = 3  # lost workers or nodes a run survives
+
+
+class TrainingError(ValueError):
+    """A training worker raised: its exception's type and message, for one line."""
+
+
+def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> WorkerConfig:
+    per_epoch = data["steps_per_epoch"]
+    max_steps = opts.max_steps
+    if opts.epochs is not None:
+        max_steps = min(max_steps or per_epoch * opts.epochs, per_epoch * opts.epochs)
+    settings = {k: getattr(opts, k) for k in (
+        "epochs", "max_steps", "time_limit", "batch_size", "lr", "optimizer", "workers",
+        "seed", "augment" if opts.kind == "cnn" else "seq_len")}
+    augment = choose_augment(opts.augment, opts.channels) if opts.kind == "cnn" else "none"
+    if opts.kind == "cnn":
+        settings["augment"] = augment
+    return WorkerConfig(
+        kind=opts.kind, spec=data["spec"], out=opts.out, data=opts.data,
+        batch=opts.batch_size, lr=opts.lr, optimizer=opts.optimizer,
+        cooldown=1.0 if opts.optimizer == "sgd" else ADAM_COOLDOWN,
+        epochs=opts.epochs, max_steps=max_steps,
+        time_limit_s=opts.time_limit * 60 if opts.time_limit else None, seed=opts.seed,
+        # A lone worker on a small machine takes every core as torch threads; Ray's own
+        # reservation stays below the CPUs so that Ray Data's tasks always find room.
+        threads=1 if opts.gpu else max(1, int(cpus // opts.workers)),
+        augment=augment, seq_len=opts.seq_len, whole_train=data.get("whole_train", True),
+        train_rows=data["train_rows"],
+        cache_val=data["val"].size_bytes() / opts.workers <= VAL_CACHE_BYTES,
+        settings=settings, lines=lines)
+
+
+def cpus_per_worker(opts: TrainOptions, cpus: float) -> float:
+    """A worker's CPU reservation: a whole CPU while they fit, down to half of one, always
+    leaving a quarter of a CPU for Ray Data's tasks."""
+    return 1.0 if opts.gpu else max(0.5, min(1.0, (cpus - 0.25) / opts.workers))
+
+
+def check_fits_here(opts: TrainOptions, cpus: int) -> None:
+    """On a local Ray the workers must fit this machine, or Ray Train would wait for them
+    forever."""
+    if opts.gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if opts.workers > gpus:
+            raise ValueError(f"--workers {opts.workers} --gpu needs {opts.workers} GPUs; this "
+                             f"machine has {gpus}: lower --workers, or point --address at a "
+                             "Ray cluster")
+    elif opts.workers * cpus_per_worker(opts, cpus) > cpus:
+        raise ValueError(f"--workers {opts.workers} does not fit this machine's {cpus} CPUs "
+                         f"(at most {2 * cpus} workers here): lower --workers, or point "
+                         "--address at a Ray cluster")
+
+
+def lost(error: BaseException) -> bool:
+    """A failure a retry can cure: a worker or node lost (killed, out of memory, preempted),
+    or storage that did not answer. Anything else (a ValueError, a bug) fails the same way
+    again, so it is raised at once."""
+    import ray.exceptions as rex
+
+    return isinstance(error, (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError,
+                              rex.ObjectLostError, rex.OutOfMemoryError, ConnectionError,
+                              TimeoutError, OSError))
+
+
+def trainer_class():
+    """TorchTrainer whose failure policy retries lost workers only. Ray Train V2 takes its
+    policy from FailureConfig alone, which retries every error; its policy class is internal,
+    so where this Ray has none the plain trainer is used (and retries everything)."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.execution.failure_handling import (
+            DefaultFailurePolicy,
+            FailureDecision,
+        )
+        from ray.train.v2.api.exceptions import WorkerGroupError
+    except ImportError:
+        return TorchTrainer
+
+    class LostWorkersOnly(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            failures = getattr(training_failed_error, "worker_failures", None)
+            if isinstance(training_failed_error, WorkerGroupError) and failures and not any(
+                    lost(e) for e in failures.values()):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs):
+            if "failure_policy" in kwargs:
+                kwargs["failure_policy"] = LostWorkersOnly(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return Trainer
+
+
+def fit(opts: TrainOptions, data: dict, task, console: Console) -> None:
+    import ray
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.util.queue import Queue
+
+    from jobs.train_loop import train_loop_per_worker
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_worker = cpus_per_worker(opts, cpus)
+    lines = Queue(actor_options={"num_cpus": 0})
+    cfg = worker_config(opts, data, cpus, lines)
+    # Text streams are never split (each worker picks its own by number); images are split
+    # only when the training set is too large for every worker to hold it.
+    split = [] if opts.kind == "rnn" else ["val"] + ([] if cfg.whole_train else ["train"])
+    fs, path = storage.filesystem(opts.out)
+    trainer = trainer_class()(
+        train_loop_per_worker,
+        train_loop_config={"worker": cfg},
+        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
+                                     resources_per_worker={"CPU": per_worker}),
+        run_config=RunConfig(
+            name=CHECKPOINTS, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": data["train"], "val": data["val"]},
+        dataset_config=DataConfig(datasets_to_split=split),
+    )
+    try:
+        with_epoch_lines(trainer.fit, lines, task, console)
+    except TrainingError as e:
+        where = logs_dir()
+        raise TrainingError(f"{e} (all of the workers' output: {where})" if where else str(e)
+                            ) from None
+    finally:
+        lines.shutdown()
+
+
+def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
+    """Runs fit() in a thread and prints each record that rank 0 reports as an epoch line;
+    a worker's exception comes back as a TrainingError naming its type and message."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fit_fn()
+        except BaseException as e:  # raised below, in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="kiln-fit", daemon=True)
+    thread.start()
+    while True:
+        alive = thread.is_alive()
+        try:
+            rec = lines.get(timeout=1.0) if alive else lines.get_nowait()
+        except (queue.Empty, Exception):
+            if not alive:
+                break
+            continue
+        console.print(f"epoch {rec['epoch']:>5}  train_loss {rec['train_loss']:.4f}  "
+                      f"{task.summary_line(rec)}  {rec['samples_per_s']:,.0f} samples/s  "
+                      f"{rec['elapsed_s']:.0f}s", highlight=False)
+    thread.join()
+    if "error" in box:
+        raise worker_error(box["error"]) from None
+    if box["result"].error:
+        raise worker_error(box["result"].error) from None
+
+
+def worker_error(error: BaseException) -> Exception:
+    """The first worker's exception as a TrainingError: 'TypeName: message'."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank, first = min(failures.items())
+        message = (str(first).strip().splitlines() or [""])[0]
+        return TrainingError(f"training failed: worker {rank} raised {type(first).__name__}: "
+                             f"{message}")
+    if isinstance(error, KeyboardInterrupt):
+        return error
+    text = str(error).strip().splitlines()
+    return TrainingError(f"training failed: {type(error).__name__}: {text[-1] if text else ''}")
