@@ -76,8 +76,8 @@ def autocast(on: bool):
 # ---------------------------------------------------------------------------------- training
 def config(kind: str, spec, batch: int, lr: float, augment: str = "none") -> WorkerConfig:
     """A worker's configuration as jobs/train.py fills it, for AdamW (weight decay 1e-4)."""
-    return WorkerConfig(kind=kind, spec={}, out="", data="", batch=batch, lr=lr,
-                        optimizer="adamw", weight_decay=1e-4, cooldown=1.0, epochs=None,
+    return WorkerConfig(kind=kind, spec=spec, out="", data="", batch=batch, lr=lr,
+                        optimizer="adamw", cooldown=1.0, epochs=None,
                         max_steps=None, time_limit_s=None,
                         augment=choose_augment("auto", spec.channels) if kind == "cnn"
                         else augment)
@@ -114,7 +114,7 @@ def step_rate(kind, spec, batch, bf16: bool, channels_last: bool, steps: int) ->
     layout = torch.channels_last if channels_last else torch.preserve_format
     if channels_last:
         model = model.to(memory_format=layout)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, 1e-4)
     task.begin_epoch()
     for i in range(steps + 5):
         if i == 5:
@@ -183,7 +183,7 @@ def fit(task, model, cfg, batches, epochs=None, budget_s=None, total_steps=1000,
     cl = DEV.type == "cuda" and task.channels_last
     layout = torch.channels_last if cl else torch.preserve_format
     model = model.to(memory_format=layout) if cl else model
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, 1e-4)
     step, epoch, start = 0, 0, time.perf_counter()
     while (epochs and epoch < epochs) or (budget_s and time.perf_counter() - start < budget_s):
         model.train()

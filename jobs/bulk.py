@@ -47,8 +47,10 @@ class BulkJob:
 
     name = ""  # "label" | "generate": the identity's "job" and the messages
     verb = ""  # "labeling" | "generating"
+    done_word = ""  # "labeled" | "generated": the progress lines
     key_columns: list[str] = []  # read back from the output to skip what is done
     rate_per_cpu = 1.0  # units of work a core does a second (jobs.connect.runs_here)
+    decodes = False  # whether a GPU actor wants CPUs of its own for decoding
     actor: type = object  # the pipelines.bulk.BulkActor subclass
 
     def __init__(self, opts, loaded):
@@ -65,6 +67,10 @@ class BulkJob:
     def settings(self, out: OutputDir, layout: Layout):
         """The actor's settings for this output and layout."""
         raise NotImplementedError
+
+    def describe(self, plan: Plan, done: set[tuple]) -> str | None:
+        """A line on what the job has to do, before it starts."""
+        return None
 
     def done_errors(self, done: set[tuple]) -> Counter:
         """Error rows by kind among the rows an earlier run wrote."""
@@ -107,12 +113,14 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
     opts, start = job.opts, time.monotonic()
     out = OutputDir(opts.output, {"job": job.name, **job.identity()}, opts.overwrite)
     done = out.prepare(job.key_columns)
-    before = set(out.parts())
+    before = set(out.parts_read)  # a part listed later but not read is late
     plan = job.plan(done)
     if done:
         console.print(f"resuming: {len(done):,} rows already in {redact(out.uri)}",
                       highlight=False)
-    progress = Progress(plan.rows, job.name, console)
+    if job.describe(plan, done):
+        console.print(job.describe(plan, done), highlight=False)
+    progress = Progress(plan.rows, job.done_word, console)
     parts: dict[str, dict] = {}
     if plan.tasks and runs_here(opts, plan.work, job.rate_per_cpu):
         workers = min(local_cpus(), len(plan.tasks))
@@ -124,7 +132,7 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
     elif plan.tasks:
         with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug)), \
                 quiet_ray_data():
-            layout = actor_layout(opts, len(plan.tasks))
+            layout = actor_layout(opts, len(plan.tasks), job.decodes)
             console.print(f"{job.verb} {len(plan.tasks):,} unit(s) with {layout.actors} "
                           f"actor(s) of {job.loaded.id}", highlight=False)
             ds = bulk_dataset(job.actor, job.settings(out, layout), plan.tasks, layout)
@@ -152,15 +160,15 @@ def quiet_ray_data():
         logger.setLevel(level)
 
 
-def actor_layout(opts, units: int) -> Layout:
+def actor_layout(opts, units: int, decodes: bool = True) -> Layout:
     """CPU: an actor per CPU free now (a job's driver holds some), or --actors of them
     sharing the CPUs, each asking 0.9 of its share so that Ray Data's own tasks always find
     room (ray#44687: a pool holding every CPU starves them), with a torch thread per whole
     CPU of its share. One torch thread an actor and as many actors as CPUs is fastest: the
     decode threads interleave with the models (2 actors on 2 CPUs label ~1.8x faster than
     one actor with a core for its model and a core for its decoding; bench/label.py).
-    GPU: one GPU per actor, and a share of its node's CPUs for decoding; with --actors the
-    pool may wait for an autoscaler to add GPUs."""
+    GPU: one GPU per actor, and (`decodes`) a share of its node's CPUs for decoding; with
+    --actors the pool may wait for an autoscaler to add GPUs."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -173,6 +181,8 @@ def actor_layout(opts, units: int) -> Layout:
                              "point --address at a cluster with GPU workers, or pass --actors N "
                              "to wait for an autoscaler to add them")
         actors = min(opts.actors or gpus, units)
+        if not decodes:
+            return Layout(actors, 1.0, 1, 1, 1)
         share = max(1, min(8, node_cpus - 1, (cpus - 1) // max(1, actors)))
         return Layout(actors, share * 0.9, 1, 1, share)
     actors = min(opts.actors or cpus, units)

@@ -11,9 +11,10 @@ import sys
 import typer
 from rich.console import Console
 
+from jobs import connect
 from jobs.options import GenerateOptions, LabelOptions, TrainOptions
 
-console = Console(stderr=True, soft_wrap=True)
+console = connect.console()
 app = typer.Typer(
     name="kiln",
     help="Train CNNs and char-RNNs with Ray Train; bulk-label images and bulk-generate text "
@@ -74,7 +75,9 @@ def run_job(fn, *args):
     except (StorageError, OutputError, FileNotFoundError, ValueError) as e:
         if DEBUG["on"]:
             raise
-        fail(str(e))
+        # A Ray task's error is also its remote exception's type, its message a traceback.
+        e = getattr(e, "cause", None) or e
+        fail(str(e) if "\n" not in str(e).strip() else one_line(e))
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume", code=130)
     except Exception as e:
@@ -283,7 +286,7 @@ def demo(
     """The whole flow on embedded data: build data sets, train, label, generate, report."""
     from jobs.demo import run_demo
 
-    run_job(run_demo, out, small)
+    run_job(run_demo, out, small, DEBUG["on"])
 
 
 def main() -> None:  # pragma: no cover

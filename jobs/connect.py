@@ -5,6 +5,7 @@ authentication stays on either way."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -46,6 +47,12 @@ def local_cpus() -> int:
 # process would do in about Ray's start-up time. Not measured above 2 CPUs.
 HERE_ALWAYS_CPUS = 4
 HERE_MAX_SECONDS = 15.0
+
+
+def aws_variables() -> dict[str, str]:
+    """This shell's AWS settings (every AWS_ variable: the S3 ones of pipelines.storage, and
+    AWS_PROFILE, AWS_CA_BUNDLE and the like), for processes on a cluster."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") and v}
 
 
 def has_cluster() -> bool:
@@ -143,10 +150,8 @@ def _init(ray, opts: RayOptions) -> None:
     if address:
         # A cluster's workers do not have this shell's S3 settings: hand them over (a Ray Job's
         # driver already runs inside the job's runtime_env, which kiln submit fills).
-        from pipelines.storage import AWS_VARS
-
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        env = {} if in_job else {k: os.environ[k] for k in AWS_VARS if os.environ.get(k)}
+        env = {} if in_job else aws_variables()
         ray.init(address=address, logging_level=logging.WARNING,
                  log_to_driver=opts.log_to_driver,
                  runtime_env={"env_vars": env} if env else None)
@@ -173,24 +178,55 @@ def console_log() -> str:
     return os.path.join(TEMP_DIR, "console.log")
 
 
+class Terminal(io.TextIOBase):
+    """kiln's own console stream: stderr as the command started, even while Ray's output is
+    sent to a log file (native_stderr_to). kiln's Rich consoles write here."""
+
+    stream = None  # the terminal's stream while stderr is redirected
+
+    def write(self, text: str) -> int:
+        return (Terminal.stream or sys.stderr).write(text)
+
+    def flush(self) -> None:
+        (Terminal.stream or sys.stderr).flush()
+
+    def isatty(self) -> bool:
+        return (Terminal.stream or sys.stderr).isatty()
+
+    def fileno(self) -> int:
+        return (Terminal.stream or sys.stderr).fileno()
+
+
+def console(**kwargs):
+    """A Rich console on the terminal's stderr (Terminal), with kiln's settings."""
+    from rich.console import Console
+
+    return Console(file=Terminal(), soft_wrap=True, **kwargs)
+
+
 @contextlib.contextmanager
 def native_stderr_to(path: str):
-    """Points file descriptor 2 (where Ray's C++ core and its loggers write) at `path` and
-    sys.stderr (where kiln's console writes) at the terminal, for the duration."""
+    """Points file descriptor 2 at `path` for the duration: Ray's C++ core, its loggers and
+    anything else writing to stderr go there; kiln's consoles keep the terminal (Terminal)."""
     sys.stderr.flush()
-    terminal = os.dup(2)
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    before = sys.stderr
-    sys.stderr = open(terminal, "w", buffering=1, closefd=False)  # noqa: SIM115
+    try:
+        terminal = os.dup(2)
+    except OSError:
+        os.close(log)
+        raise
+    Terminal.stream = open(terminal, "w", buffering=1, encoding=sys.stderr.encoding,  # noqa: SIM115
+                           errors="backslashreplace", closefd=False)
     os.dup2(log, 2)
     os.close(log)
     try:
         yield
     finally:
         sys.stderr.flush()
+        Terminal.stream.flush()
         os.dup2(terminal, 2)
         os.close(terminal)
-        sys.stderr = before
+        Terminal.stream = None
 
 
 def logs_dir() -> str | None:

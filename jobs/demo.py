@@ -12,14 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.rule import Rule
 
-from jobs import embedded
+from jobs import connect, embedded
 from jobs.connect import RayOptions, ray_session
 from jobs.options import GenerateOptions, LabelOptions, TrainOptions
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = connect.console(highlight=False)
 PROMPTS = ["def ", "class ", "import ", "    return ", "# ", "if __name__ == ", "for i in ",
            "    def __init__(self", "raise ValueError(", "with open(", "    \"\"\"", "try:\n    ",
            "self.", "elif ", "from . import ", "while True:\n", "print(", "lambda x: ",
@@ -56,7 +55,7 @@ def step(n: int, title: str) -> float:
     return time.monotonic()
 
 
-def run_demo(out: str = "demo-output", small: bool = False) -> dict:
+def run_demo(out: str = "demo-output", small: bool = False, debug: bool = False) -> dict:
     from jobs.demo_report import write_report
     from jobs.generate import run_generate
     from jobs.label import run_label
@@ -72,7 +71,7 @@ def run_demo(out: str = "demo-output", small: bool = False) -> dict:
                   f"of Python, {len(PROMPTS)} prompts")
     times["data"] = time.monotonic() - t
     runs = root / "runs"
-    with ray_session(RayOptions(include_dashboard=True)):
+    with ray_session(RayOptions(include_dashboard=True, log_to_driver=debug)):
         t = step(2, "training the digit CNN with Ray Train (2 workers)")
         run_train(TrainOptions("cnn", str(data["train_tar"]), str(runs / "digits"),
                                epochs=3 if small else 8, batch_size=64, resume=False))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from jobs import connect
 from jobs.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
 from jobs.options import GenerateOptions
 from jobs.redact import redact
@@ -22,7 +23,7 @@ CHARS_PER_CPU_S = 22_000
 
 
 class GenerateJob(BulkJob):
-    name, verb = "generate", "generating"
+    name, verb, done_word = "generate", "generating", "generated"
     key_columns = ["id"]
     rate_per_cpu = CHARS_PER_CPU_S
     actor = gen.Generator
@@ -47,6 +48,10 @@ class GenerateJob(BulkJob):
         blocks = gen.plan_blocks(self.table, done, self.opts.batch_size or self.s.lanes)
         return Plan([pack(b) for b in blocks], sum(b.num_rows for b in blocks),
                     gen.characters_to_step(blocks, self.s))
+
+    def describe(self, plan: Plan, done: set[tuple]) -> str:
+        return (f"kiln generate: {self.table.num_rows:,} prompts, {len(done):,} already "
+                f"written, {plan.rows:,} to go; model {self.loaded.id}")
 
     def settings(self, out, layout) -> gen.GenerateSettings:
         return gen.GenerateSettings(model=self.opts.model, model_id=self.loaded.id,
@@ -96,7 +101,7 @@ def sampling_of(opts: GenerateOptions) -> SamplingSettings:
 
 def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or connect.console()
     sampling = sampling_of(opts)
     prepare_process(opts)  # before the prompts are read into Arrow
     loaded = storage.load_model(opts.model, expect_kind="rnn")  # a CNN fails here, clearly

@@ -11,6 +11,7 @@ from collections import Counter
 
 from rich.console import Console
 
+from jobs import connect
 from jobs.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
 from jobs.options import LabelOptions
 from jobs.redact import redact
@@ -24,9 +25,10 @@ IMAGES_PER_CPU_S = 1300
 
 
 class LabelJob(BulkJob):
-    name, verb = "label", "labeling"
+    name, verb, done_word = "label", "labeling", "labeled"
     key_columns = ["source", "path", "label", "error"]
     rate_per_cpu = IMAGES_PER_CPU_S
+    decodes = True
     actor = LabelPredictor
 
     def __init__(self, opts: LabelOptions, loaded, units: list):
@@ -89,7 +91,7 @@ def check_label_options(opts: LabelOptions) -> None:
 
 def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or connect.console()
     check_label_options(opts)
     prepare_process(opts)
     units = sources.plan(opts.inputs)  # a missing input fails here, before torch loads

@@ -20,9 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from jobs.connect import aws_variables
 from jobs.options import SubmitOptions
 from jobs.redact import redact
-from pipelines.storage import AWS_VARS
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -163,7 +163,7 @@ def working_dir(path: str | None) -> str | None:
 def runtime_env(opts: SubmitOptions) -> dict:
     # The AWS variables set here, so that s3:// URIs work on the cluster as they do locally;
     # they travel in the job's runtime_env, never printed (jobs/redact.py).
-    env = {k: os.environ[k] for k in AWS_VARS if os.environ.get(k)}
+    env = aws_variables()
     env.update(opts.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that `kiln logs --follow` sees lines as printed
     renv: dict = {"env_vars": env}

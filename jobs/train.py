@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from rich.console import Console
 
+from jobs import connect
 from jobs.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
 from jobs.options import TrainOptions
 from jobs.train_fit import CHECKPOINTS, check_fits_here, fit
@@ -22,7 +23,7 @@ from pipelines.transforms import choose_augment
 
 
 def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    console = console or connect.console(highlight=False)
     opts = resolve(opts)
     validate(opts)
     # Workers write the run folder from their own working directories.
@@ -43,11 +44,13 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
         t0 = time.monotonic()
         data = task.prepare(opts, early)
         console.print(f"data ready in {time.monotonic() - t0:.1f}s: {data['summary']}")
-        fit(opts, data, task, console)
-    history = read_metrics(opts.out)
-    if history:
-        storage.write_bytes(storage.join(opts.out, "curves.png"),
-                            curves_png(history, task.metric_key))
+        try:
+            fit(opts, data, task, console)
+        finally:  # a failed run keeps the curves of the epochs it did
+            history = read_metrics(opts.out)
+            if history:
+                storage.write_bytes(storage.join(opts.out, "curves.png"),
+                                    curves_png(history, task.metric_key))
     best = storage.read_model_config(opts.out).get("metrics", {})
     console.print(f"[bold green]done[/]: best {task.summary_line(best)} -> {opts.out}/model")
     return {"best": best, "epochs": len(history), "out": opts.out}

@@ -75,14 +75,26 @@ def check_fits_here(opts: TrainOptions, cpus: int) -> None:
 
 
 def lost(error: BaseException) -> bool:
-    """A failure a retry can cure: a worker or node lost (killed, out of memory, preempted),
-    or storage that did not answer. Anything else (a ValueError, a bug) fails the same way
-    again, so it is raised at once."""
+    """A failure a retry can cure: a worker or node lost (killed, out of memory, preempted,
+    hung) or a connection dropped. Ray Train V2 reports a dead worker as a failed health
+    check that holds the actor's error. Anything else (a ValueError, a bug, a missing file)
+    fails the same way again, so it is raised at once."""
     import ray.exceptions as rex
 
+    try:
+        from ray.train.v2._internal.exceptions import (
+            WorkerHealthCheckFailedError,
+            WorkerHealthCheckTimeoutError,
+        )
+    except ImportError:  # another Ray: nothing is known to be lost beyond Ray's own errors
+        WorkerHealthCheckFailedError = WorkerHealthCheckTimeoutError = ()  # noqa: N806
+    if isinstance(error, WorkerHealthCheckTimeoutError):
+        return True
+    if isinstance(error, WorkerHealthCheckFailedError):
+        error = error.health_check_failure
     return isinstance(error, (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError,
                               rex.ObjectLostError, rex.OutOfMemoryError, ConnectionError,
-                              TimeoutError, OSError))
+                              TimeoutError))
 
 
 def trainer_class():
@@ -119,6 +131,22 @@ def trainer_class():
 
 def fit(opts: TrainOptions, data: dict, task, console: Console) -> None:
     import ray
+    from ray.util.queue import Queue
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    lines = Queue(actor_options={"num_cpus": 0})
+    try:
+        run_fit(opts, data, task, console, cpus, lines)
+    except TrainingError as e:
+        where = logs_dir()
+        raise TrainingError(f"{e} (all of the workers' output: {where})" if where else str(e)
+                            ) from None
+    finally:
+        lines.shutdown()
+
+
+def run_fit(opts: TrainOptions, data: dict, task, console: Console, cpus: float, lines
+            ) -> None:
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -127,13 +155,10 @@ def fit(opts: TrainOptions, data: dict, task, console: Console) -> None:
         RunConfig,
         ScalingConfig,
     )
-    from ray.util.queue import Queue
 
     from jobs.train_loop import train_loop_per_worker
 
-    cpus = ray.cluster_resources().get("CPU", 1)
     per_worker = cpus_per_worker(opts, cpus)
-    lines = Queue(actor_options={"num_cpus": 0})
     cfg = worker_config(opts, data, cpus, lines)
     # Text streams are never split (each worker picks its own by number); images are split
     # only when the training set is too large for every worker to hold it.
@@ -153,14 +178,7 @@ def fit(opts: TrainOptions, data: dict, task, console: Console) -> None:
         datasets={"train": data["train"], "val": data["val"]},
         dataset_config=DataConfig(datasets_to_split=split),
     )
-    try:
-        with_epoch_lines(trainer.fit, lines, task, console)
-    except TrainingError as e:
-        where = logs_dir()
-        raise TrainingError(f"{e} (all of the workers' output: {where})" if where else str(e)
-                            ) from None
-    finally:
-        lines.shutdown()
+    with_epoch_lines(trainer.fit, lines, task, console)
 
 
 def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
@@ -180,10 +198,13 @@ def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
         alive = thread.is_alive()
         try:
             rec = lines.get(timeout=1.0) if alive else lines.get_nowait()
-        except (queue.Empty, Exception):
+        except queue.Empty:  # ray.util.queue.Empty is one
             if not alive:
                 break
             continue
+        except Exception:  # the queue is gone: the run goes on without its epoch lines
+            thread.join()
+            break
         console.print(f"epoch {rec['epoch']:>5}  train_loss {rec['train_loss']:.4f}  "
                       f"{task.summary_line(rec)}  {rec['samples_per_s']:,.0f} samples/s  "
                       f"{rec['elapsed_s']:.0f}s", highlight=False)
@@ -194,11 +215,21 @@ def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
         raise worker_error(box["result"].error) from None
 
 
+def collateral(error: BaseException) -> bool:
+    """A torch.distributed error: what the other workers raise when one of them fails."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        w in text for w in ("gloo", "nccl", "connection closed by peer", "connection reset"))
+
+
 def worker_error(error: BaseException) -> Exception:
     """The first worker's exception as a TrainingError: 'TypeName: message'."""
     failures = getattr(error, "worker_failures", None)
-    if failures:
-        rank, first = min(failures.items())
+    if failures:  # the cause, not a peer's broken collective
+        rank, first = min(failures.items(), key=lambda kv: (collateral(kv[1]), kv[0]))
+        first = getattr(first, "health_check_failure", first)  # a lost worker's own error
         message = (str(first).strip().splitlines() or [""])[0]
         return TrainingError(f"training failed: worker {rank} raised {type(first).__name__}: "
                              f"{message}")

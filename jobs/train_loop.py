@@ -259,8 +259,9 @@ def report(w: Worker, prog: Progress, record: dict, is_best: bool) -> None:
             storage.write_bytes(storage.join(cfg.out, "metrics.jsonl"), lines.encode())
             if is_best:
                 storage.save_model(storage.join(cfg.out, "model"), files)
-            if cfg.lines is not None:  # the driver's epoch line
-                cfg.lines.put(record)
+            if cfg.lines is not None:  # the driver's epoch line, if its queue still answers
+                with contextlib.suppress(Exception):
+                    cfg.lines.put(record, timeout=5)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(record, checkpoint=ckpt,
                          checkpoint_dir_name=f"eval-{len(prog.history):04d}")

@@ -72,6 +72,7 @@ class OutputDir:
         only read the output."""
         self.uri, self.job, self.overwrite = str(uri).rstrip("/"), job, overwrite
         self.run_id = uuid.uuid4().hex[:8]
+        self.parts_read: list[str] = []
 
     def prepare(self, key_columns: list[str]) -> set[tuple]:
         """Checks the output can take this job and returns the keys already written."""
@@ -120,6 +121,7 @@ class OutputDir:
     def done_keys(self, key_columns: list[str]) -> set[tuple]:
         """Keys of every row in a complete part; a part cut short by a crash is removed."""
         done: set[tuple] = set()
+        self.parts_read = []  # what a later listing is compared with (late parts)
         for part in self.parts():
             try:
                 table = pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=key_columns)
@@ -127,6 +129,7 @@ class OutputDir:
                 storage.delete_dir(part)
                 continue
             done.update(zip(*(table.column(c).to_pylist() for c in key_columns), strict=True))
+            self.parts_read.append(part)
         return done
 
     def part_uri(self, name: str) -> str:

@@ -17,8 +17,8 @@ import pyarrow.fs as pafs
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.safetensors"
 
 GLOB_CHARS = set("*?[")
-# The standard AWS variables that S3 reads, the one list of them: kiln submit hands them to a
-# job and a local command to a cluster's workers; the secret ones are kept out of every log.
+# The standard AWS variables that S3 reads, the one list of them (jobs.redact keeps the secret
+# ones out of every log).
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
