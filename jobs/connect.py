@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -204,11 +205,19 @@ def console(**kwargs):
     return Console(file=Terminal(), soft_wrap=True, **kwargs)
 
 
+# Lines Ray writes on every run that ask nothing of the user: the C++ core's note on actor
+# restarts (ray#53727) and Train V2's placement-group watcher without a dashboard.
+ROUTINE = ("constructor arguments in the object store", "Failed to query Ray Train Controller")
+
+
 @contextlib.contextmanager
 def native_stderr_to(path: str):
     """Points file descriptor 2 at `path` for the duration: Ray's C++ core, its loggers and
-    anything else writing to stderr go there; kiln's consoles keep the terminal (Terminal)."""
+    anything else writing to stderr go there; kiln's consoles keep the terminal (Terminal).
+    Warnings and errors among them (but the routine ones) are counted on the terminal at the
+    end, with the file's name, so that none a user must act on goes unseen."""
     sys.stderr.flush()
+    start = os.path.getsize(path) if os.path.exists(path) else 0
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         terminal = os.dup(2)
@@ -227,6 +236,22 @@ def native_stderr_to(path: str):
         os.dup2(terminal, 2)
         os.close(terminal)
         Terminal.stream = None
+        notes = warnings_in(path, start)
+        if notes:
+            print(f"note: Ray wrote {notes} warning(s) or error(s) to {path}", file=sys.stderr)
+
+
+def warnings_in(path: str, start: int) -> int:
+    """Warning and error lines written to `path` past byte `start`, the routine ones left out."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return 0
+    pattern = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b| [EWF] \d+ \d+\]|Warning:")
+    return sum(1 for line in text.splitlines()
+               if pattern.search(line) and not any(r in line for r in ROUTINE))
 
 
 def logs_dir() -> str | None:
