@@ -241,6 +241,7 @@ def submit(
     """Run a kiln job on a Ray cluster through Ray Jobs (the args after --)."""
     from jobs.options import SubmitOptions
     from jobs.submit import submit as submit_job
+
     opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait)
     run_job(submit_job, opts)
 
@@ -289,14 +290,36 @@ def demo(
     run_job(run_demo, out, small, DEBUG["on"])
 
 
+def run_cli(args: list[str] | None = None) -> int:
+    """The app, with a mistyped command line as one line too: Click's own answer is a usage
+    line and a boxed message."""
+    try:  # typer 0.29 carries its own copy of Click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(args, standalone_mode=False)
+    except NoArgsIsHelpError as e:  # `kiln`, `kiln train`: their help
+        e.show()
+        return 0
+    except UsageError as e:
+        where = e.ctx.command_path if e.ctx else "kiln"
+        console.print(f"[bold red]error:[/] {e.format_message().rstrip('.')} (`{where} --help` "
+                      "lists what it takes)", highlight=False)
+        return 2
+    except typer.Abort:
+        return 130
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     from jobs.connect import quiet_ray_data_logs
 
     quiet_ray_data_logs()
     try:
-        app()
-        code = 0
+        code = run_cli()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int | None):

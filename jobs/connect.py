@@ -74,6 +74,11 @@ def check_gpu(opts) -> None:
         if not torch.cuda.is_available():
             raise ValueError("--gpu was given but this machine has no CUDA GPU; drop --gpu, "
                              "or point --address at a Ray cluster with GPU workers")
+        actors = getattr(opts, "actors", None)  # one GPU each, and no autoscaler to add any
+        if actors and actors > torch.cuda.device_count():
+            raise ValueError(f"--actors {actors} --gpu needs {actors} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}: lower --actors, or point --address "
+                             "at a Ray cluster")
 
 
 def may_run_here(opts) -> bool:

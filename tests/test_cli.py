@@ -102,6 +102,8 @@ MISTAKES = {
     "no characters to generate": (["generate", "--model", "{t}/lm", "--num-samples", "2",
                                    "--output", "{t}/gen", "--max-chars", "0"],
                                   "--max-chars must be at least 1"),
+    "a mistyped option": (["train", "cnn", "--data", "{t}/notes.txt", "--out", "{t}/run",
+                           "--lrr", "0.1"], "No such option: --lrr (Possible options: --lr"),
     "an output that is a file": (["generate", "--model", "{t}/lm", "--num-samples", "2",
                                   "--output", "{t}/notes.txt"], "is a file"),
 }
