@@ -94,12 +94,18 @@ def check_options(opts) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.actors is not None and opts.actors < 1:
         raise ValueError(f"--actors must be at least 1, got {opts.actors}")
-    if opts.actors and not opts.gpu and not (opts.address or has_cluster()) and (
-            opts.actors > 9 * local_cpus()):  # each asks at least 0.1 of 0.9 of the CPUs
-        raise ValueError(f"--actors {opts.actors} does not fit this machine's {local_cpus()} "
-                         f"CPUs (at most {9 * local_cpus()}); lower --actors, or point "
-                         "--address at a Ray cluster")
     check_gpu(opts)
+
+
+def check_fits_here(opts, tasks: int) -> None:
+    """On a local Ray the pool must fit this machine: each of min(--actors, tasks) actors
+    asks at least a tenth of a CPU (actor_layout), and a pool short of CPUs waits forever."""
+    actors = min(opts.actors or 0, tasks)
+    if opts.gpu or opts.address or has_cluster() or actors <= 9 * local_cpus():
+        return
+    raise ValueError(f"--actors {opts.actors} does not fit this machine's {local_cpus()} CPUs "
+                     f"(at most {9 * local_cpus()} actors here); lower --actors, or point "
+                     "--address at a Ray cluster")
 
 
 def prepare_process(opts) -> None:
@@ -130,6 +136,7 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
         actor = job.actor(job.settings(out, Layout(1, 1.0, 0, 1, workers)), job.loaded)
         parts = follow(run_in_threads(actor.run_task, plan.tasks, workers), progress)
     elif plan.tasks:
+        check_fits_here(opts, len(plan.tasks))
         with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug)), \
                 quiet_ray_data():
             layout = actor_layout(opts, len(plan.tasks), job.decodes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class Progress:
     step: int = 0  # optimizer steps completed
     elapsed_s: float = 0.0  # training time before this attempt
     history: list = field(default_factory=list)
-    best: float | None = None
+    best: list | None = None  # the best record's task.rank(), as a list (JSON)
 
 
 def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
@@ -53,8 +54,14 @@ def all_sum(values: torch.Tensor) -> list[float]:
     return _all_reduce(values.double()).tolist()
 
 
-def better(task, value: float, best: float | None) -> bool:
-    return best is None or (value > best if task.mode == "max" else value < best)
+def better(task, record: dict, best) -> bool:
+    """Whether a validation record beats the best so far, by the task's rank (higher is
+    better). A best saved as a bare metric by an earlier kiln ranks as that metric alone."""
+    if best is None:
+        return True
+    if not isinstance(best, list):
+        best = [best if task.mode == "max" else -best, -math.inf][:len(task.rank(record))]
+    return tuple(task.rank(record)) > tuple(best)
 
 
 def quiet_train_logs() -> None:
@@ -217,9 +224,9 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
               "val_s": round(val_s, 3), "elapsed_s": elapsed + val_s,
               "lr": w.opt.param_groups[0]["lr"]}
     prog.history.append(record)
-    is_best = better(w.task, record[w.task.metric], prog.best)
+    is_best = better(w.task, record, prog.best)
     if is_best:
-        prog.best = record[w.task.metric]
+        prog.best = list(w.task.rank(record))
     report(w, prog, record, is_best)
     # What a validation costs, checkpoint included, plans the later ones and is kept out of
     # the training steps' share of a time budget: every worker needs the same figure.

@@ -123,6 +123,12 @@ class CNNTask:
         return f"val_loss {rec['val_loss']:.4f}  val_accuracy {rec['val_accuracy']:.4f}"
 
     @staticmethod
+    def rank(rec: dict) -> tuple[float, float]:
+        """Accuracy, then loss: on a small validation set epochs often tie on accuracy, and
+        the first of them is seldom the best model."""
+        return rec["val_accuracy"], -rec["val_loss"]
+
+    @staticmethod
     def check_data(opts) -> dict:
         """Before Ray starts: the data and validation sources are image sets laid out by
         class, with enough images for a batch."""
@@ -274,6 +280,10 @@ class RNNTask:
     def summary_line(rec: dict) -> str:
         return (f"val_loss {rec.get('val_loss', float('nan')):.4f} nats/char  "
                 f"{rec.get('bits_per_char', float('nan')):.4f} bits/char")
+
+    @staticmethod
+    def rank(rec: dict) -> tuple[float]:
+        return (-rec["val_loss"],)
 
     @staticmethod
     def check_data(opts) -> dict:
