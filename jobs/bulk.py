@@ -76,8 +76,8 @@ class BulkJob:
         """Error rows by kind among the rows an earlier run wrote."""
         return Counter()
 
-    def summary(self, done: set[tuple], parts: dict[str, dict], elapsed: float) -> dict:
-        """The job's own summary fields."""
+    def summary(self, done: set[tuple], parts: dict[str, dict], common: dict) -> dict:
+        """The job's own summary fields; `common`: the shared ones, made already."""
         return {}
 
     def finish(self, out: OutputDir, summary: dict, parts: dict[str, dict],
@@ -124,8 +124,9 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
     if done:
         console.print(f"resuming: {len(done):,} rows already in {redact(out.uri)}",
                       highlight=False)
-    if job.describe(plan, done):
-        console.print(job.describe(plan, done), highlight=False)
+    line = job.describe(plan, done)
+    if line:
+        console.print(line, highlight=False)
     progress = Progress(plan.rows, job.done_word, console)
     parts: dict[str, dict] = {}
     if plan.tasks and runs_here(opts, plan.work, job.rate_per_cpu):
@@ -240,7 +241,7 @@ def make_summary(job: BulkJob, done: set[tuple], parts: dict[str, dict], elapsed
     errors = job.done_errors(done)
     for p in parts.values():
         errors.update(p["errors"])
-    return {
+    common = {
         "job": job.name,
         "model": job.loaded.id,
         "rows_in": written + len(done),
@@ -248,7 +249,6 @@ def make_summary(job: BulkJob, done: set[tuple], parts: dict[str, dict], elapsed
         "rows_resumed": len(done),
         "errors": dict(sorted(errors.items())),
         "error_rows": sum(errors.values()),
-        **job.summary(done, parts, elapsed),
         "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(written / elapsed, 1) if elapsed > 0 else 0.0,
         "parts": len(parts),
@@ -256,3 +256,4 @@ def make_summary(job: BulkJob, done: set[tuple], parts: dict[str, dict], elapsed
         "kiln_version": __version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    return {**common, **job.summary(done, parts, common)}

@@ -59,12 +59,12 @@ class GenerateJob(BulkJob):
                                     seed=self.opts.seed, gpu=self.opts.gpu,
                                     threads=layout.threads)
 
-    def summary(self, done: set[tuple], parts: dict[str, dict], elapsed: float) -> dict:
+    def summary(self, done: set[tuple], parts: dict[str, dict], common: dict) -> dict:
         # No row fails: bad prompts are handled by the policy counted here.
         chars = sum(p["chars"] for p in parts.values())
-        written = sum(p["rows"] for p in parts.values())
+        elapsed = common["elapsed_s"]
         st = self.stats
-        return {"rows_in_output": len(done) + written, "empty_prompts": st.empty,
+        return {"rows_in_output": common["rows_in"], "empty_prompts": st.empty,
                 "truncated_prompts": st.truncated, "prompts_with_unknown_chars": st.with_unknown,
                 "unknown_chars": st.unknown_chars, "chars_generated": chars,
                 "chars_per_s": round(chars / elapsed, 1) if elapsed > 0 else 0.0}

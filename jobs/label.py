@@ -54,14 +54,11 @@ class LabelJob(BulkJob):
     def done_errors(self, done: set[tuple]) -> Counter:
         return Counter(e.split(":", 1)[0] for _, _, _, e in done if e)
 
-    def summary(self, done: set[tuple], parts: dict[str, dict], elapsed: float) -> dict:
+    def summary(self, done: set[tuple], parts: dict[str, dict], common: dict) -> dict:
         labels: Counter = Counter(lab for _, _, lab, _ in done if lab is not None)
-        errors = sum(self.done_errors(done).values())
         for p in parts.values():
             labels.update(p["labels"])
-            errors += sum(p["errors"].values())
-        rows = len(done) + sum(p["rows"] for p in parts.values())
-        return {"rows_labeled": rows - errors,
+        return {"rows_labeled": common["rows_in"] - common["error_rows"],
                 "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1]))}
 
     def finish(self, out, summary: dict, parts: dict[str, dict], console: Console) -> None:

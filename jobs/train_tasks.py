@@ -134,13 +134,12 @@ class CNNTask:
         class, with enough images for a batch."""
         from pipelines.train_data import check_image_source
 
-        known = check_image_source(opts.data)
-        if opts.val:
-            check_image_source(opts.val)
+        units, known = check_image_source(opts.data)
+        val_units = check_image_source(opts.val)[0] if opts.val else []
         if known is not None and known < opts.batch_size:
             raise ValueError(f"{opts.data} holds {known} images, less than one batch of "
                              f"{opts.batch_size}: lower --batch-size")
-        return {}
+        return {"units": units, "val_units": val_units}  # planned once
 
     @staticmethod
     def prepare(opts, early: dict) -> dict:
@@ -150,7 +149,8 @@ class CNNTask:
 
         preset = ImagePreset(opts.image_size, opts.channels)
         data = image_dataset(opts.data, preset, opts.val_fraction, seed=opts.seed,
-                             shuffle_above=TRAIN_CACHE_BYTES, val_uri=opts.val)
+                             shuffle_above=TRAIN_CACHE_BYTES, val_uri=opts.val,
+                             units=early["units"], val_units=early["val_units"])
         spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean,
                        data.std)
         rows = data.train.count()

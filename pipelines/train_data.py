@@ -62,35 +62,34 @@ def _decode_unit(unit, preset: ImagePreset, val_fraction: float, held_out: bool)
     return meta, blocks[False], blocks[True]
 
 
-def check_image_source(uri: str) -> int | None:
+def check_image_source(uri: str, chunk: int = 500) -> tuple[list[sources.Unit], int | None]:
     """Fails fast, before any decoding, where `uri` cannot be image training data: a lone
     file that is not an archive or Parquet, an archive that cannot be opened, images not laid
-    out CLASS_NAME/file, fewer than two classes, Parquet without `label`. Returns how many
-    files it holds when that is known without reading them."""
+    out CLASS_NAME/file, fewer than two classes, Parquet without `label`. Returns its plan
+    (for image_dataset) and how many files it holds when that is known without reading."""
     layout = ("image training data is a directory or an archive (.tar, .tar.gz, .tgz, .zip) "
               "laid out CLASS_NAME/file.png, or Parquet with image and label columns")
-    units = sources.plan([uri], chunk=500)
+    units = sources.plan([uri], chunk=chunk)
     if any(sources.input_kind(u.source) == "file" for u in units):
         raise ValueError(f"{uri}: not a directory, an archive or a Parquet file; {layout}")
     if units and all(u.kind == "broken" for u in units):
         raise ValueError(f"{uri}: cannot be opened: {units[0].items[0]}")
-    for u in units:
-        if u.kind == "parquet":
-            fs, path = storage.filesystem(u.source)
-            with fs.open_input_file(path) as f:
-                if "label" not in pq.ParquetFile(f).schema_arrow.names:
-                    raise ValueError(f"{u.source}: Parquet training data needs a `label` "
-                                     "column; " + layout)
+    for source in dict.fromkeys(u.source for u in units if u.kind == "parquet"):
+        fs, path = storage.filesystem(source)
+        with fs.open_input_file(path) as f:
+            if "label" not in pq.ParquetFile(f).schema_arrow.names:
+                raise ValueError(f"{source}: Parquet training data needs a `label` column; "
+                                 + layout)
     paths = [p for u in units for p in (sources.unit_paths(u) or []) if u.kind != "broken"]
     if any(u.kind in ("parquet", "tarstream") for u in units):
-        return None
+        return units, None
     classes = {p.split("/", 1)[0] for p in paths if "/" in p}
     if not classes:
         raise ValueError(f"{uri}: no class folders found; {layout}")
     if len(classes) < 2:
         raise ValueError(f"{uri}: one class folder ({classes.pop()}); a classifier needs at "
                          "least two")
-    return len(paths)
+    return units, len(paths)
 
 
 @dataclass
@@ -108,21 +107,23 @@ SHUFFLE_BYTES = 2 * 1024**3  # a training set up to this size is shuffled in ful
 
 def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
                   chunk: int = 500, seed: int | None = None, shuffle_above: int = 0,
-                  val_uri: str | None = None) -> ImageData:
+                  val_uri: str | None = None, units: list | None = None,
+                  val_units: list | None = None) -> ImageData:
     """The decoded images of a source (and of a validation source), in one pass of Ray tasks,
     a unit each, whose blocks become the datasets as they are. With a seed, training rows
     above `shuffle_above` bytes in all are shuffled once (in full up to SHUFFLE_BYTES, else
     by block): a class-per-folder archive lists its classes one after another, and a worker
     that streams its shard mixes only nearby rows through its shuffle buffer. A set small
     enough for every worker to hold is left in order: the workers draw a fresh permutation of
-    it every epoch."""
+    it every epoch. `units` / `val_units`: the sources' plans, where the caller has them."""
     import ray
     import ray.data
 
-    units = sources.plan([uri], chunk=chunk)
+    units = sources.plan([uri], chunk=chunk) if units is None else units
     if not units:
         raise ValueError(f"{uri}: no images found")
-    val_units = sources.plan([val_uri], chunk=chunk) if val_uri else []
+    if val_units is None:
+        val_units = sources.plan([val_uri], chunk=chunk) if val_uri else []
     if val_uri and not val_units:
         raise ValueError(f"{val_uri}: no images found")
     task = ray.remote(num_returns=3)(_decode_unit)
