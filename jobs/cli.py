@@ -110,13 +110,10 @@ def train_cnn(
     address: str = ADDRESS,
 ):
     """Train an image classifier."""
+    given = dict(locals())  # the options, by TrainOptions' names
     from jobs.train import run_train
 
-    opts = TrainOptions("cnn", data, out, val, val_fraction, epochs, None, time_limit, batch_size,
-                        lr, workers, gpu, resume, seed, optimizer, arch=arch,
-                        image_size=image_size, channels=channels, augment=augment,
-                        address=address, debug=DEBUG["on"])
-    run_job(run_train, opts)
+    run_job(run_train, TrainOptions("cnn", **given, debug=DEBUG["on"]))
 
 
 @train_app.command("rnn", epilog="Example: kiln train rnn --data corpus.txt --out runs/chars "
@@ -148,13 +145,79 @@ def train_rnn(
     address: str = ADDRESS,
 ):
     """Train a character-level language model (char-rnn)."""
+    given = dict(locals())  # the options, by TrainOptions' names
     from jobs.train import run_train
 
-    opts = TrainOptions("rnn", data, out, val, val_fraction, epochs, max_steps, time_limit,
-                        batch_size, lr, workers, gpu, resume, seed, optimizer, cell=cell,
-                        layers=layers, hidden=hidden, embed=embed, dropout=dropout,
-                        seq_len=seq_len, address=address, debug=DEBUG["on"])
-    run_job(run_train, opts)
+    run_job(run_train, TrainOptions("rnn", **given, debug=DEBUG["on"]))
+
+
+# `kiln tune cnn|rnn` takes kiln train's options, its own signature derived from train's: the
+# options a search may vary (jobs/tune_space.py) are read as text, a value or a space.
+tune_app = typer.Typer(help="Search hyperparameters with Ray Tune: trials of kiln train.",
+                       no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
+SPACE_HELP = {str: " Searchable: a list a,b.",
+              int: " Searchable: a list a,b,c or a range LOW:HIGH[:log].",
+              float: " Searchable: a list a,b,c or a range LOW:HIGH[:log]."}
+TUNE_OPTIONS = {
+    "trials": (int, typer.Option(None, help="Trials; default: the whole grid of lists, or 8 "
+                                 "with a range.")),
+    "concurrent": (int, typer.Option(None, help="Trials at a time; default: what the "
+                                     "cluster's CPUs (GPUs) hold at --workers per trial.")),
+    "scheduler": (str, typer.Option("asha", help="asha (stops trials that fall behind at "
+                                    "its rungs, on the validation metric) or fifo.")),
+    "search_time_limit": (float, typer.Option(None, help="Minutes for the whole search.")),
+}
+TUNE_REPLACED = {
+    "out": typer.Option(..., help="Search folder: trials/, model/ (the best trial's), "
+                        "trials.parquet, tune.png."),
+    "workers": typer.Option(1, help="Ray Train workers (DDP) per trial."),
+    "resume": typer.Option(False, "--resume", help="Continue an interrupted search: finished "
+                           "trials are not run again."),
+}
+
+
+def tune_command(kind: str, train_fn):
+    import inspect
+    import typing
+
+    from jobs.tune_space import TUNABLE
+
+    hints = typing.get_type_hints(train_fn)
+
+    def command(**kw):
+        from jobs.options import TuneOptions
+        from jobs.tune import run_tune
+
+        spaces = {k: kw.pop(k) for k in TUNABLE[kind]}
+        extra = {k: kw.pop(k) for k in TUNE_OPTIONS}
+        train = TrainOptions(kind, **kw, debug=DEBUG["on"])
+        run_job(run_tune, TuneOptions(train, spaces, **extra))
+
+    params = []
+    for p in inspect.signature(train_fn).parameters.values():
+        opt = p.default
+        if p.name in TUNE_REPLACED:
+            opt = TUNE_REPLACED[p.name]
+        elif p.name in TUNABLE[kind]:
+            default = None if opt.default is None else str(opt.default)
+            opt = typer.Option(default, help=(opt.help or "") + SPACE_HELP[TUNABLE[kind][p.name]])
+        annotation = str if p.name in TUNABLE[kind] else hints[p.name]
+        params.append(p.replace(default=opt, annotation=annotation))
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t)
+               for k, (t, o) in TUNE_OPTIONS.items()]
+    command.__signature__ = inspect.Signature(
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
+    command.__doc__ = f"Search the hyperparameters of `kiln train {kind}`."
+    return command
+
+
+tune_app.command("cnn", epilog="Example: kiln tune cnn --data digits.tar --out runs/search "
+                 "--lr 1e-3:1e-1:log --batch-size 64,128 --epochs 8 --trials 8")(
+    tune_command("cnn", train_cnn))
+tune_app.command("rnn", epilog="Example: kiln tune rnn --data corpus.txt --out runs/search "
+                 "--lr 1e-3:1e-2:log --hidden 128,256 --time-limit 5")(
+    tune_command("rnn", train_rnn))
 
 
 @app.command(epilog="Example: kiln label --model runs/digits --input 'photos/*.tar' "

@@ -211,8 +211,10 @@ def console(**kwargs):
 
 
 # Lines Ray writes on every run that ask nothing of the user: the C++ core's note on actor
-# restarts (ray#53727) and Train V2's placement-group watcher without a dashboard.
-ROUTINE = ("constructor arguments in the object store", "Failed to query Ray Train Controller")
+# restarts (ray#53727), Train V2's placement-group watcher without a dashboard, and the
+# raylet's count of worker processes (kiln tune's trials are many small actors).
+ROUTINE = ("constructor arguments in the object store", "Failed to query Ray Train Controller",
+           "PYTHON worker processes have been started")
 
 
 @contextlib.contextmanager

@@ -27,6 +27,11 @@ def model_card(loaded: LoadedModel) -> Table:
     table.add_row("parameters", f"{n_params:,}")
     for key, value in (cfg.get("metrics") or {}).items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    tuned = cfg.get("tune")
+    if tuned:
+        spaces = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tuned["spaces"].items())
+        table.add_row("tuned", f"trial {tuned['trial']}, the best of {tuned['trials']} "
+                      f"(kiln tune {spaces})")
     for key in ("trained_on", "created", "kiln_version"):
         if key in cfg:
             table.add_row(key.replace("_", " "), str(cfg[key]))

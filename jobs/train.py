@@ -63,12 +63,13 @@ def resolve(opts: TrainOptions) -> TrainOptions:
     net with AdamW at 2e-3 and char-RNNs at 4e-3, held for 70% of the run, then decayed (at
     480 s of a 2x256 LSTM, 0.768 nats/char against char-rnn's constant 2e-3's 0.819).
     Without --epochs, --max-steps or --time-limit a run is 10 epochs."""
-    batch = opts.batch_size or (128 if opts.kind == "cnn" else 64)
+    batch = opts.batch_size if opts.batch_size is not None else (
+        128 if opts.kind == "cnn" else 64)  # 0 stays 0, for validate() to refuse
     optimizer = opts.optimizer
     if optimizer == "auto":
         optimizer = "sgd" if opts.kind == "cnn" and opts.arch != "mnist_cnn" else "adamw"
-    lr = opts.lr or (0.1 * batch / 128 if optimizer == "sgd" else
-                     4e-3 if opts.kind == "rnn" else 2e-3)
+    lr = opts.lr if opts.lr is not None else (0.1 * batch / 128 if optimizer == "sgd" else
+                                              4e-3 if opts.kind == "rnn" else 2e-3)
     epochs = opts.epochs
     if epochs is None and opts.max_steps is None and opts.time_limit is None:
         epochs = 10

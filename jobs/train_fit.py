@@ -147,6 +147,15 @@ def fit(opts: TrainOptions, data: dict, task, console: Console) -> None:
 
 def run_fit(opts: TrainOptions, data: dict, task, console: Console, cpus: float, lines
             ) -> None:
+    trainer = make_trainer(opts, data, cpus, cpus_per_worker(opts, cpus), lines)
+    with_epoch_lines(trainer.fit, lines, task, console)
+
+
+def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float, lines=None,
+                 callbacks: tuple = ()):
+    """The TorchTrainer of one run: `cpus` are the run's to use (its workers' torch threads),
+    `per_worker` each worker's reservation; `callbacks` Ray Train's (kiln tune's report to
+    Tune)."""
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -158,13 +167,12 @@ def run_fit(opts: TrainOptions, data: dict, task, console: Console, cpus: float,
 
     from jobs.train_loop import train_loop_per_worker
 
-    per_worker = cpus_per_worker(opts, cpus)
     cfg = worker_config(opts, data, cpus, lines)
     # Text streams are never split (each worker picks its own by number); images are split
     # only when the training set is too large for every worker to hold it.
     split = [] if opts.kind == "rnn" else ["val"] + ([] if cfg.whole_train else ["train"])
     fs, path = storage.filesystem(opts.out)
-    trainer = trainer_class()(
+    return trainer_class()(
         train_loop_per_worker,
         train_loop_config={"worker": cfg},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
@@ -174,11 +182,11 @@ def run_fit(opts: TrainOptions, data: dict, task, console: Console, cpus: float,
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
         datasets={"train": data["train"], "val": data["val"]},
         dataset_config=DataConfig(datasets_to_split=split),
     )
-    with_epoch_lines(trainer.fit, lines, task, console)
 
 
 def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -251,6 +252,7 @@ def report(w: Worker, prog: Progress, record: dict, is_best: bool) -> None:
     current: metrics.jsonl, and model/ whenever validation improves."""
     import json
 
+    import ray
     import ray.train
 
     cfg = w.cfg
@@ -270,5 +272,8 @@ def report(w: Worker, prog: Progress, record: dict, is_best: bool) -> None:
                 with contextlib.suppress(Exception):
                     cfg.lines.put(record, timeout=5)
             ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(record, checkpoint=ckpt,
+        # Ray Train hands rank 0's metrics on (to kiln tune): where it runs, with them (its
+        # node, and its process, which names its log files).
+        where = {"node": ray.get_runtime_context().get_node_id(), "worker_pid": os.getpid()}
+        ray.train.report({**record, **where}, checkpoint=ckpt,
                          checkpoint_dir_name=f"eval-{len(prog.history):04d}")

@@ -8,7 +8,7 @@ whatever the number of workers; each of W workers takes B / W of them."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -154,16 +154,29 @@ class CNNTask:
         spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean,
                        data.std)
         rows = data.train.count()
-        whole = data.train.size_bytes() <= TRAIN_CACHE_BYTES
-        per_epoch = image_steps(rows, opts.batch_size, opts.workers, whole)
-        if per_epoch < 1:
-            raise ValueError(f"{rows} training images are less than one batch of "
-                             f"{opts.batch_size}: lower --batch-size")
         skipped = "".join(f"\n  skipped {bad}" for bad in data.skipped[:5])
-        return {"train": data.train, "val": data.val, "spec": spec, "train_rows": rows,
-                "steps_per_epoch": per_epoch, "whole_train": whole,
-                "summary": f"{rows:,} train / {data.val.count():,} val images, "
-                           f"{len(data.classes)} classes, {len(data.skipped)} skipped{skipped}"}
+        return CNNTask.for_options(opts, {
+            "train": data.train, "val": data.val, "spec": spec, "train_rows": rows,
+            "whole_train": data.train.size_bytes() <= TRAIN_CACHE_BYTES,
+            "summary": f"{rows:,} train / {data.val.count():,} val images, "
+                       f"{len(data.classes)} classes, {len(data.skipped)} skipped{skipped}"})
+
+    @staticmethod
+    def data_key(opts) -> tuple:
+        """The options prepare() depends on: runs that agree on them share prepared data."""
+        return opts.image_size, opts.channels
+
+    @staticmethod
+    def for_options(opts, data: dict) -> dict:
+        """Prepared data as a run with these options takes it: its architecture, its steps an
+        epoch."""
+        per_epoch = image_steps(data["train_rows"], opts.batch_size, opts.workers,
+                                data["whole_train"])
+        if per_epoch < 1:
+            raise ValueError(f"{data['train_rows']} training images are less than one batch "
+                             f"of {opts.batch_size}: lower --batch-size")
+        return {**data, "spec": replace(data["spec"], arch=opts.arch),
+                "steps_per_epoch": per_epoch}
 
     def __init__(self, spec, cfg: WorkerConfig):
         self.index = {c: i for i, c in enumerate(spec.classes)}
@@ -321,10 +334,23 @@ class RNNTask:
         from pipelines.train_data import text_streams
 
         length = (len(early["ids"]) - 1) // early["streams"]
-        return {"train": text_streams(early["ids"], early["streams"]).materialize(),
-                "val": text_streams(early["val_ids"], early["val_streams"]).materialize(),
-                "spec": early["spec"], "train_rows": early["streams"],
-                "steps_per_epoch": text_steps(length, opts.seq_len), "summary": early["summary"]}
+        return RNNTask.for_options(opts, {
+            "train": text_streams(early["ids"], early["streams"]).materialize(),
+            "val": text_streams(early["val_ids"], early["val_streams"]).materialize(),
+            "spec": early["spec"], "train_rows": early["streams"],
+            "steps_per_epoch": text_steps(length, opts.seq_len), "summary": early["summary"]})
+
+    @staticmethod
+    def data_key(opts) -> tuple:
+        """The options the text streams depend on (the streams are the batch)."""
+        return opts.batch_size, opts.seq_len, opts.workers
+
+    @staticmethod
+    def for_options(opts, data: dict) -> dict:
+        return {**data, "spec": replace(data["spec"], cell=opts.cell, embed=opts.embed,
+                                        hidden=opts.hidden, layers=opts.layers,
+                                        dropout=opts.dropout)}
+
     VAL_CHUNK = 1000  # characters per forward pass in validation (the state carried)
 
     def __init__(self, spec, cfg: WorkerConfig):

@@ -12,8 +12,9 @@ from models import CNNSpec, build_model
 from models.checkpoint import model_to_bytes
 from pipelines import storage
 
-COMMANDS = {"train", "label", "generate", "info", "submit", "status", "logs", "stop", "list",
-            "demo"}
+COMMANDS = {"train", "tune", "label", "generate", "info", "submit", "status", "logs", "stop",
+            "list", "demo"}
+GROUPS = ("train", "tune")  # each has cnn and rnn
 
 
 def kiln(*args, **kw):
@@ -42,10 +43,12 @@ def test_help_lists_every_command():
     top = listed_commands(res.stdout)
     assert sorted(top) == sorted(COMMANDS)  # each once, none missing, none extra
     runner = CliRunner()
-    sub = runner.invoke(app, ["train", "--help"], prog_name="kiln")
-    assert sub.exit_code == 0, sub.output
-    assert sorted(listed_commands(sub.output)) == ["cnn", "rnn"]
-    for cmd in [[c] for c in sorted(COMMANDS - {"train"})] + [["train", "cnn"], ["train", "rnn"]]:
+    for group in GROUPS:
+        sub = runner.invoke(app, [group, "--help"], prog_name="kiln")
+        assert sub.exit_code == 0, sub.output
+        assert sorted(listed_commands(sub.output)) == ["cnn", "rnn"]
+    for cmd in [[c] for c in sorted(COMMANDS - set(GROUPS))] + [
+            [g, k] for g in GROUPS for k in ("cnn", "rnn")]:
         res = runner.invoke(app, [*cmd, "--help"], prog_name="kiln")
         assert res.exit_code == 0, (cmd, res.output)
         usage = next(line.strip() for line in res.output.splitlines() if "Usage:" in line)
@@ -106,6 +109,29 @@ MISTAKES = {
                            "--lrr", "0.1"], "No such option: --lrr (Possible options: --lr"),
     "an output that is a file": (["generate", "--model", "{t}/lm", "--num-samples", "2",
                                   "--output", "{t}/notes.txt"], "is a file"),
+    "a search range the wrong way round": (["tune", "cnn", "--data", "{t}/one-class.tar",
+                                            "--out", "{t}/run", "--lr", "1e-2:1e-4:log"],
+                                           "--lr: a range's low end must be below its high"),
+    "a search with nothing to search": (["tune", "rnn", "--data", "{t}/notes.txt", "--out",
+                                         "{t}/run", "--hidden", "64"], "nothing to search"),
+    "a trial that could not run": (["tune", "cnn", "--data", "{t}/one-class.tar", "--out",
+                                    "{t}/run", "--batch-size", "0,32"],
+                                   "trial t00 (--batch-size 0): --batch-size must be at least 1"),
+    "a search on data that cannot train": (["tune", "cnn", "--data", "{t}/one-class.tar",
+                                            "--out", "{t}/run", "--lr", "1e-3,1e-2"],
+                                           "one class folder (cats)"),
+    "an unknown scheduler": (["tune", "cnn", "--data", "{t}/one-class.tar", "--out", "{t}/run",
+                              "--lr", "1e-3,1e-2", "--scheduler", "pbt"],
+                             "unknown --scheduler 'pbt'; choose one of asha, fifo"),
+    "resuming a search never started": (["tune", "cnn", "--data", "{t}/one-class.tar", "--out",
+                                         "{t}/run", "--lr", "1e-3,1e-2", "--resume"],
+                                        "holds no search to resume"),
+    "more trials at once than fit": (["tune", "cnn", "--data", "{t}/one-class.tar", "--out",
+                                      "{t}/run", "--lr", "1e-3:1e-2", "--trials", "500",
+                                      "--workers", "2", "--concurrent", "500"],
+                                     "--concurrent 500 trials of --workers 2 do not fit"),
+    "a range on a choice": (["tune", "rnn", "--data", "{t}/notes.txt", "--out", "{t}/run",
+                             "--cell", "lstm:gru"], "--cell takes a value or a list"),
 }
 
 
