@@ -63,10 +63,11 @@ class Watch(threading.Thread):
                     last, mtime = json.loads(lines[-1]), f.stat().st_mtime
                 except (OSError, IndexError, ValueError):
                     continue
-                s = self.seen.setdefault(f.parent.name, {})
+                s = self.seen.setdefault(f.parent.name, {"lines": 0})
                 if last.get("worker_pid") and s.get("pid") != last["worker_pid"]:
                     s.update(pid=last["worker_pid"], gone=None)
-                s["last"] = mtime
+                if len(lines) > s["lines"]:  # a new validation (Tune rewrites the file later)
+                    s.update(lines=len(lines), last=mtime)
                 if s.get("pid") and s.get("gone") is None and not psutil.pid_exists(s["pid"]):
                     s["gone"] = time.time()
             time.sleep(0.2)
@@ -87,7 +88,8 @@ def kiln_tune(kind: str, data: list[str], out: Path, *args: str, env=None) -> di
                if s.get("gone") and any(r["trial"] == t and r["status"] == "stopped early"
                                         for r in rows)]
     return {"rows": rows, "wall": time.monotonic() - t0, "release": release,
-            "epochs": sum(r["epochs"] for r in rows)}
+            "epochs": sum(r["epochs"] for r in rows),
+            "train_s": sum(r["elapsed_s"] for r in rows)}
 
 
 def best(rows: list[dict], mode: str) -> float:
@@ -106,6 +108,11 @@ def compare(kind: str, data: list[str], tmp: Path, mode: str) -> tuple[list[str]
     note = (f"{kind}: ASHA stopped {stopped} of 8 trials early; their rank-0 workers exited "
             f"{min(rel):.1f}-{max(rel):.1f} s after the trial's last validation "
             f"({len(rel)} watched)" if rel else f"{kind}: ASHA stopped {stopped} of 8 trials")
+    # What a trial costs beside its training: the trial slots' time (2 at a time) not
+    # spent training, per trial (Ray's own start once, then each trial's TorchTrainer start).
+    over = (2 * grid["wall"] - grid["train_s"]) / 8
+    note += (f"; grid: {grid['train_s']:.0f} s of training in {grid['wall']:.0f} s, about "
+             f"{over:.0f} s a trial beside its training")
     return [f"| {kind}: best {metric} | {g:.4f} | {a:.4f} | {gap} (ASHA worse by) |",
             f"| {kind}: trial-epochs | {grid['epochs']:g} | {asha['epochs']:g} | "
             f"{asha['epochs'] / grid['epochs']:.0%} of the grid's |",

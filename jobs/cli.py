@@ -78,8 +78,8 @@ def run_job(fn, *args):
         # A Ray task's error is also its remote exception's type, its message a traceback.
         e = getattr(e, "cause", None) or e
         fail(str(e) if "\n" not in str(e).strip() else one_line(e))
-    except KeyboardInterrupt:
-        fail("interrupted; run the same command again to resume", code=130)
+    except KeyboardInterrupt as e:
+        fail(str(e) or "interrupted; run the same command again to resume", code=130)
     except Exception as e:
         if DEBUG["on"]:
             raise

@@ -83,10 +83,7 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
         layout(opts, trials, local_cpus(), 0)  # the fit is checked before Ray starts
     groups = data_groups(trials, task)
     early = {key: task.check_data(rep) for key, rep in groups.items()}
-    # Ray Train's placement-group cleaner asks the dashboard's state API whether a run's
-    # controller is gone: without it an ended trial's workers keep their CPUs.
-    with ray_session(RayOptions(address=base.address, log_to_driver=base.debug,
-                                include_dashboard=True)):
+    with ray_session(RayOptions(address=base.address, log_to_driver=base.debug)):
         import ray
 
         res = ray.cluster_resources()
@@ -101,7 +98,13 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
         if not base.resume:
             storage.write_bytes(storage.join(out, PLAN_FILE), json.dumps(state, indent=2)
                                 .encode())
+        t0 = time.monotonic()
         results = search(opts, Setup(trials, prepared, lay), task, console)
+        spent = opts.search_time_limit and time.monotonic() - t0 >= opts.search_time_limit * 60
+        if results.num_terminated + results.num_errors < len(trials) and not spent:
+            # Tune ends an interrupted search (Ctrl-C) by returning, its state saved.
+            raise KeyboardInterrupt(f"interrupted; run the same command with --resume to "
+                                    f"continue the search in {out}")
     return finish(opts, base, trials, spaces, results, task, console)
 
 
@@ -340,6 +343,10 @@ class TrialLines(tune.Callback):
         if "epoch" in result:
             self.line(trial, f"epoch {result['epoch']:>5}  train_loss {result['train_loss']:.4f}"
                       f"  {self.task.summary_line(result)}  {result['elapsed_s']:.0f}s")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        self.line(trial, f"ended at epoch {last['epoch']}" if "epoch" in last else "ended")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.line(trial, "[red]failed[/]")

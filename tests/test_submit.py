@@ -305,3 +305,20 @@ def test_ray_job_submit_runs_kiln_the_same(ray_head, small_model):
                          capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "mnist_cnn" in res.stdout and "succeeded" in res.stdout.lower()
+
+
+@pytest.mark.slow
+def test_submit_runs_a_search(ray_head, small_model):
+    """kiln tune as a Ray Job: its trials on the cluster, its folder finished."""
+    out = small_model["dir"] / "search"
+    res = kiln("submit", "--address", ray_head, "--cpus", "0", "--", "kiln", "tune", "cnn",
+               "--data", str(small_model["tar"]), "--out", str(out), "--lr", "1e-3,1e-2",
+               "--epochs", "1", "--batch-size", "16", timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCEEDED" in res.stderr
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert [(r["trial"], r["lr"], r["status"]) for r in rows] == [
+        ("t00", 1e-3, "finished"), ("t01", 1e-2, "finished")]
+    assert (out / "model" / "weights.safetensors").exists()
+    assert "best trial" in res.stdout + res.stderr  # the search's own lines, in the job's log
+
