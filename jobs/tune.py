@@ -76,11 +76,16 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
     if base.val:
         storage.check_reachable(base.val, must_exist=True)
     storage.check_reachable(out)
-    state = plan_state(base, spaces, trials)
+    state = plan_state(opts, base, spaces, trials)
     check_resume(out, state, base.resume)
     task = TASKS[base.kind]
-    if not (base.address or has_cluster()):
-        layout(opts, trials, local_cpus(), 0)  # the fit is checked before Ray starts
+    if not (base.address or has_cluster()):  # the fit is checked before Ray starts
+        gpus = 0
+        if base.gpu:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        layout(opts, trials, local_cpus(), gpus)
     groups = data_groups(trials, task)
     early = {key: task.check_data(rep) for key, rep in groups.items()}
     with ray_session(RayOptions(address=base.address, log_to_driver=base.debug)):
@@ -98,14 +103,25 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
         if not base.resume:
             storage.write_bytes(storage.join(out, PLAN_FILE), json.dumps(state, indent=2)
                                 .encode())
-        t0 = time.monotonic()
-        results = search(opts, Setup(trials, prepared, lay), task, console)
-        spent = opts.search_time_limit and time.monotonic() - t0 >= opts.search_time_limit * 60
-        if results.num_terminated + results.num_errors < len(trials) and not spent:
-            # Tune ends an interrupted search (Ctrl-C) by returning, its state saved.
+        try:
+            results = search(opts, Setup(trials, prepared, lay), task, console)
+        except KeyboardInterrupt:
+            results = None
+        if results is None or interrupted(results, opts):  # Tune returns from a Ctrl-C
             raise KeyboardInterrupt(f"interrupted; run the same command with --resume to "
                                     f"continue the search in {out}")
     return finish(opts, base, trials, spaces, results, task, console)
+
+
+def interrupted(results, opts: TuneOptions) -> bool:
+    """Whether Tune returned with trials still to run: one of them running, or any waiting
+    when no --search-time-limit (which leaves the trials it did not reach waiting) ended it."""
+    trials = getattr(results, "_experiment_analysis", None)
+    if trials is None:  # another Ray: the public counts alone
+        return results.num_terminated + results.num_errors < len(results) and \
+            not opts.search_time_limit
+    waiting = {t.status for t in trials.trials} - {"TERMINATED", "ERROR"}
+    return bool(waiting - {"PENDING"}) or bool(waiting and not opts.search_time_limit)
 
 
 def plan(opts: TuneOptions) -> tuple[TrainOptions, dict, dict]:
@@ -130,10 +146,13 @@ def plan(opts: TuneOptions) -> tuple[TrainOptions, dict, dict]:
     return base, trials, {k: opts.spaces[k] for k in spaces}
 
 
-def plan_state(base: TrainOptions, spaces: dict, trials: dict) -> dict:
-    """What makes a search the same search: --resume must find it unchanged."""
+def plan_state(opts: TuneOptions, base: TrainOptions, spaces: dict, trials: dict) -> dict:
+    """What makes a search the same search: --resume must find it unchanged (Tuner.restore
+    keeps the scheduler, concurrency and time budget it was started with)."""
     shared = {k: v for k, v in asdict(base).items()
               if k not in ("out", "resume", "address", "debug") and k not in spaces}
+    shared.update(scheduler=opts.scheduler, concurrent=opts.concurrent,
+                  search_time_limit=opts.search_time_limit)
     return {"kind": base.kind, "options": shared, "spaces": spaces,
             "trials": {tid: {k: getattr(t, k) for k in spaces} for tid, t in trials.items()}}
 
@@ -189,8 +208,11 @@ def data_groups(trials: dict, task) -> dict:
 
 def prepare(trials: dict, task, groups: dict, early: dict) -> dict:
     prepared = {key: task.prepare(rep, early[key]) for key, rep in groups.items()}
-    for t in trials.values():  # every trial's steps checked before the search starts
-        task.for_options(t, prepared[task.data_key(t)])
+    for tid, t in trials.items():  # every trial's steps checked before the search starts
+        try:
+            task.for_options(t, prepared[task.data_key(t)])
+        except ValueError as e:
+            raise ValueError(f"trial {tid}: {e}") from None
     return prepared
 
 
@@ -317,10 +339,10 @@ def max_validations(setup: Setup) -> int:
     for t in setup.trials.values():
         if t.epochs is not None:
             longest = max(longest, t.epochs)
-        elif t.time_limit is not None:
+        elif t.time_limit is not None and t.max_steps is None:  # validation by milestones
             longest = max(longest, MAX_EVALS)
-        else:
-            longest = max(longest, 100)
+        else:  # an epoch's validations until --max-steps: beyond any rung that is reached
+            return 10**6
     return longest
 
 

@@ -64,7 +64,9 @@ def trial_rows(trials: dict, spaces: dict, results, task) -> list[dict]:
             best = None
         error = None
         if result is None or not history and result.error is None:
-            status = "not run"
+            # started (its run folder exists) but stopped before its first validation
+            status = "stopped early" if result is not None and storage.exists(t.out) \
+                else "not run"
         elif result.error is not None:
             status, error = "failed", one_line(result.error)
         elif reached_end(t, history):

@@ -42,12 +42,15 @@ class Range:
     integer: bool = False
 
     def at(self, u: float):
-        """The value a share u in [0, 1) of the way along the range (in log space for log)."""
+        """The value a share u in [0, 1) of the way along the range (in log space for log).
+        An integer range is [low, high + 1) floored, so that each integer, the ends too,
+        takes its full share."""
+        high = self.high + 1 if self.integer else self.high
         if self.log:
-            x = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+            x = math.exp(math.log(self.low) + u * (math.log(high) - math.log(self.low)))
         else:
-            x = self.low + u * (self.high - self.low)
-        return min(int(self.high), max(int(self.low), round(x))) if self.integer else x
+            x = self.low + u * (high - self.low)
+        return min(int(self.high), max(int(self.low), math.floor(x))) if self.integer else x
 
 
 def flag(name: str) -> str:

@@ -62,7 +62,7 @@ def test_ranges_are_latin_hypercube_with_lists_drawn_evenly():
                                                                       math.log(1e-4)))
                     for p in plan)
     assert strata == list(range(8))
-    assert sorted(int(8 * (p["hidden"] - 64) / 448) for p in plan) == list(range(8))
+    assert sorted(int(8 * (p["hidden"] - 64) / 449) for p in plan) == list(range(8))
     assert all(isinstance(p["hidden"], int) for p in plan)
     assert sorted(p["cell"] for p in plan) == ["gru"] * 4 + ["lstm"] * 4
     assert plan_trials(spaces, 8, seed=3) == plan  # the seed fixes the plan
