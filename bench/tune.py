@@ -48,8 +48,8 @@ SPACES = {"cnn": ["--lr", "3e-4,1e-3,3e-3,1e-2", "--batch-size", "32,128", "--ep
 
 
 class Watch(threading.Thread):
-    """Polls the search's trial folders: for each rank-0 worker seen, when its trial last
-    validated (result.json written) and when its process was gone."""
+    """Polls Tune's trial folders: each trial's rank-0 worker (its pid in result.json) and
+    when its process was gone."""
 
     def __init__(self, tune_dir: Path):
         super().__init__(daemon=True)
@@ -60,14 +60,12 @@ class Watch(threading.Thread):
             for f in self.dir.glob("t*/result.json"):
                 try:
                     lines = f.read_text().splitlines()
-                    last, mtime = json.loads(lines[-1]), f.stat().st_mtime
+                    last = json.loads(lines[-1])
                 except (OSError, IndexError, ValueError):
                     continue
-                s = self.seen.setdefault(f.parent.name, {"lines": 0})
+                s = self.seen.setdefault(f.parent.name, {})
                 if last.get("worker_pid") and s.get("pid") != last["worker_pid"]:
                     s.update(pid=last["worker_pid"], gone=None)
-                if len(lines) > s["lines"]:  # a new validation (Tune rewrites the file later)
-                    s.update(lines=len(lines), last=mtime)
                 if s.get("pid") and s.get("gone") is None and not psutil.pid_exists(s["pid"]):
                     s["gone"] = time.time()
             time.sleep(0.2)
@@ -84,7 +82,10 @@ def kiln_tune(kind: str, data: list[str], out: Path, *args: str, env=None) -> di
     if proc.returncode != 0:
         raise RuntimeError(f"kiln tune failed:\n{proc.stderr[-3000:]}")
     rows = pq.read_table(out / "trials.parquet").to_pylist()
-    release = [s["gone"] - s["last"] for t, s in watch.seen.items()
+    # A trial's last validation is when its rank 0 last wrote metrics.jsonl (before it
+    # reported: Tune writes result.json later, on its own schedule).
+    release = [s["gone"] - (out / "trials" / t / "metrics.jsonl").stat().st_mtime
+               for t, s in watch.seen.items()
                if s.get("gone") and any(r["trial"] == t and r["status"] == "stopped early"
                                         for r in rows)]
     return {"rows": rows, "wall": time.monotonic() - t0, "release": release,
@@ -171,6 +172,10 @@ def main() -> None:
             rows += r
             notes += n
         print("\n".join(rows + notes), flush=True)
+        write(rows, notes)  # after each part: a cut-short run keeps what it measured
+
+
+def write(rows: list[str], notes: list[str]) -> None:
     body = "\n".join([
         "| measure | full grid (8 trials, fifo) | ASHA (same 8 trials) | ASHA vs grid |",
         "|---|---|---|---|", *rows, "",
@@ -182,7 +187,6 @@ def main() -> None:
         *[f"- {n}" for n in notes], "",
         "Command: `.venv/bin/python bench/tune.py " + " ".join(sys.argv[1:]) + "`"])
     write_section("Tuning", body)
-    print(body)
 
 
 if __name__ == "__main__":

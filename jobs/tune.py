@@ -38,7 +38,7 @@ SEARCH_STATE = "tune"  # Ray Tune's experiment folder under OUT
 PLAN_FILE = "tune.json"
 SCHEDULERS = ("asha", "fifo")
 RESERVE_CPUS = 0.25  # left to Ray Data's tasks beside every trial's workers
-ASHA_REDUCTION = 3  # a third of the trials at a rung go on to the next
+ASHA_REDUCTION = 4  # Ray's default: a quarter of the trials at a rung go on to the next
 TRIAL_DRIVER_CPUS = 0.01
 
 

@@ -105,8 +105,8 @@ def parse_spaces(kind: str, given: dict[str, str | None]) -> tuple[dict, dict]:
 
 
 def plan_trials(spaces: dict, trials: int | None, seed: int) -> list[dict]:
-    """The trials' values of the searched options, in order. Only lists: the whole grid, or
-    `trials` of its points drawn without repeats when the grid is larger. With a range:
+    """The trials' values of the searched options, in the order they run. Only lists: the
+    whole grid in a random order, or `trials` of its points drawn without repeats. With a range:
     `trials` (default 8) Latin-hypercube points, each list's values drawn as evenly."""
     if not spaces:
         raise ValueError("nothing to search: give at least one option a space, such as "
@@ -118,9 +118,9 @@ def plan_trials(spaces: dict, trials: int | None, seed: int) -> list[dict]:
     if all(isinstance(s, Choice) for s in spaces.values()):
         grid = [dict(zip(names, p, strict=True))
                 for p in itertools.product(*(spaces[n].values for n in names))]
-        if trials is None or trials >= len(grid):
-            return grid
-        return [grid[i] for i in sorted(rng.sample(range(len(grid)), trials))]
+        # In a random order: an asynchronous scheduler lets the first trials at a rung go on
+        # unopposed, and the grid's own order (its smallest values first) would pick them.
+        return rng.sample(grid, min(trials or len(grid), len(grid)))
     n = trials or DEFAULT_TRIALS
     columns = {}
     for name in names:

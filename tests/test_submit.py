@@ -318,7 +318,7 @@ def test_submit_runs_a_search(ray_head, small_model):
     assert "SUCCEEDED" in res.stderr
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert [(r["trial"], r["lr"], r["status"]) for r in rows] == [
-        ("t00", 1e-3, "finished"), ("t01", 1e-2, "finished")]
+        ("t00", 1e-2, "finished"), ("t01", 1e-3, "finished")]  # the plan's order (seed 0)
     assert (out / "model" / "weights.safetensors").exists()
     assert "best trial" in res.stdout + res.stderr  # the search's own lines, in the job's log
 
