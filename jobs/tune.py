@@ -276,7 +276,7 @@ def sweeping_placement_groups(every_s: float = 1.0):
     def sweep() -> None:
         while not stop.wait(every_s):
             try:
-                for pg in orphaned_placement_groups():
+                for pg in actor_placement_groups()[0]:
                     ray.util.remove_placement_group(pg)
             except Exception:  # an internal API of Ray: its own cleaner remains
                 return
@@ -290,10 +290,21 @@ def sweeping_placement_groups(every_s: float = 1.0):
     finally:
         stop.set()
         thread.join(5)
+        # Tune ends the last trials' actors as it returns: their groups are orphaned after.
+        deadline = time.monotonic() + 15
+        with contextlib.suppress(Exception):
+            while time.monotonic() < deadline:
+                orphaned, live = actor_placement_groups()
+                for pg in orphaned:
+                    ray.util.remove_placement_group(pg)
+                if not live:
+                    break
+                time.sleep(0.5)
 
 
-def orphaned_placement_groups() -> list:
-    """This job's live placement groups whose creating actor has died."""
+def actor_placement_groups() -> tuple[list, int]:
+    """This job's live placement groups made by an actor (Ray Train's controllers): those
+    whose actor has died, and how many are live in all."""
     import ray
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
@@ -302,14 +313,16 @@ def orphaned_placement_groups() -> list:
     job = ray.get_runtime_context().get_job_id()
     table = gcs_pb2.PlacementGroupTableData
     live = (table.PENDING, table.PREPARED, table.CREATED, table.RESCHEDULING)
-    found = []
+    found, count = [], 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         info = table.FromString(raw)
         made_by_actor = not ray.ActorID(info.creator_actor_id).is_nil()  # not the driver
-        if (made_by_actor and info.creator_actor_dead and not info.is_detached
-                and info.state in live and info.creator_job_id.hex() == job):
-            found.append(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
-    return found
+        if (made_by_actor and not info.is_detached and info.state in live
+                and info.creator_job_id.hex() == job):
+            count += 1
+            if info.creator_actor_dead:
+                found.append(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
+    return found, count
 
 
 def tune_config(opts: TuneOptions, setup: Setup, task):

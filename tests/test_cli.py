@@ -116,7 +116,7 @@ MISTAKES = {
                                          "{t}/run", "--hidden", "64"], "nothing to search"),
     "a trial that could not run": (["tune", "cnn", "--data", "{t}/one-class.tar", "--out",
                                     "{t}/run", "--batch-size", "0,32"],
-                                   "trial t00 (--batch-size 0): --batch-size must be at least 1"),
+                                   "(--batch-size 0): --batch-size must be at least 1"),
     "a search on data that cannot train": (["tune", "cnn", "--data", "{t}/one-class.tar",
                                             "--out", "{t}/run", "--lr", "1e-3,1e-2"],
                                            "one class folder (cats)"),
