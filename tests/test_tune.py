@@ -131,7 +131,7 @@ def test_search_exports_the_best_trial_and_asha_frees_the_workers(ray_local, dig
     other = TrainOptions("cnn", str(digits_files["tar"]), out, epochs=2, batch_size=64,
                          workers=1, seed=6, resume=True)
     with pytest.raises(ValueError, match="searched with other spaces"):
-        run_tune(TuneOptions(other, {"lr": "1e-3,1e-4"}))
+        run_tune(TuneOptions(other, {"lr": "1e-3,1e-4"}, concurrent=2))
 
 
 def kiln(*args: str) -> subprocess.Popen:
