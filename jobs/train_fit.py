@@ -189,6 +189,13 @@ def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float,
     )
 
 
+def epoch_line(rec: dict, task) -> str:
+    """A validation record as the console shows it (kiln train's lines, kiln tune's)."""
+    return (f"epoch {rec['epoch']:>5}  train_loss {rec['train_loss']:.4f}  "
+            f"{task.summary_line(rec)}  {rec['samples_per_s']:,.0f} samples/s  "
+            f"{rec['elapsed_s']:.0f}s")
+
+
 def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
     """Runs fit() in a thread and prints each record that rank 0 reports as an epoch line;
     a worker's exception comes back as a TrainingError naming its type and message."""
@@ -213,9 +220,7 @@ def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
         except Exception:  # the queue is gone: the run goes on without its epoch lines
             thread.join()
             break
-        console.print(f"epoch {rec['epoch']:>5}  train_loss {rec['train_loss']:.4f}  "
-                      f"{task.summary_line(rec)}  {rec['samples_per_s']:,.0f} samples/s  "
-                      f"{rec['elapsed_s']:.0f}s", highlight=False)
+        console.print(epoch_line(rec, task), highlight=False)
     thread.join()
     if "error" in box:
         raise worker_error(box["error"]) from None

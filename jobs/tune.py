@@ -29,7 +29,7 @@ from jobs import connect
 from jobs.connect import RayOptions, has_cluster, local_cpus, ray_session
 from jobs.options import TrainOptions, TuneOptions
 from jobs.train import resolve, validate
-from jobs.train_fit import make_trainer, worker_error
+from jobs.train_fit import epoch_line, make_trainer, worker_error
 from jobs.train_tasks import TASKS
 from jobs.tune_space import flag, parse_spaces, plan_trials, shown, trial_ids
 from pipelines import storage
@@ -104,7 +104,7 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
             storage.write_bytes(storage.join(out, PLAN_FILE), json.dumps(state, indent=2)
                                 .encode())
         try:
-            results = search(opts, Setup(trials, prepared, lay), task, console)
+            results = search(opts, Setup(trials, prepared, lay), task)
         except KeyboardInterrupt:
             results = None
         if results is None or interrupted(results, opts):  # Tune returns from a Ctrl-C
@@ -234,7 +234,7 @@ def run_trial(config: dict, setup: Setup) -> None:
         raise worker_error(result.error) from None
 
 
-def search(opts: TuneOptions, setup: Setup, task, console: Console):
+def search(opts: TuneOptions, setup: Setup, task):
     """Runs (or restores) the Tuner; returns its ResultGrid."""
     base = opts.train
     fs, path = storage.filesystem(base.out)
@@ -376,8 +376,7 @@ class TrialLines(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" in result:
-            self.line(trial, f"epoch {result['epoch']:>5}  train_loss {result['train_loss']:.4f}"
-                      f"  {self.task.summary_line(result)}  {result['elapsed_s']:.0f}s")
+            self.line(trial, epoch_line(result, self.task))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
