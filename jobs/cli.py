@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from jobs import connect
-from jobs.options import GenerateOptions, LabelOptions, TrainOptions
+from jobs.options import BACKBONE_LR_SCALE, GenerateOptions, LabelOptions, TrainOptions
 
 console = connect.console()
 app = typer.Typer(
@@ -39,6 +39,14 @@ OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision 
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
 
+
+INIT = typer.Option(None, help="Start from these weights: a kiln run or model folder, a "
+                    ".safetensors file or a PyTorch state dict (.pt/.pth, read with "
+                    "weights_only). When the classes (vocabulary) differ, the head starts "
+                    "fresh.")
+FREEZE = typer.Option(False, "--freeze-backbone", help="With --init: train the head alone.")
+BACKBONE_LR = typer.Option(BACKBONE_LR_SCALE, help="With --init: the loaded layers' share of "
+                           "the learning rate (the head takes all of it).")
 
 DEBUG = {"on": False}  # `kiln --debug`: tracebacks and Ray's own output on the console
 
@@ -107,6 +115,9 @@ def train_cnn(
     time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     seed: int = typer.Option(0, help="Random seed."),
+    init: str = INIT,
+    freeze_backbone: bool = FREEZE,
+    backbone_lr_scale: float = BACKBONE_LR,
     address: str = ADDRESS,
 ):
     """Train an image classifier."""
@@ -142,6 +153,9 @@ def train_rnn(
     time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     seed: int = typer.Option(0, help="Random seed."),
+    init: str = INIT,
+    freeze_backbone: bool = FREEZE,
+    backbone_lr_scale: float = BACKBONE_LR,
     address: str = ADDRESS,
 ):
     """Train a character-level language model (char-rnn)."""
@@ -273,6 +287,29 @@ def generate(
                            seed, stop, batch_size, gpu, overwrite, actors, address,
                            debug=DEBUG["on"])
     run_job(run_generate, opts)
+
+
+@app.command("eval", epilog="Example: kiln eval --model runs/digits --data test.tar "
+             "--output eval/")
+def eval_(
+    model: str = typer.Option(..., help="A trained model: the run folder or its model/ folder."),
+    data: str = typer.Option(..., help="CNN: labeled images in a training format (class-per-"
+                             "folder dir or archive, Parquet with image and label). char-RNN: "
+                             "UTF-8 text or Parquet `text`."),
+    output: str = typer.Option(..., help="Output folder: eval.json, eval.html, the scored rows "
+                               "as Parquet parts, summary.json."),
+    batch_size: int = typer.Option(128, help="Images per forward pass."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
+    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
+    address: str = ADDRESS,
+):
+    """Measure a trained model on labeled images (accuracy, per-class F1, confusion,
+    calibration) or on text (nats and bits per character)."""
+    from jobs.eval import EvalOptions, run_eval
+
+    run_job(run_eval, EvalOptions(model, data, output, batch_size, gpu, overwrite, actors,
+                                  address, debug=DEBUG["on"]))
 
 
 @app.command(epilog="Example: kiln info runs/digits")

@@ -32,6 +32,14 @@ def model_card(loaded: LoadedModel) -> Table:
         spaces = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tuned["spaces"].items())
         table.add_row("tuned", f"trial {tuned['trial']}, the best of {tuned['trials']} "
                       f"(kiln tune {spaces})")
+    init = (cfg.get("train") or {}).get("init")
+    if init:
+        how = ("the head alone trained" if init["freeze_backbone"] else
+               f"loaded layers at {init['backbone_lr_scale']:g}x the learning rate")
+        named = f" ({init['model']})" if init.get("model") else ""
+        table.add_row("started from", f"{init['from']}{named}: {init['loaded']}; {how}")
+    else:
+        table.add_row("started from", "random weights")
     for key in ("trained_on", "created", "kiln_version"):
         if key in cfg:
             table.add_row(key.replace("_", " "), str(cfg[key]))

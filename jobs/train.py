@@ -15,6 +15,7 @@ from jobs import connect
 from jobs.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
 from jobs.options import TrainOptions
 from jobs.train_fit import CHECKPOINTS, check_fits_here, fit
+from jobs.train_init import check_init
 from jobs.train_tasks import TASKS
 from models import CELLS, CNN_ARCHS
 from models.cnn import TORCHVISION_ARCHS
@@ -24,11 +25,12 @@ from pipelines.transforms import choose_augment
 
 def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
     console = console or connect.console(highlight=False)
-    opts = resolve(opts)
-    validate(opts)
     # Workers write the run folder from their own working directories.
     opts = replace(opts, out=storage.absolute(opts.out), data=storage.absolute(opts.data),
-                   val=storage.absolute(opts.val) if opts.val else None)
+                   val=storage.absolute(opts.val) if opts.val else None,
+                   init=storage.absolute(opts.init) if opts.init else None)
+    opts = resolve(opts)
+    validate(opts)
     storage.check_reachable(opts.data, must_exist=True)
     if opts.val:
         storage.check_reachable(opts.val, must_exist=True)
@@ -98,6 +100,7 @@ def validate(opts: TrainOptions) -> None:
     if not 0 < opts.val_fraction < 1 and opts.val is None:
         raise ValueError("--val-fraction must be between 0 and 1")
     check_gpu(opts)
+    check_init(opts)
     if not (opts.address or has_cluster()):
         check_fits_here(opts, local_cpus())
     if opts.kind == "cnn":

@@ -36,8 +36,14 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
     augment = choose_augment(opts.augment, opts.channels) if opts.kind == "cnn" else "none"
     if opts.kind == "cnn":
         settings["augment"] = augment
+    spec, fit = data["spec"], None
+    if opts.init:
+        from jobs.train_init import card, fit_for_run
+
+        spec, fit, source = fit_for_run(opts, spec, data.get("init_source"))
+        settings["init"] = card(opts, fit, source)
     return WorkerConfig(
-        kind=opts.kind, spec=data["spec"], out=opts.out, data=opts.data,
+        kind=opts.kind, spec=spec, out=opts.out, data=opts.data,
         batch=opts.batch_size, lr=opts.lr, optimizer=opts.optimizer,
         cooldown=1.0 if opts.optimizer == "sgd" else ADAM_COOLDOWN,
         epochs=opts.epochs, max_steps=max_steps,
@@ -48,7 +54,9 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
         augment=augment, seq_len=opts.seq_len, whole_train=data.get("whole_train", True),
         train_rows=data["train_rows"],
         cache_val=data["val"].size_bytes() / opts.workers <= VAL_CACHE_BYTES,
-        settings=settings, lines=lines)
+        settings=settings, lines=lines,
+        init=fit.state if fit else None, head=fit.head if fit else None,
+        freeze_backbone=opts.freeze_backbone, backbone_lr_scale=opts.backbone_lr_scale)
 
 
 def cpus_per_worker(opts: TrainOptions, cpus: float) -> float:

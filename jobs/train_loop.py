@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.schedule import Budget, lr_at
-from jobs.train_tasks import TASKS, WorkerConfig, make_optimizer
+from jobs.train_tasks import TASKS, WorkerConfig, make_optimizer, train_mode
 from models import build_model
 from models.checkpoint import (
     OPTIMIZER_FILE,
@@ -107,9 +107,12 @@ def train_loop_per_worker(config: dict) -> None:
     spec = cfg.spec
     task = TASKS[cfg.kind](spec, cfg)
     model = build_model(cfg.kind, spec)
-    opt = make_optimizer(model, cfg, task.weight_decay[cfg.optimizer])
-    prog = Progress()
     checkpoint = ray.train.get_checkpoint()
+    if cfg.init is not None and not checkpoint:  # --init; the head's fresh tensors stay
+        model.load_state_dict(cfg.init, strict=False)
+    opt = make_optimizer(model, cfg, task.weight_decay[cfg.optimizer])
+    train_mode(model)
+    prog = Progress()
     if checkpoint:  # resume, or a worker group restarted after a failure
         with checkpoint.as_directory() as d:
             model.load_state_dict(storage.load_model(d).model.state_dict())
@@ -170,7 +173,7 @@ def run(w: Worker, train, val, prog: Progress) -> None:
             continue
         lr = lr_at(prog.step, budget.total, cfg.lr, budget.warm, cfg.cooldown)
         for group in w.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss, n = train_step(task, w.model, w.opt, task.to_device(batch, w.device, w.layout),
                              w.autocast)
         prog.step, done = prog.step + 1, done + 1
@@ -214,7 +217,7 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
     with torch.no_grad():
         metrics = w.task.metrics(all_sum(w.task.val_sums(w.raw, val, w.device, w.layout,
                                                          w.autocast)))
-    w.raw.train()
+    train_mode(w.raw)
     val_s = time.monotonic() - t0
     total = all_sum(torch.tensor([rnd.loss_sum.item(), rnd.samples, rnd.train_s]))
     mean_s = total[2] / w.workers  # total = [loss sum, samples, seconds]
@@ -223,7 +226,7 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
               "train_loss": total[0] / max(total[1], 1), **metrics,
               "samples_per_s": total[1] / max(mean_s, 1e-9), "train_s": round(mean_s, 3),
               "val_s": round(val_s, 3), "elapsed_s": elapsed + val_s,
-              "lr": w.opt.param_groups[0]["lr"]}
+              "lr": w.opt.param_groups[-1]["lr"]}  # the head's, with --init
     prog.history.append(record)
     is_best = better(w.task, record, prog.best)
     if is_best:

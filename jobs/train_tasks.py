@@ -45,6 +45,10 @@ class WorkerConfig:
     train_rows: int = 0
     cache_val: bool = True  # the validation shard is read once and kept
     settings: dict = field(default_factory=dict)  # the user's options, for the model card
+    init: dict | None = None  # --init: the tensors to start from (models/init.py InitFit)
+    head: list | None = None  # --init: the head's tensor names
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
     lines: object = None  # a ray.util.queue.Queue: rank 0 puts each metrics record for the
     # driver's epoch line
 
@@ -65,11 +69,38 @@ def text_steps(length: int, seq_len: int) -> int:
     return max(0, (length + 1 - seq_len) // seq_len)
 
 
+def param_groups(model, cfg: WorkerConfig) -> list[dict]:
+    """One group, or with --init the loaded backbone at its share of the rate (`lr_scale`)
+    and the head at the whole rate; --freeze-backbone leaves the backbone out (and fixed)."""
+    if cfg.head is None:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    head = set(cfg.head)
+    named = list(model.named_parameters())
+    backbone = [p for n, p in named if n not in head]
+    top = {"params": [p for n, p in named if n in head], "lr_scale": 1.0}
+    if cfg.freeze_backbone:
+        for p in backbone:
+            p.requires_grad_(False)
+        return [top]
+    return [{"params": backbone, "lr_scale": cfg.backbone_lr_scale}, top]
+
+
 def make_optimizer(model, cfg: WorkerConfig, weight_decay: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True,
                                weight_decay=weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=weight_decay)
+
+
+def train_mode(model) -> None:
+    """Training mode, but for the batch norms of a frozen backbone: their statistics stay
+    the loaded ones."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
 class ImageBatches:

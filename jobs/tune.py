@@ -131,7 +131,8 @@ def plan(opts: TuneOptions) -> tuple[TrainOptions, dict, dict]:
     fixed, spaces = parse_spaces(kind, opts.spaces)
     t = opts.train
     base = replace(t, **fixed, out=storage.absolute(t.out), data=storage.absolute(t.data),
-                   val=storage.absolute(t.val) if t.val else None)
+                   val=storage.absolute(t.val) if t.val else None,
+                   init=storage.absolute(t.init) if t.init else None)
     values = plan_trials(spaces, opts.trials, base.seed)
     trials = {}
     for tid, v in zip(trial_ids(len(values)), values, strict=True):
@@ -208,6 +209,11 @@ def data_groups(trials: dict, task) -> dict:
 
 def prepare(trials: dict, task, groups: dict, early: dict) -> dict:
     prepared = {key: task.prepare(rep, early[key]) for key, rep in groups.items()}
+    for key, rep in groups.items():  # --init read here, once: trials may run on other nodes
+        if rep.init:
+            from jobs.train_init import read_init
+
+            prepared[key]["init_source"] = read_init(rep.init)
     for tid, t in trials.items():  # every trial's steps checked before the search starts
         try:
             task.for_options(t, prepared[task.data_key(t)])

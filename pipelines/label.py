@@ -39,6 +39,7 @@ SCHEMA = pa.schema([
     ("error", pa.string()),
     ("model", pa.string()),
 ])
+EVAL_SCHEMA = SCHEMA.append(pa.field("truth", pa.string()))  # kiln eval: the true class
 THUMB_PX = 96
 
 
@@ -56,6 +57,7 @@ class LabelSettings:
     decode_threads: int = 1  # background decode threads per actor
     part_rows: int = 1000  # rows per Parquet part at most
     thumbs: int = 0  # least-confident thumbnails returned per part, for the report
+    truth: bool = False  # kiln eval: each row's true class (its folder, or Parquet `label`)
 
 
 def error_kind(error: str) -> str:
@@ -123,7 +125,8 @@ class LabelPredictor(BulkActor):
         part: list[Batch] = []
         rows = index = 0
         thumbs = Thumbs(self.s.thumbs)
-        for batch in self._predicted(self._decoded(read_unit(unit, skip))):
+        records = read_unit(unit, skip, with_labels=self.s.truth)
+        for batch in self._predicted(self._decoded(records)):
             part.append(batch)
             rows += len(batch.records)
             thumbs.offer(batch)  # and drops the image bytes of every other record
@@ -162,7 +165,7 @@ class LabelPredictor(BulkActor):
         return idx.cpu().numpy(), scores.cpu().numpy()
 
     def _write_part(self, name: str, part: list[Batch], thumbs: Thumbs) -> dict:
-        table = label_table(part, self.classes, self.model_id)
+        table = label_table(part, self.classes, self.model_id, self.s.truth)
         self.parts.write(name, table)
         errors = Counter(error_kind(r.error) for b in part for r in b.records if r.error)
         top1 = np.concatenate([b.idx[:, 0] for b in part])
@@ -283,9 +286,10 @@ def prefetch(items: Iterator, pool: ThreadPoolExecutor, fn, depth: int) -> Itera
         feeder.join(timeout=5)
 
 
-def label_table(part: list[Batch], classes: np.ndarray, model_id: str) -> pa.Table:
+def label_table(part: list[Batch], classes: np.ndarray, model_id: str, truth: bool = False
+                ) -> pa.Table:
     """The DESIGN.md output table of a part: built column-wise from the prediction arrays,
-    with nulls for the rows whose error is set."""
+    with nulls for the rows whose error is set; with `truth`, each record's true class too."""
     records = [r for b in part for r in b.records]
     n = len(records)
     offsets = np.cumsum([0] + [len(b.records) for b in part[:-1]])
@@ -314,7 +318,8 @@ def label_table(part: list[Batch], classes: np.ndarray, model_id: str) -> pa.Tab
                                  mask=missing),
         pa.array([r.error for r in records], pa.string()),
         pa.array([model_id] * n, pa.string()),
-    ], schema=SCHEMA)
+    ] + ([pa.array([r.label for r in records], pa.string())] if truth else []),
+        schema=EVAL_SCHEMA if truth else SCHEMA)
 
 
 def thumbnail(data: bytes) -> str | None:

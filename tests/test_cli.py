@@ -12,8 +12,8 @@ from models import CNNSpec, build_model
 from models.checkpoint import model_to_bytes
 from pipelines import storage
 
-COMMANDS = {"train", "tune", "label", "generate", "info", "submit", "status", "logs", "stop",
-            "list", "demo"}
+COMMANDS = {"train", "tune", "label", "generate", "eval", "info", "submit", "status", "logs",
+            "stop", "list", "demo"}
 GROUPS = ("train", "tune")  # each has cnn and rnn
 
 
@@ -74,11 +74,12 @@ def test_info_on_a_bad_folder_is_one_clear_line(tmp_path):
 
 
 def mistake_inputs(tmp_path):
-    """Real inputs for the mistakes below: a one-class archive, a text file, a char-RNN."""
+    """Real inputs for the mistakes below: a one-class archive, a text file, a char-RNN and
+    a CNN."""
     import io
     import tarfile
 
-    from models import RNNSpec
+    from models import CNNSpec, RNNSpec
 
     one_class = tmp_path / "one-class.tar"
     with tarfile.open(one_class, "w") as tar:
@@ -89,6 +90,9 @@ def mistake_inputs(tmp_path):
     (tmp_path / "notes.txt").write_text("a few words\n")
     spec = RNNSpec(list("ab \n"), "gru", 4, 8, 1)
     storage.save_model(str(tmp_path / "lm"), model_to_bytes(build_model("rnn", spec), "rnn", spec))
+    spec = CNNSpec("mnist_cnn", ["cats", "dogs"])
+    storage.save_model(str(tmp_path / "cnn"), model_to_bytes(build_model("cnn", spec), "cnn",
+                                                             spec))
     return tmp_path
 
 
@@ -130,6 +134,12 @@ MISTAKES = {
                                       "{t}/run", "--lr", "1e-3:1e-2", "--trials", "500",
                                       "--workers", "2", "--concurrent", "500"],
                                      "--concurrent 500 trials of --workers 2 do not fit"),
+    "a CNN scored on text": (["eval", "--model", "{t}/cnn", "--data", "{t}/notes.txt",
+                              "--output", "{t}/gen"],
+                             "notes.txt: not a directory, an archive or a Parquet file"),
+    "a char-RNN scored on missing text": (["eval", "--model", "{t}/lm", "--data",
+                                           "{t}/missing.txt", "--output", "{t}/gen"],
+                                          "missing.txt"),
     "a range on a choice": (["tune", "rnn", "--data", "{t}/notes.txt", "--out", "{t}/run",
                              "--cell", "lstm:gru"], "--cell takes a value or a list"),
 }

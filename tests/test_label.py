@@ -27,6 +27,7 @@ from pipelines.label import SCHEMA, LabelPredictor, LabelSettings, make_tasks
 from pipelines.sink import OutputDir, OutputError
 from pipelines.transforms import ImagePreset, augment_batch, decode
 from tests import image_cases as ic
+from tests.plain_fit import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
@@ -46,16 +47,10 @@ def trained(digits_files, tmp_path_factory):
                       "shift")
     y = torch.tensor([CLASSES.index(r.label) for r in recs])
     model = build_cnn("mnist_cnn", 10, 1, 28)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(2):
-        for idx in torch.randperm(len(y)).split(64):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    loss = fit(model, x, y)
     folder = tmp_path_factory.mktemp("model") / "run"
-    storage.save_model(str(folder / "model"), model_to_bytes(model.eval(), "cnn", spec,
-                                                         {"metrics": {"loss": loss.item()}}))
+    storage.save_model(str(folder / "model"), model_to_bytes(model, "cnn", spec,
+                                                         {"metrics": {"loss": loss}}))
     return folder
 
 

@@ -1,0 +1,188 @@
+"""`kiln eval`: measure a trained model on labeled data.
+
+A CNN scores a labeled image set (any training format: a class-per-folder directory or
+archive, or Parquet with image and label) through the same bulk driver, actors and decode as
+`kiln label` (so the same error rows, parts, resume and in-process rule for small jobs), each
+row also holding its true class; once every row is written the figures go to
+OUTPUT/eval.json and OUTPUT/eval.html (jobs/eval_report.py). A char-RNN reads text and
+reports nats and bits per character over the whole of it, its state carried from the first
+character to the last, as char-rnn evaluates."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from jobs import connect
+from jobs.bulk import check_options, prepare_process, run_bulk
+from jobs.label import LabelJob
+from jobs.redact import redact
+from pipelines import storage
+from pipelines.label import LabelSettings
+from pipelines.sink import OutputDir
+
+EVAL_FILE, PAGE_FILE = "eval.json", "eval.html"
+COLUMNS = ["source", "path", "label", "confidence", "top_labels", "error", "truth"]
+STREAM_CHARS = 10_000  # a char-RNN reads the text as streams of at least this many characters
+MAX_STREAMS = 64
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    data: str
+    output: str
+    batch_size: int = 128
+    gpu: bool = False
+    overwrite: bool = False
+    actors: int | None = None
+    address: str | None = None
+    debug: bool = False
+
+
+class EvalJob(LabelJob):
+    name, verb, done_word = "eval", "scoring", "scored"
+
+    def identity(self) -> dict:
+        return {"model": self.loaded.id, "data": self.opts.data}
+
+    def settings(self, out, layout) -> LabelSettings:
+        o = self.opts
+        return LabelSettings(o.model, out.uri, out.run_id, 5, o.batch_size, o.gpu,
+                             threads=layout.threads, decode_threads=layout.decode_threads,
+                             truth=True)
+
+    def finish(self, out: OutputDir, summary: dict, parts: dict, console: Console) -> None:
+        from jobs.eval_report import image_metrics, mistakes, render
+        from pipelines.label import fetch_thumbnails
+
+        rows = read_rows(out)
+        good = [r for r in rows if r["error"] is None and r["truth"] is not None]
+        figures = image_metrics([r["truth"] for r in good], [r["label"] for r in good],
+                                [r["confidence"] for r in good],
+                                [r["top_labels"] for r in good], list(self.loaded.spec.classes))
+        figures["unlabeled_rows"] = sum(r["error"] is None and r["truth"] is None for r in rows)
+        sheet = mistakes(good)
+        thumbs = fetch_thumbnails([(r["source"], r["path"]) for r in sheet]) if sheet else {}
+        for r in sheet:
+            r["image"] = thumbs.get((r["source"], r["path"]))
+        record = {"kind": "cnn", "model": self.loaded.id, "data": redact(self.opts.data),
+                  "error_rows": summary["error_rows"], **figures}
+        storage.write_bytes(storage.join(out.uri, EVAL_FILE), json.dumps(record, indent=1).encode())
+        storage.write_bytes(storage.join(out.uri, PAGE_FILE),
+                            render(summary, figures, sheet).encode())
+        summary["eval"] = {k: figures[k] for k in ("images", "accuracy", "top5_accuracy", "ece")}
+        summary["eval"]["macro_f1"] = figures["macro"]["f1"]
+        console.print(class_table(figures))
+
+    def totals(self, summary: dict) -> str:
+        f = summary["eval"]
+        errors = ", ".join(f"{k} {v:,}" for k, v in summary["errors"].items()) or "none"
+        return (f"[bold]done:[/] {f['images']:,} images scored, {summary['error_rows']:,} "
+                f"error rows ({errors}): accuracy {f['accuracy']:.4f}, top-5 "
+                f"{f['top5_accuracy']:.4f}, macro F1 {f['macro_f1']:.4f}, ECE {f['ece']:.4f} "
+                f"in {summary['elapsed_s']:.1f} s -> {redact(self.opts.output)}/{EVAL_FILE}")
+
+
+def read_rows(out: OutputDir) -> list[dict]:
+    rows = []
+    for part in out.parts():
+        rows += pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=COLUMNS).to_pylist()
+    return rows
+
+
+def class_table(figures: dict) -> Table:
+    table = Table(title="per class", title_justify="left")
+    for name in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    for r in figures["per_class"]:
+        name = r["class"] + ("" if r["seen_in_training"] else " (not a class of the model)")
+        table.add_row(name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                      f"{r['support']:,}")
+    return table
+
+
+def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
+    """Runs the evaluation; returns its summary (OUTPUT/summary.json; the figures are in
+    OUTPUT/eval.json)."""
+    console = console or connect.console()
+    check_options(opts)
+    opts = replace(opts, data=storage.absolute(opts.data))  # actors read it from elsewhere
+    kind = storage.read_model_config(opts.model)["kind"]
+    if kind == "rnn":
+        return eval_text(opts, console)
+    from pipelines.train_data import check_image_source
+
+    prepare_process(opts)
+    units, _ = check_image_source(opts.data)  # the layout's mistakes, before torch loads
+    loaded = storage.load_model(opts.model, expect_kind="cnn")
+    return run_bulk(EvalJob(opts, loaded, units), console)
+
+
+def eval_text(opts: EvalOptions, console: Console) -> dict:
+    """nats/char and bits/char of a char-RNN over the whole text, in this process."""
+    import torch
+
+    from pipelines.train_data import read_text
+
+    start = time.monotonic()
+    text = read_text(opts.data)
+    loaded = storage.load_model(opts.model, expect_kind="rnn")
+    out = OutputDir(opts.output, {"job": "eval", "model": loaded.id, "data": opts.data},
+                    opts.overwrite)
+    out.prepare([])
+    torch.set_num_threads(connect.local_cpus())
+    nats, chars, streams = text_loss(loaded.model, loaded.vocab.encode(text))
+    record = {"kind": "rnn", "model": loaded.id, "data": redact(opts.data), "characters": chars,
+              "nats_per_char": nats, "bits_per_char": nats / math.log(2),
+              "unknown_chars": loaded.vocab.count_unknown(text), "streams": streams}
+    storage.write_bytes(storage.join(out.uri, EVAL_FILE), json.dumps(record, indent=1).encode())
+    elapsed = time.monotonic() - start
+    summary = {"job": "eval", "model": loaded.id, "eval": record,
+               "elapsed_s": round(elapsed, 3), "arguments": {"model": redact(opts.model),
+                                                             "data": redact(opts.data)}}
+    out.write_summary(summary)
+    unknown = record["unknown_chars"]
+    console.print(f"[bold]done:[/] {chars:,} characters: {nats:.4f} nats/char, "
+                  f"{record['bits_per_char']:.4f} bits/char ({unknown:,} characters the model's "
+                  f"vocabulary lacks, read as unknown) in {elapsed:.1f} s -> "
+                  f"{redact(opts.output)}/{EVAL_FILE}", highlight=False)
+    return summary
+
+
+def text_loss(model, ids: list[int], chunk: int = 1000) -> tuple[float, int, int]:
+    """(mean nats per predicted character, characters predicted, streams): every character
+    after the first is predicted from all before it in its stream. A long text is cut into
+    up to MAX_STREAMS streams of STREAM_CHARS or more, stepped side by side; the last
+    stream's state carries on through the few characters left over."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.tensor(ids, dtype=torch.int64)
+    if len(x) < 2:
+        raise ValueError("the text is too short to score: it needs two characters")
+    streams = max(1, min(MAX_STREAMS, (len(x) - 1) // STREAM_CHARS))
+    length = (len(x) - 1) // streams
+    batch = torch.stack([x[i * length : (i + 1) * length + 1] for i in range(streams)])
+    total, state = torch.zeros((), dtype=torch.float64), None
+    model.eval()
+    with torch.inference_mode():
+        for a in range(0, length, chunk):
+            piece = batch[:, a : a + chunk + 1]  # (S, <= chunk + 1)
+            logits, state = model(piece[:, :-1], state)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                     piece[:, 1:].reshape(-1), reduction="sum").double()
+        tail = x[streams * length :]  # starts at the last stream's final character
+        if len(tail) > 1:
+            last = tuple(s[:, -1:].contiguous() for s in state) if isinstance(state, tuple) \
+                else state[:, -1:].contiguous()
+            logits, _ = model(tail[None, :-1], last)
+            total += F.cross_entropy(logits[0].float(), tail[1:], reduction="sum").double()
+    return float(total) / (len(x) - 1), len(x) - 1, streams

@@ -1,0 +1,88 @@
+"""`kiln train --init URI`: where the starting weights come from (a kiln run or model folder,
+a .safetensors file, a .pt/.pth state dict; local or s3://), checked against the run's
+architecture before Ray starts and fitted to its classes or vocabulary once the data is known
+(models/init.py)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+from pipelines import storage
+
+STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+@functools.lru_cache(maxsize=4)
+def read_init(uri: str):
+    """The InitSource at a URI: read once per process (a search's trials share it)."""
+    from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, parse_config
+    from models.init import InitSource, state_from_bytes
+
+    folder = storage.model_dir(uri)
+    if storage.exists(storage.join(folder, CONFIG_FILE)):
+        config = parse_config(storage.read_bytes(storage.join(folder, CONFIG_FILE)),
+                              storage.join(folder, CONFIG_FILE))
+        weights = storage.join(folder, WEIGHTS_FILE)
+        return InitSource(uri, state_from_bytes(storage.read_bytes(weights), weights),
+                          config["kind"], config.get("spec"), config.get("id"))
+    if not uri.lower().endswith(STATE_SUFFIXES):
+        raise ValueError(f"--init {uri}: not a kiln run or model folder, nor a weights file "
+                         f"({', '.join(STATE_SUFFIXES)})")
+    if not storage.exists(uri):
+        raise storage.StorageError(f"--init {uri}: not found")
+    return InitSource(uri, state_from_bytes(storage.read_bytes(uri), uri))
+
+
+def placeholder_spec(opts, source):
+    """The run's spec before its data is read: the architecture is the options', the classes
+    or vocabulary the source's where it has them (only the head depends on them)."""
+    from models import CNNSpec, RNNSpec
+
+    known = source.spec if source.kind == opts.kind else None
+    if opts.kind == "cnn":
+        classes = (known or {}).get("classes") or ["a", "b"]
+        return CNNSpec(opts.arch, list(classes), opts.channels, opts.image_size)
+    vocab = (known or {}).get("vocab") or ["a", "b"]
+    return RNNSpec(list(vocab), opts.cell, opts.embed, opts.hidden, opts.layers, opts.dropout)
+
+
+def check_init(opts) -> None:
+    """Before Ray starts: the source is readable and fits the architecture (the head aside)."""
+    if opts.init is None:
+        if opts.freeze_backbone:
+            raise ValueError("--freeze-backbone needs --init: a backbone to keep")
+        return
+    if not 0 < opts.backbone_lr_scale <= 1:
+        raise ValueError(f"--backbone-lr-scale must be in (0, 1], got {opts.backbone_lr_scale}")
+    from models import build_model
+    from models.init import fit_init
+
+    source = read_init(opts.init)
+    spec = placeholder_spec(opts, source)
+    fit_init(source, build_model(opts.kind, spec), opts.kind, spec)
+
+
+def fit_for_run(opts, spec, source=None):
+    """(the run's spec, InitFit, InitSource) once the data has made the spec. A CNN from a
+    kiln model of the same channels keeps that model's input normalization: its layers were
+    trained on it.
+    `source`: the InitSource where the caller read it already (a search's trial actors may
+    run on nodes that cannot see the driver's files)."""
+    from models import build_model
+    from models.init import fit_init
+
+    source = source or read_init(opts.init)
+    if opts.kind == "cnn" and source.kind == "cnn" and source.spec and \
+            source.spec.get("channels") == spec.channels:
+        spec = replace(spec, mean=list(source.spec["mean"]), std=list(source.spec["std"]))
+    return spec, fit_init(source, build_model(opts.kind, spec), opts.kind, spec), source
+
+
+def card(opts, fit, source) -> dict:
+    """The model card's record of where the weights started."""
+    from jobs.redact import redact
+
+    return {"from": redact(opts.init), "model": source.model_id, "loaded": fit.describe(),
+            "fresh": fit.fresh, "freeze_backbone": opts.freeze_backbone,
+            "backbone_lr_scale": None if opts.freeze_backbone else opts.backbone_lr_scale}
