@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/label.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/tune.py
+	$(BIN)/python bench/finetune.py
 
 clean:
 	rm -rf demo-output .pytest_cache
