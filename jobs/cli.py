@@ -42,8 +42,9 @@ ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
 
 INIT = typer.Option(None, help="Start from these weights: a kiln run or model folder, a "
                     ".safetensors file or a PyTorch state dict (.pt/.pth, read with "
-                    "weights_only). When the classes (vocabulary) differ, the head starts "
-                    "fresh.")
+                    "weights_only). When the classes (vocabulary) differ, the head is "
+                    "replaced: a kiln model's rows of shared classes are carried, new ones "
+                    "start fresh.")
 FREEZE = typer.Option(False, "--freeze-backbone", help="With --init: train the head alone.")
 BACKBONE_LR = typer.Option(BACKBONE_LR_SCALE, help="With --init: the loaded layers' share of "
                            "the learning rate (the head takes all of it).")

@@ -10,12 +10,14 @@ character to the last, as char-rnn evaluates."""
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import math
 import time
 from dataclasses import dataclass, replace
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
@@ -60,16 +62,20 @@ class EvalJob(LabelJob):
                              truth=True)
 
     def finish(self, out: OutputDir, summary: dict, parts: dict, console: Console) -> None:
-        from jobs.eval_report import image_metrics, mistakes, render
+        from jobs.eval_report import image_metrics, render
         from pipelines.label import fetch_thumbnails
 
-        rows = read_rows(out)
-        good = [r for r in rows if r["error"] is None and r["truth"] is not None]
-        figures = image_metrics([r["truth"] for r in good], [r["label"] for r in good],
-                                [r["confidence"] for r in good],
-                                [r["top_labels"] for r in good], list(self.loaded.spec.classes))
-        figures["unlabeled_rows"] = sum(r["error"] is None and r["truth"] is None for r in rows)
-        sheet = mistakes(good)
+        scored = read_scored(out)
+        if not scored["truth"]:
+            raise ValueError(f"nothing to score: every row of {redact(self.opts.data)} is an "
+                             f"error row ({summary['error_rows']:,}) or has no class "
+                             f"({scored['unlabeled']:,}); the rows are in "
+                             f"{redact(self.opts.output)}")
+        figures = image_metrics(scored["truth"], scored["pred"], scored["conf"],
+                                scored["top5"], list(self.loaded.spec.classes))
+        figures["unlabeled_rows"] = scored["unlabeled"]
+        sheet = [dict(zip(("confidence", "source", "path", "label", "truth"), m, strict=True))
+                 for m in sorted(scored["mistakes"], reverse=True)]
         thumbs = fetch_thumbnails([(r["source"], r["path"]) for r in sheet]) if sheet else {}
         for r in sheet:
             r["image"] = thumbs.get((r["source"], r["path"]))
@@ -91,11 +97,31 @@ class EvalJob(LabelJob):
                 f"in {summary['elapsed_s']:.1f} s -> {redact(self.opts.output)}/{EVAL_FILE}")
 
 
-def read_rows(out: OutputDir) -> list[dict]:
-    rows = []
+def read_scored(out: OutputDir) -> dict:
+    """The scored rows, a part at a time (an eval set of millions is not held as rows):
+    true and predicted classes, confidences, top-5 hits, the rows without a class, and the
+    SHEET most confident mistakes as (confidence, source, path, label, truth)."""
+    from jobs.eval_report import SHEET, TOP
+
+    got: dict = {"truth": [], "pred": [], "conf": [], "top5": [], "unlabeled": 0,
+                 "mistakes": []}
     for part in out.parts():
-        rows += pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=COLUMNS).to_pylist()
-    return rows
+        t = pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=COLUMNS)
+        t = t.filter(pc.is_null(t["error"]))
+        got["unlabeled"] += t.num_rows - t["truth"].drop_null().length()
+        t = t.filter(pc.is_valid(t["truth"]))
+        truth, pred = t["truth"].to_pylist(), t["label"].to_pylist()
+        conf = t["confidence"].to_pylist()
+        tops = t["top_labels"].to_pylist()
+        got["truth"] += truth
+        got["pred"] += pred
+        got["conf"] += conf
+        got["top5"] += [y in k[:TOP] for y, k in zip(truth, tops, strict=True)]
+        wrong = [(c, s, p, yhat, y) for c, s, p, yhat, y in zip(
+            conf, t["source"].to_pylist(), t["path"].to_pylist(), pred, truth, strict=True)
+            if yhat != y]
+        got["mistakes"] = heapq.nlargest(SHEET, got["mistakes"] + wrong)
+    return got
 
 
 def class_table(figures: dict) -> Table:
@@ -121,7 +147,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     from pipelines.train_data import check_image_source
 
     prepare_process(opts)
-    units, _ = check_image_source(opts.data)  # the layout's mistakes, before torch loads
+    units, _ = check_image_source(opts.data, min_classes=1)  # before torch loads
     loaded = storage.load_model(opts.model, expect_kind="cnn")
     return run_bulk(EvalJob(opts, loaded, units), console)
 
@@ -139,7 +165,8 @@ def eval_text(opts: EvalOptions, console: Console) -> dict:
                     opts.overwrite)
     out.prepare([])
     torch.set_num_threads(connect.local_cpus())
-    nats, chars, streams = text_loss(loaded.model, loaded.vocab.encode(text))
+    device = torch.device("cuda" if opts.gpu else "cpu")  # in this process, Ray or not
+    nats, chars, streams = text_loss(loaded.model.to(device), loaded.vocab.encode(text), device)
     record = {"kind": "rnn", "model": loaded.id, "data": redact(opts.data), "characters": chars,
               "nats_per_char": nats, "bits_per_char": nats / math.log(2),
               "unknown_chars": loaded.vocab.count_unknown(text), "streams": streams}
@@ -157,7 +184,8 @@ def eval_text(opts: EvalOptions, console: Console) -> dict:
     return summary
 
 
-def text_loss(model, ids: list[int], chunk: int = 1000) -> tuple[float, int, int]:
+def text_loss(model, ids: list[int], device=None, chunk: int = 1000
+              ) -> tuple[float, int, int]:
     """(mean nats per predicted character, characters predicted, streams): every character
     after the first is predicted from all before it in its stream. A long text is cut into
     up to MAX_STREAMS streams of STREAM_CHARS or more, stepped side by side; the last
@@ -165,13 +193,13 @@ def text_loss(model, ids: list[int], chunk: int = 1000) -> tuple[float, int, int
     import torch
     import torch.nn.functional as F
 
-    x = torch.tensor(ids, dtype=torch.int64)
+    x = torch.tensor(ids, dtype=torch.int64, device=device)
     if len(x) < 2:
         raise ValueError("the text is too short to score: it needs two characters")
     streams = max(1, min(MAX_STREAMS, (len(x) - 1) // STREAM_CHARS))
     length = (len(x) - 1) // streams
     batch = torch.stack([x[i * length : (i + 1) * length + 1] for i in range(streams)])
-    total, state = torch.zeros((), dtype=torch.float64), None
+    total, state = torch.zeros((), dtype=torch.float64, device=device), None
     model.eval()
     with torch.inference_mode():
         for a in range(0, length, chunk):

@@ -13,9 +13,9 @@ from rich.console import Console
 
 from jobs import connect
 from jobs.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
-from jobs.options import TrainOptions
+from jobs.options import BACKBONE_LR_SCALE, TrainOptions
 from jobs.train_fit import CHECKPOINTS, check_fits_here, fit
-from jobs.train_init import check_init
+from jobs.train_init import check_init, resumed_init
 from jobs.train_tasks import TASKS
 from models import CELLS, CNN_ARCHS
 from models.cnn import TORCHVISION_ARCHS
@@ -30,6 +30,11 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
                    val=storage.absolute(opts.val) if opts.val else None,
                    init=storage.absolute(opts.init) if opts.init else None)
     opts = resolve(opts)
+    resuming = opts.resume and storage.exists(storage.join(opts.out, CHECKPOINTS))
+    prior = resumed_init(opts) if resuming else None
+    if resuming:  # the run's checkpoint holds its weights and layout: --init is not read again
+        opts = replace(opts, init=None, freeze_backbone=False,
+                       backbone_lr_scale=BACKBONE_LR_SCALE)
     validate(opts)
     storage.check_reachable(opts.data, must_exist=True)
     if opts.val:
@@ -45,6 +50,8 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
     with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug)):
         t0 = time.monotonic()
         data = task.prepare(opts, early)
+        if prior:
+            data["resumed_init"] = prior
         console.print(f"data ready in {time.monotonic() - t0:.1f}s: {data['summary']}")
         try:
             fit(opts, data, task, console)
@@ -100,7 +107,6 @@ def validate(opts: TrainOptions) -> None:
     if not 0 < opts.val_fraction < 1 and opts.val is None:
         raise ValueError("--val-fraction must be between 0 and 1")
     check_gpu(opts)
-    check_init(opts)
     if not (opts.address or has_cluster()):
         check_fits_here(opts, local_cpus())
     if opts.kind == "cnn":
@@ -126,6 +132,7 @@ def validate(opts: TrainOptions) -> None:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not 0 <= opts.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {opts.dropout}")
+    check_init(opts)  # last: it reads the source, and builds the model the options describe
 
 
 OPTIMIZERS = ("sgd", "adamw")

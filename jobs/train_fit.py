@@ -36,11 +36,18 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
     augment = choose_augment(opts.augment, opts.channels) if opts.kind == "cnn" else "none"
     if opts.kind == "cnn":
         settings["augment"] = augment
-    spec, fit = data["spec"], None
-    if opts.init:
+    spec, init, head = data["spec"], None, None
+    freeze, scale = opts.freeze_backbone, opts.backbone_lr_scale
+    if data.get("resumed_init"):  # its checkpoint holds the weights; its start, the layout
+        from jobs.train_init import resumed_layout
+
+        spec, head, freeze, scale = resumed_layout(spec, data["resumed_init"])
+        settings["init"] = data["resumed_init"]["card"]
+    elif opts.init:
         from jobs.train_init import card, fit_for_run
 
         spec, fit, source = fit_for_run(opts, spec, data.get("init_source"))
+        init, head = fit.state, fit.head
         settings["init"] = card(opts, fit, source)
     return WorkerConfig(
         kind=opts.kind, spec=spec, out=opts.out, data=opts.data,
@@ -55,8 +62,7 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
         train_rows=data["train_rows"],
         cache_val=data["val"].size_bytes() / opts.workers <= VAL_CACHE_BYTES,
         settings=settings, lines=lines,
-        init=fit.state if fit else None, head=fit.head if fit else None,
-        freeze_backbone=opts.freeze_backbone, backbone_lr_scale=opts.backbone_lr_scale)
+        init=init, head=head, freeze_backbone=freeze, backbone_lr_scale=scale)
 
 
 def cpus_per_worker(opts: TrainOptions, cpus: float) -> float:

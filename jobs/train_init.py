@@ -49,12 +49,20 @@ def placeholder_spec(opts, source):
 
 def check_init(opts) -> None:
     """Before Ray starts: the source is readable and fits the architecture (the head aside)."""
+    from jobs.options import BACKBONE_LR_SCALE
+
+    scaled = opts.backbone_lr_scale != BACKBONE_LR_SCALE
     if opts.init is None:
-        if opts.freeze_backbone:
-            raise ValueError("--freeze-backbone needs --init: a backbone to keep")
+        for given, flag in ((opts.freeze_backbone, "--freeze-backbone"),
+                            (scaled, "--backbone-lr-scale")):
+            if given:
+                raise ValueError(f"{flag} needs --init: a backbone to start from")
         return
     if not 0 < opts.backbone_lr_scale <= 1:
         raise ValueError(f"--backbone-lr-scale must be in (0, 1], got {opts.backbone_lr_scale}")
+    if scaled and opts.freeze_backbone:
+        raise ValueError("--backbone-lr-scale does not apply with --freeze-backbone (the "
+                         "backbone does not train): give one of them")
     from models import build_model
     from models.init import fit_init
 
@@ -69,6 +77,8 @@ def fit_for_run(opts, spec, source=None):
     trained on it.
     `source`: the InitSource where the caller read it already (a search's trial actors may
     run on nodes that cannot see the driver's files)."""
+    import torch
+
     from models import build_model
     from models.init import fit_init
 
@@ -76,7 +86,36 @@ def fit_for_run(opts, spec, source=None):
     if opts.kind == "cnn" and source.kind == "cnn" and source.spec and \
             source.spec.get("channels") == spec.channels:
         spec = replace(spec, mean=list(source.spec["mean"]), std=list(source.spec["std"]))
-    return spec, fit_init(source, build_model(opts.kind, spec), opts.kind, spec), source
+    with torch.random.fork_rng():  # a carried head's new rows: the same for the same --seed
+        torch.manual_seed(opts.seed)
+        model = build_model(opts.kind, spec)
+    return spec, fit_init(source, model, opts.kind, spec), source
+
+
+def resumed_init(opts) -> dict | None:
+    """Where a run that --resume continues started: its model card's record, and (a CNN) the
+    normalization it trains with. Its checkpoint holds the weights, so the source is not read
+    again; --init added to a run that started from random weights is refused."""
+    try:
+        config = storage.read_model_config(opts.out)
+    except (storage.StorageError, ValueError):
+        return None  # no model card yet: nothing to keep
+    saved = (config.get("train") or {}).get("init")
+    if opts.init and not saved:
+        raise ValueError(f"{opts.out} started from random weights; --init applies to a new "
+                         "run: drop it to resume, or choose another --out")
+    if not saved:
+        return None
+    return {"card": saved, "mean": config["spec"].get("mean"),
+            "std": config["spec"].get("std")}
+
+
+def resumed_layout(spec, prior: dict) -> tuple:
+    """(spec, head, freeze, scale) of a resumed run, as its start chose them."""
+    card = prior["card"]
+    if prior.get("mean") is not None and hasattr(spec, "mean"):
+        spec = replace(spec, mean=list(prior["mean"]), std=list(prior["std"]))
+    return spec, card["head"], card["freeze_backbone"], card["backbone_lr_scale"] or 1.0
 
 
 def card(opts, fit, source) -> dict:
@@ -84,5 +123,5 @@ def card(opts, fit, source) -> dict:
     from jobs.redact import redact
 
     return {"from": redact(opts.init), "model": source.model_id, "loaded": fit.describe(),
-            "fresh": fit.fresh, "freeze_backbone": opts.freeze_backbone,
+            "head": fit.head, "fresh": fit.fresh, "freeze_backbone": opts.freeze_backbone,
             "backbone_lr_scale": None if opts.freeze_backbone else opts.backbone_lr_scale}

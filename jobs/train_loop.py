@@ -111,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.init is not None and not checkpoint:  # --init; the head's fresh tensors stay
         model.load_state_dict(cfg.init, strict=False)
     opt = make_optimizer(model, cfg, task.weight_decay[cfg.optimizer])
-    train_mode(model)
+    train_mode(model, cfg.freeze_backbone)
     prog = Progress()
     if checkpoint:  # resume, or a worker group restarted after a failure
         with checkpoint.as_directory() as d:
@@ -217,7 +217,7 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
     with torch.no_grad():
         metrics = w.task.metrics(all_sum(w.task.val_sums(w.raw, val, w.device, w.layout,
                                                          w.autocast)))
-    train_mode(w.raw)
+    train_mode(w.raw, w.cfg.freeze_backbone)
     val_s = time.monotonic() - t0
     total = all_sum(torch.tensor([rnd.loss_sum.item(), rnd.samples, rnd.train_s]))
     mean_s = total[2] / w.workers  # total = [loss sum, samples, seconds]

@@ -93,11 +93,11 @@ def make_optimizer(model, cfg: WorkerConfig, weight_decay: float) -> torch.optim
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=weight_decay)
 
 
-def train_mode(model) -> None:
+def train_mode(model, frozen: bool) -> None:
     """Training mode, but for the batch norms of a frozen backbone: their statistics stay
     the loaded ones."""
     model.train()
-    for m in model.modules():
+    for m in model.modules() if frozen else ():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
                 p.requires_grad for p in m.parameters()):
             m.eval()

@@ -318,8 +318,14 @@ def label_table(part: list[Batch], classes: np.ndarray, model_id: str, truth: bo
                                  mask=missing),
         pa.array([r.error for r in records], pa.string()),
         pa.array([model_id] * n, pa.string()),
-    ] + ([pa.array([r.label for r in records], pa.string())] if truth else []),
+    ] + ([pa.array([truth_of(r) for r in records], pa.string())] if truth else []),
         schema=EVAL_SCHEMA if truth else SCHEMA)
+
+
+def truth_of(rec: Record) -> str | None:
+    """A record's true class as training reads it (a Parquet label of any type, as text);
+    none where it has none."""
+    return None if rec.label is None or str(rec.label) == "" else str(rec.label)
 
 
 def thumbnail(data: bytes) -> str | None:

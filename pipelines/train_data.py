@@ -62,12 +62,14 @@ def _decode_unit(unit, preset: ImagePreset, val_fraction: float, held_out: bool)
     return meta, blocks[False], blocks[True]
 
 
-def check_image_source(uri: str, chunk: int = 500) -> tuple[list[sources.Unit], int | None]:
-    """Fails fast, before any decoding, where `uri` cannot be image training data: a lone
-    file that is not an archive or Parquet, an archive that cannot be opened, images not laid
-    out CLASS_NAME/file, fewer than two classes, Parquet without `label`. Returns its plan
+def check_image_source(uri: str, chunk: int = 500, min_classes: int = 2
+                       ) -> tuple[list[sources.Unit], int | None]:
+    """Fails fast, before any decoding, where `uri` cannot be labeled image data (to train
+    on, or for kiln eval): a lone file that is not an archive or Parquet, an archive that
+    cannot be opened, images not laid out CLASS_NAME/file, fewer than `min_classes` classes,
+    Parquet without `label`. Returns its plan
     (for image_dataset) and how many files it holds when that is known without reading."""
-    layout = ("image training data is a directory or an archive (.tar, .tar.gz, .tgz, .zip) "
+    layout = ("labeled image data is a directory or an archive (.tar, .tar.gz, .tgz, .zip) "
               "laid out CLASS_NAME/file.png, or Parquet with image and label columns")
     units = sources.plan([uri], chunk=chunk)
     if any(sources.input_kind(u.source) == "file" for u in units):
@@ -78,7 +80,7 @@ def check_image_source(uri: str, chunk: int = 500) -> tuple[list[sources.Unit], 
         fs, path = storage.filesystem(source)
         with fs.open_input_file(path) as f:
             if "label" not in pq.ParquetFile(f).schema_arrow.names:
-                raise ValueError(f"{source}: Parquet training data needs a `label` column; "
+                raise ValueError(f"{source}: labeled Parquet image data needs a `label` column; "
                                  + layout)
     paths = [p for u in units for p in (sources.unit_paths(u) or []) if u.kind != "broken"]
     if any(u.kind in ("parquet", "tarstream") for u in units):
@@ -86,7 +88,7 @@ def check_image_source(uri: str, chunk: int = 500) -> tuple[list[sources.Unit], 
     classes = {p.split("/", 1)[0] for p in paths if "/" in p}
     if not classes:
         raise ValueError(f"{uri}: no class folders found; {layout}")
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise ValueError(f"{uri}: one class folder ({classes.pop()}); a classifier needs at "
                          "least two")
     return units, len(paths)

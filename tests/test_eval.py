@@ -6,6 +6,8 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,25 @@ def test_eval_resumes_and_refuses_another_job(model, labeled, tmp_path):
     other = embedded.write_class_tar(tmp_path / "other.tar", *embedded.digits(28))
     with pytest.raises(OutputError, match="different job"):
         run_eval(EvalOptions(model, str(other), out))
+
+
+def test_eval_takes_parquet_labels_of_any_type_one_class_and_refuses_nothing_to_score(
+        model, tmp_path):
+    pngs, labels = embedded.digits(28)
+    pq_path = tmp_path / "ints.parquet"
+    pa_table = pa.table({"image": pngs[:60], "label": [int(c) for c in labels[:60]]})
+    pq.write_table(pa_table.append_column("path", pa.array([f"r{i}" for i in range(60)])),
+                   pq_path)
+    got = run_eval(EvalOptions(model, str(pq_path), str(tmp_path / "ints")))["eval"]
+    truth = [r["truth"] for r in rows(str(tmp_path / "ints"))]
+    assert got["images"] == 60 and sorted(set(truth)) == sorted(set(labels[:60]))
+    threes = [b for b, c in zip(pngs, labels, strict=True) if c == "3"][:20]
+    one = embedded.write_class_tar(tmp_path / "threes.tar", threes, ["3"] * len(threes))
+    got = run_eval(EvalOptions(model, str(one), str(tmp_path / "threes")))["eval"]
+    assert got["images"] == 20  # one class is a set to measure, not a mistake
+    bad = embedded.write_class_tar(tmp_path / "bad.tar", [b"not a png"] * 3, ["3"] * 3)
+    with pytest.raises(ValueError, match="nothing to score: every row .* is an error row"):
+        run_eval(EvalOptions(model, str(bad), str(tmp_path / "bad")))
 
 
 def char_model(tmp_path, text: str) -> tuple[str, object]:

@@ -3,6 +3,7 @@ scratch, --freeze-backbone trains the head alone, torchvision's own state dicts 
 a char-RNN's rows follow its characters, and pickled code or a mismatched model is refused
 before Ray starts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -74,6 +75,11 @@ def initial_accuracy(opts: TrainOptions) -> float:
     return (pred == torch.tensor([int(c) for c in labels])).float().mean().item()
 
 
+def metrics(run: str) -> list[dict]:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def best(run: str) -> dict:
     return storage.read_model_config(run)["metrics"]
 
@@ -115,6 +121,17 @@ def test_fine_tuning_from_five_digits_beats_scratch_and_freezing_keeps_the_backb
     assert got["fc2.weight"].shape == (10, 128)
     fine = storage.load_model(tuned).model.state_dict()
     assert not torch.equal(src["conv1.weight"], fine["conv1.weight"])  # fine-tuned: it moved
+    # --resume continues from the run's checkpoint in the layout it started with, without
+    # --init: the backbone stays frozen, the card still says where it started.
+    run_train(TrainOptions("cnn", str(digit_tars["all"]), frozen, resume=True,
+                           **{**budget, "max_steps": 12}))
+    again = storage.load_model(frozen).model.state_dict()
+    assert torch.equal(src["conv1.weight"], again["conv1.weight"])
+    assert [m["step"] for m in metrics(frozen)] == [8, 12]
+    assert storage.read_model_config(frozen)["train"]["init"]["freeze_backbone"] is True
+    with pytest.raises(ValueError, match="started from random weights"):
+        run_train(TrainOptions("cnn", str(digit_tars["all"]), scratch, resume=True, init=low,
+                               **budget))
 
 
 def test_torchvision_state_dicts_load_by_name(digit_tars, tmp_path):
@@ -175,6 +192,10 @@ def test_pickled_code_and_mismatched_models_are_refused_before_ray(digit_tars, t
     r = kiln("train", "cnn", "--data", str(digit_tars["all"]), "--out", str(tmp_path / "r3"),
              "--freeze-backbone")
     assert r.returncode == 2 and "--freeze-backbone needs --init" in r.stderr
+    r = kiln("train", "cnn", "--data", str(digit_tars["all"]), "--out", str(tmp_path / "r3"),
+             "--init", str(folder), "--arch", "resnet8", "--channels", "3", "--image-size",
+             "32", "--freeze-backbone", "--backbone-lr-scale", "0.1")
+    assert r.returncode == 2 and "does not apply with --freeze-backbone" in r.stderr
     r = kiln("train", "cnn", "--data", str(digit_tars["all"]), "--out", str(tmp_path / "r4"),
              "--init", str(tmp_path / "nothing.pt"))
     assert r.returncode == 2 and "not found" in r.stderr
