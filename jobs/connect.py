@@ -39,6 +39,13 @@ def local_cpus() -> int:
     return cpus or 1
 
 
+def local_gpus() -> int:
+    """The CUDA GPUs of this machine (torch is imported only to ask)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 # The size rule for label and generate jobs, from bench/label.py and bench/generate.py on 2
 # CPUs: there, the command's own process on every core (threads, one torch thread each) ran
 # as fast as a local Ray's actor pool once that was up (200,000 digits: 88.7 s against
@@ -75,9 +82,9 @@ def check_gpu(opts) -> None:
             raise ValueError("--gpu was given but this machine has no CUDA GPU; drop --gpu, "
                              "or point --address at a Ray cluster with GPU workers")
         actors = getattr(opts, "actors", None)  # one GPU each, and no autoscaler to add any
-        if actors and actors > torch.cuda.device_count():
+        if actors and actors > local_gpus():
             raise ValueError(f"--actors {actors} --gpu needs {actors} GPUs; this machine has "
-                             f"{torch.cuda.device_count()}: lower --actors, or point --address "
+                             f"{local_gpus()}: lower --actors, or point --address "
                              "at a Ray cluster")
 
 

@@ -9,7 +9,7 @@ import threading
 
 from rich.console import Console
 
-from jobs.connect import logs_dir
+from jobs.connect import local_gpus, logs_dir
 from jobs.options import TrainOptions
 from jobs.train_tasks import WorkerConfig
 from pipelines import storage
@@ -75,9 +75,7 @@ def check_fits_here(opts: TrainOptions, cpus: int) -> None:
     """On a local Ray the workers must fit this machine, or Ray Train would wait for them
     forever."""
     if opts.gpu:
-        import torch
-
-        gpus = torch.cuda.device_count()
+        gpus = local_gpus()
         if opts.workers > gpus:
             raise ValueError(f"--workers {opts.workers} --gpu needs {opts.workers} GPUs; this "
                              f"machine has {gpus}: lower --workers, or point --address at a "

@@ -26,7 +26,7 @@ from ray import tune
 from rich.console import Console
 
 from jobs import connect
-from jobs.connect import RayOptions, has_cluster, local_cpus, ray_session
+from jobs.connect import RayOptions, has_cluster, local_cpus, local_gpus, ray_session
 from jobs.options import TrainOptions, TuneOptions
 from jobs.train import resolve, validate
 from jobs.train_fit import epoch_line, make_trainer, worker_error
@@ -80,12 +80,7 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
     check_resume(out, state, base.resume)
     task = TASKS[base.kind]
     if not (base.address or has_cluster()):  # the fit is checked before Ray starts
-        gpus = 0
-        if base.gpu:
-            import torch
-
-            gpus = torch.cuda.device_count()
-        layout(opts, trials, local_cpus(), gpus)
+        layout(opts, trials, local_cpus(), local_gpus() if base.gpu else 0)
     groups = data_groups(trials, task)
     early = {key: task.check_data(rep) for key, rep in groups.items()}
     with ray_session(RayOptions(address=base.address, log_to_driver=base.debug)):
