@@ -16,16 +16,15 @@ STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 @functools.lru_cache(maxsize=4)
 def read_init(uri: str):
     """The InitSource at a URI: read once per process (a search's trials share it)."""
-    from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, parse_config
+    from dataclasses import asdict
+
+    from models.checkpoint import CONFIG_FILE
     from models.init import InitSource, state_from_bytes
 
-    folder = storage.model_dir(uri)
-    if storage.exists(storage.join(folder, CONFIG_FILE)):
-        config = parse_config(storage.read_bytes(storage.join(folder, CONFIG_FILE)),
-                              storage.join(folder, CONFIG_FILE))
-        weights = storage.join(folder, WEIGHTS_FILE)
-        return InitSource(uri, state_from_bytes(storage.read_bytes(weights), weights),
-                          config["kind"], config.get("spec"), config.get("id"))
+    if storage.exists(storage.join(storage.model_dir(uri), CONFIG_FILE)):  # a kiln model
+        loaded = storage.load_model(uri)
+        return InitSource(uri, dict(loaded.model.state_dict()), loaded.kind,
+                          asdict(loaded.spec), loaded.id)
     if not uri.lower().endswith(STATE_SUFFIXES):
         raise ValueError(f"--init {uri}: not a kiln run or model folder, nor a weights file "
                          f"({', '.join(STATE_SUFFIXES)})")

@@ -166,20 +166,16 @@ def fit_init(source: InitSource, model: torch.nn.Module, kind: str, spec) -> Ini
         raise ModelFolderError(f"--init {source.where} does not fit this model: "
                                + "; ".join(parts) + hint)
     loaded = {k: state[k].to(target[k].dtype) for k in body}
-    fits = all(k in state and tuple(state[k].shape) == tuple(target[k].shape) for k in head)
-    if source.spec is None:  # a bare state dict: its head is used where its shape fits
-        if fits:
-            loaded.update({k: state[k].to(target[k].dtype) for k in head})
-            return InitFit(loaded, head)
-        return InitFit(loaded, head, fresh=head)
     rnn = kind == "rnn"
-    theirs = list(source.spec.get("vocab" if rnn else "classes") or [])
     ours = list(spec.vocab if rnn else spec.classes)
-    if theirs == ours and fits:
+    # A bare state dict names no classes: its head is taken where its shape fits.
+    theirs = ours if source.spec is None else list(
+        source.spec.get("vocab" if rnn else "classes") or [])
+    if theirs == ours and all(k in state and state[k].shape == target[k].shape for k in head):
         loaded.update({k: state[k].to(target[k].dtype) for k in head})
         return InitFit(loaded, head)
-    if not all(k in state and tuple(state[k].shape[1:]) == tuple(target[k].shape[1:])
-               for k in head):
+    if source.spec is None or not all(
+            k in state and state[k].shape[1:] == target[k].shape[1:] for k in head):
         return InitFit(loaded, head, fresh=head)
     return _carry_rows(state, target, loaded, head, theirs, ours, unk=rnn)
 
