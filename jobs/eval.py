@@ -191,7 +191,8 @@ def text_loss(model, ids: list[int], device=None, chunk: int = 1000
     up to MAX_STREAMS streams of STREAM_CHARS or more, stepped side by side; the last
     stream's state carries on through the few characters left over."""
     import torch
-    import torch.nn.functional as F
+
+    from models.rnn import nll_sum
 
     x = torch.tensor(ids, dtype=torch.int64, device=device)
     if len(x) < 2:
@@ -199,18 +200,12 @@ def text_loss(model, ids: list[int], device=None, chunk: int = 1000
     streams = max(1, min(MAX_STREAMS, (len(x) - 1) // STREAM_CHARS))
     length = (len(x) - 1) // streams
     batch = torch.stack([x[i * length : (i + 1) * length + 1] for i in range(streams)])
-    total, state = torch.zeros((), dtype=torch.float64, device=device), None
     model.eval()
     with torch.inference_mode():
-        for a in range(0, length, chunk):
-            piece = batch[:, a : a + chunk + 1]  # (S, <= chunk + 1)
-            logits, state = model(piece[:, :-1], state)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                     piece[:, 1:].reshape(-1), reduction="sum").double()
+        total, state = nll_sum(model, batch, chunk)
         tail = x[streams * length :]  # starts at the last stream's final character
         if len(tail) > 1:
             last = tuple(s[:, -1:].contiguous() for s in state) if isinstance(state, tuple) \
                 else state[:, -1:].contiguous()
-            logits, _ = model(tail[None, :-1], last)
-            total += F.cross_entropy(logits[0].float(), tail[1:], reduction="sum").double()
+            total += nll_sum(model, tail[None], chunk, last)[0]
     return float(total) / (len(x) - 1), len(x) - 1, streams

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models import CharVocab, CNNSpec, RNNSpec
+from models.rnn import nll_sum
 from pipelines.transforms import ImagePreset, augment_batch, scale_shift
 
 LN2 = math.log(2)
@@ -414,12 +415,7 @@ class RNNTask:
         this worker's streams from its first character to its last."""
         val.load()
         ids = val.ids.to(device)  # (b, L + 1)
-        loss, state = torch.zeros((), dtype=torch.float64, device=device), None
-        for a in range(0, ids.shape[1] - 1, self.VAL_CHUNK):
-            chunk = ids[:, a : a + self.VAL_CHUNK + 1]
-            logits, state = model(chunk[:, :-1], state)
-            loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                    chunk[:, 1:].reshape(-1), reduction="sum").double()
+        loss, _ = nll_sum(model, ids, self.VAL_CHUNK)
         return torch.stack([loss, loss.new_tensor(float(ids[:, 1:].numel()))])
 
     def metrics(self, sums: list[float]) -> dict:

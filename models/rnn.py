@@ -61,3 +61,18 @@ class CharRNN(nn.Module):
             inp = h  # (B, H)
         new = (torch.stack(hs), torch.stack(cs)) if self.cell == "lstm" else torch.stack(hs)
         return self.head(inp), new
+
+
+def nll_sum(model: CharRNN, ids: torch.Tensor, chunk: int = 1000, state=None):
+    """Summed nats of predicting ids[:, 1:] from ids[:, :-1], read left to right in chunks
+    of `chunk` characters with the state carried (char-rnn's evaluation); ids: (B, L + 1)
+    int64 -> (float64 scalar, the state after the last character)."""
+    import torch.nn.functional as F
+
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    for a in range(0, ids.shape[1] - 1, chunk):
+        piece = ids[:, a : a + chunk + 1]  # (B, <= chunk + 1)
+        logits, state = model(piece[:, :-1], state)  # (B, T, V)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                 piece[:, 1:].reshape(-1), reduction="sum").double()
+    return total, state
