@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -13,6 +14,7 @@ from jobs.connect import local_gpus, logs_dir
 from jobs.options import TrainOptions
 from jobs.train_tasks import WorkerConfig
 from pipelines import storage
+from pipelines.train_data import HeldShard
 from pipelines.transforms import choose_augment
 
 CHECKPOINTS = "checkpoints"
@@ -181,8 +183,15 @@ def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float,
 
     cfg = worker_config(opts, data, cpus, lines)
     # Text streams are never split (each worker picks its own by number); images are split
-    # only when the training set is too large for every worker to hold it.
+    # only when the training set is too large for every worker to hold it. Data that every
+    # worker holds whole goes to them as object refs (HeldShard), the rest through Ray
+    # Train's streaming ingest.
     split = [] if opts.kind == "rnn" else ["val"] + ([] if cfg.whole_train else ["train"])
+    datasets = {"train": data["train"], "val": data["val"]}
+    if opts.kind == "rnn" or (cfg.whole_train and cfg.cache_val):
+        cfg = replace(cfg, held={n: HeldShard.of(d, split=n in split)
+                                 for n, d in datasets.items()})
+        datasets = {}
     fs, path = storage.filesystem(opts.out)
     return trainer_class()(
         train_loop_per_worker,
@@ -196,8 +205,8 @@ def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float,
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
         ),
-        datasets={"train": data["train"], "val": data["val"]},
-        dataset_config=DataConfig(datasets_to_split=split),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=split) if datasets else None,
     )
 
 

@@ -128,7 +128,8 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and task.bf16)
     w = Worker(cfg, task, spec, model, raw, opt, device, layout, autocast, rank,
                ctx.get_world_size())
-    shards = {n: ray.train.get_dataset_shard(n) for n in ("train", "val")}
+    shards = ({n: h.for_worker(rank, w.workers) for n, h in cfg.held.items()} if cfg.held
+              else {n: ray.train.get_dataset_shard(n) for n in ("train", "val")})
     train, val = task.loaders(shards, cfg, rank, w.workers)
     # Data that fits is read into memory before the clock starts, as a plain loop loads its
     # tensors before it trains: --time-limit counts training and validation, not loading.

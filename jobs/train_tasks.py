@@ -50,6 +50,8 @@ class WorkerConfig:
     head: list | None = None  # --init: the head's tensor names
     freeze_backbone: bool = False
     backbone_lr_scale: float = 1.0
+    held: dict | None = None  # {"train", "val"}: pipelines.train_data.HeldShard, where the
+    # data is handed over as object refs (else Ray Train's dataset shards)
     lines: object = None  # a ray.util.queue.Queue: rank 0 puts each metrics record for the
     # driver's epoch line
 

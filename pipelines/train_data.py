@@ -152,6 +152,43 @@ def image_dataset(uri: str, preset: ImagePreset, val_fraction: float = 0.0,
                      [round(max(float(v), 1e-3), 6) for v in std])
 
 
+class HeldShard:
+    """A prepared data set small enough for every worker to hold, handed to the training
+    workers as its blocks' object refs rather than through Ray Train's dataset ingest. That
+    ingest starts a coordinator actor per data set and a manager (new processes, seconds
+    each on a small machine) to stream rows that every worker reads whole anyway; here each
+    worker reads the blocks straight from the object store, all in the same order. With
+    `split`, worker r of W keeps rows r, r + W, ... of each block (every row counted once).
+    Offers the two reads the training loop makes of a Ray Data shard."""
+
+    def __init__(self, refs: list, split: bool = False, rank: int = 0, workers: int = 1):
+        self.refs, self.split, self.rank, self.workers = list(refs), split, rank, workers
+
+    @classmethod
+    def of(cls, dataset: ray.data.Dataset, split: bool = False) -> HeldShard:
+        return cls(dataset.to_arrow_refs(), split)
+
+    def for_worker(self, rank: int, workers: int) -> HeldShard:
+        return HeldShard(self.refs, self.split, rank, workers)
+
+    def iter_batches(self, batch_size=None, batch_format: str = "numpy"):
+        """A dict of NumPy columns per block (the only form the loop asks for)."""
+        import ray
+        from ray.data.block import BlockAccessor
+
+        assert batch_size is None and batch_format == "numpy"
+        step = self.workers if self.split else 1
+        for ref in self.refs:
+            batch = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
+            yield {k: v[self.rank :: step] for k, v in batch.items()} if step > 1 else batch
+
+    def iter_torch_batches(self, batch_size: int, collate_fn):
+        for block in self.iter_batches():
+            n = len(next(iter(block.values()), []))
+            for i in range(0, n, batch_size):
+                yield collate_fn({k: v[i : i + batch_size] for k, v in block.items()})
+
+
 def read_text(uri: str) -> str:
     """Every text file under a URI (or a Parquet `text` column), as one string; a file that is
     not UTF-8 is a clear error naming it and the byte where it fails."""

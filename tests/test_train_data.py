@@ -15,6 +15,7 @@ from jobs.train_loop import agree, all_sum
 from jobs.train_tasks import CNNTask, ImageBatches, RNNTask, TextStreams, ValBatches, WorkerConfig
 from models import build_model
 from models.checkpoint import CNNSpec, RNNSpec
+from pipelines.train_data import HeldShard
 
 
 def test_image_training_rows_are_shuffled_across_classes(ray_local, digits_data, tmp_path):
@@ -72,9 +73,9 @@ def image_rows(n):
 
 
 def test_workers_holding_the_whole_set_split_each_global_batch(ray_local):
-    ds = image_rows(1000)
+    held = HeldShard.of(image_rows(1000).repartition(7).materialize())  # as make_trainer does
     cfg = worker_cfg(batch=64, whole_train=True, train_rows=1000)
-    loaders = [ImageBatches(ds.iterator(), Rows(), cfg, rank, 2) for rank in (0, 1)]
+    loaders = [ImageBatches(held.for_worker(rank, 2), Rows(), cfg, rank, 2) for rank in (0, 1)]
     orders = []
     for epoch in range(2):
         per_rank = [list(w.epoch(epoch)) for w in loaders]
@@ -86,6 +87,19 @@ def test_workers_holding_the_whole_set_split_each_global_batch(ray_local):
         orders.append(seen.tolist())
     assert orders[0] != orders[1]  # a new permutation every epoch
     assert orders[0][:20] != sorted(orders[0][:20])
+
+
+def test_a_held_split_gives_each_worker_every_wth_row_and_all_rows_once(ray_local):
+    held = HeldShard.of(image_rows(1001).repartition(5).materialize(), split=True)
+    ys = []
+    for rank in (0, 1, 2):
+        batches = list(held.for_worker(rank, 3).iter_torch_batches(64, Rows().collate))
+        assert all(len(b["y"]) <= 64 for b in batches)
+        ys.append(torch.cat([b["y"] for b in batches]).tolist())
+    assert sorted(sum(ys, [])) == list(range(1001))  # every row, once
+    assert max(map(len, ys)) - min(map(len, ys)) <= 5  # at most a row a block apart
+    whole = HeldShard.of(image_rows(50).materialize())  # not split: every worker reads all
+    assert sum(len(b["y"]) for b in whole.for_worker(1, 3).iter_batches()) == 50
 
 
 def test_a_worker_streaming_its_split_gets_full_batches_each_row_once(ray_local):
@@ -105,7 +119,7 @@ def test_text_streams_are_split_by_worker_and_read_chunk_after_chunk(ray_local):
     ds = text_streams(ids, 4)  # 4 streams of 2,500
     got = []
     for rank in (0, 1):
-        loader = TextStreams(ds.iterator(), 100, rank, 2, seed=1)
+        loader = TextStreams(HeldShard.of(ds).for_worker(rank, 2), 100, rank, 2, seed=1)
         chunks = list(loader.epoch(0))
         assert len(chunks) == loader.steps_per_epoch == (2501 - 100) // 100
         assert chunks[0]["first"] and not any(c["first"] for c in chunks[1:])
