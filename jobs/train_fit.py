@@ -112,12 +112,16 @@ def lost(error: BaseException) -> bool:
 
 
 def trainer_class():
-    """TorchTrainer whose failure policy retries lost workers only. Ray Train V2 takes its
-    policy from FailureConfig alone, which retries every error; its policy class is internal,
-    so where this Ray has none the plain trainer is used (and retries everything)."""
+    """TorchTrainer whose failure policy retries lost workers only, and which starts no
+    dataset manager actor for a run whose data goes to the workers as object refs (no
+    `datasets`; a process start, seconds on a small machine). Ray Train V2 takes its policy
+    from FailureConfig alone, which retries every error, and adds its datasets callback to
+    every run; both classes are internal, so where this Ray has none the plain trainer is
+    used (it retries everything)."""
     from ray.train.torch import TorchTrainer
 
     try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.execution.failure_handling import (
             DefaultFailurePolicy,
             FailureDecision,
@@ -139,6 +143,12 @@ def trainer_class():
             if "failure_policy" in kwargs:
                 kwargs["failure_policy"] = LostWorkersOnly(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**kwargs)
+
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return Trainer
 
