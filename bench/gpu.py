@@ -6,9 +6,10 @@ timed directly: the GPU machine lent to this project has PyTorch but not Ray.
   lr_at; jobs/train_loop.py train_step, gradient clipping), without Ray's data iterator and
   DDP; samples/s in fp32, bf16 and bf16 + channels-last; bf16 against fp32 on the same batch;
   the digits CNN to its held-out accuracy and a 2x256 LSTM for a fixed time on ~1 MB of stdlib;
-- labeling: one label actor (pipelines/label.py LabelPredictor, gpu=True) over a tar of the
-  digits as PNGs [BENCH-2] and a tar of photo-sized JPEGs [BENCH-4], with 1 to 15 decode
-  threads; the model alone;
+- labeling: one label actor (pipelines/label.py LabelPredictor, gpu=True: JPEG batches
+  decoded on the device) over a tar of the digits as PNGs [BENCH-2] and a tar of photo-sized
+  JPEGs [BENCH-4], with 1 to 15 decode threads; the model alone; the batched device decode
+  alone against one CPU thread's;
 - generation: models.sample under bf16 autocast on the trained LSTM at several batch sizes,
   and a row's text alone against the same row in a batch.
 
@@ -422,6 +423,26 @@ def model_alone(model: Path, size: int, channels: int, batch: int, reps: int) ->
     return reps * batch / (time.perf_counter() - t0)
 
 
+def decode_alone(jpgs: list[bytes], n: int, batch: int = 128) -> tuple[float, float]:
+    """Images/s of 224-px decoding alone: a label actor's batched device decode
+    (decode_jpegs_on: nvJPEG on CUDA) and one CPU thread file by file (decode_uint8)."""
+    from pipelines.transforms import decode_jpegs_on
+
+    preset = ImagePreset(224, 3)
+    blobs = [jpgs[i % len(jpgs)] for i in range(n)]
+    decode_jpegs_on(DEV, blobs[:batch], preset)  # warm-up: nvJPEG's handles
+    sync()
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        assert decode_jpegs_on(DEV, blobs[i : i + batch], preset) is not None
+    sync()
+    device = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for b in blobs[: max(batch, n // 4)]:
+        decode_uint8(b, preset, fast=True)
+    return device, max(batch, n // 4) / (time.perf_counter() - t0)
+
+
 def labeling(work: Path, digits_model: Path, quick: bool) -> None:
     cpus = os.cpu_count() or 1
     pngs, _ = embedded.digits(28)
@@ -453,6 +474,14 @@ def labeling(work: Path, digits_model: Path, quick: bool) -> None:
             RESULTS.setdefault("label", {}).setdefault(name, {})[how] = rate
             log(f"label {name}: {how} {rate:,.0f} img/s")
             LINES.append(f"| {name} | {model.stem.replace('_model', '')} | {how} | {rate:,.0f} |")
+    device, cpu = decode_alone(jpgs, 256 if quick else 3_072)
+    RESULTS["decode_224"] = {"batched_on_device": device, "cpu_one_thread": cpu}
+    log(f"decode alone, JPEG photos -> 224: batched on {DEV.type} {device:,.0f} img/s, one "
+        f"CPU thread {cpu:,.0f} img/s")
+    LINES.append(f"| (decode alone, batches of 128) | JPEG photos -> 224 | batched on "
+                 f"{DEV.type} | {device:,.0f} |")
+    LINES.append(f"| (decode alone) | JPEG photos -> 224 | one CPU thread, file by file | "
+                 f"{cpu:,.0f} |")
     for name, model, size, ch in (("MNIST net 28x28", digits_model, 28, 1),
                                   ("resnet18 224x224", photo_model, 224, 3)):
         rate = model_alone(model, size if not quick else size, ch, 64 if quick else 1024,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -276,6 +277,62 @@ def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
         img = F.interpolate(img, size=(s, s), mode="bilinear", antialias=True,
                             align_corners=False)[0]
     return np.ascontiguousarray(img.numpy())
+
+
+# JPEGs decoded on a CUDA device (nvJPEG, a batch per call) up to this size each, and this
+# many pixels a call: a batch of 128 camera photos would otherwise take gigabytes of GPU
+# memory at once.
+DEVICE_MAX_PIXELS = 4096 * 4096
+DEVICE_CALL_PIXELS = 256 * 1024 * 1024
+_device_lock = threading.Lock()
+
+
+def device_jpeg(data: bytes, preset: ImagePreset) -> bool:
+    """Whether decode_jpegs_on() takes a file: a JPEG that image_header() admits (baseline or
+    progressive, grey or YCbCr, no EXIF rotation), of any size up to DEVICE_MAX_PIXELS."""
+    header = image_header(data)
+    return bool(header) and header[0] == "jpeg" and 1 <= header[1] * header[2] <= min(
+        preset.max_pixels, DEVICE_MAX_PIXELS)
+
+
+def decode_jpegs_on(device, blobs: list[bytes], preset: ImagePreset):
+    """uint8 (N, C, S, S) on `device` for JPEGs that device_jpeg() admits, decoded a batch per
+    call (on a CUDA device, nvJPEG: issue #13), converted to grey with Pillow's formula and
+    resized with torch's antialiased bilinear, as fast_decode() does on the CPU; None where a
+    call fails (a broken file among them), and the caller decodes them one by one instead."""
+    import torch
+    import torch.nn.functional as F
+
+    decoders = _torchcodec()
+    if decoders is None or not blobs:
+        return None
+    s, out = preset.image_size, []
+    calls, size = [[]], 0
+    for b in blobs:
+        w, h = image_header(b)[1:3]
+        if calls[-1] and size + w * h > DEVICE_CALL_PIXELS:
+            calls.append([])
+            size = 0
+        calls[-1].append(b)
+        size += w * h
+    try:
+        for call in calls:
+            with _device_lock:  # one batched decode on the device at a time
+                imgs = decoders["jpeg"]([torch.frombuffer(bytearray(b), dtype=torch.uint8)
+                                         for b in call], mode="RGB", device=device)
+            for img in imgs:  # (3, H, W) uint8
+                if preset.channels == 1:
+                    rgb = img.to(torch.int32)
+                    img = ((rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000) >> 16)[
+                        None].to(torch.uint8)
+                if img.shape[1:] != (s, s):
+                    img = F.interpolate(img[None].float(), size=(s, s), mode="bilinear",
+                                        antialias=True, align_corners=False)[0]
+                    img = img.round_().clamp_(0, 255).to(torch.uint8)
+                out.append(img)
+    except Exception:
+        return None
+    return torch.stack(out)
 
 
 def decode(data: bytes, preset: ImagePreset) -> np.ndarray:

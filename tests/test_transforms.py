@@ -148,3 +148,69 @@ def test_fast_decoder_leaves_the_rest_to_pillow():
         with pytest.raises(ImageError) as err:
             decode_uint8(data, GRAY, fast=True)
         assert err.value.kind == name.split("_jpeg")[0]
+
+
+DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("preset", [GRAY, RGB], ids=["gray-model", "rgb-model"])
+def test_batched_device_jpeg_decode_gives_the_cpu_pixels(preset, device):
+    """A GPU label actor's path (decode_jpegs_on: one batched call, nvJPEG on CUDA) against
+    the file-by-file one: within one level where the CPU decodes at full size. A photo 16x
+    the model's size, which the CPU path decodes in Pillow's draft mode (reduced), against
+    Pillow's full decode and resize: within a few levels (Pillow box-reduces first), under
+    one on average."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    from pipelines.transforms import decode_jpegs_on, device_jpeg, to_uint8
+
+    jpegs = [(n, d) for n, d in PHOTOS if n.endswith(".jpg")]
+    big = Image.fromarray(skimage.data.astronaut())  # 512x512: 16x the model's size
+    jpegs += [("astronaut-512.jpg", ic.encode(big, "JPEG", quality=90)),
+              ("astronaut-512-grey.jpg", ic.encode(big.convert("L"), "JPEG", quality=90))]
+    assert all(device_jpeg(d, preset) for _, d in jpegs)
+    got = decode_jpegs_on(device, [d for _, d in jpegs], preset)
+    s = preset.image_size
+    assert got.shape == (len(jpegs), preset.channels, s, s) and got.device.type == device
+    for (name, data), x in zip(jpegs, got.cpu().numpy(), strict=True):
+        want = decode_uint8(data, preset) if "512" not in name else to_uint8(
+            Image.open(io.BytesIO(data)).convert("RGB"), preset)
+        diff = np.abs(x.astype(int) - want.astype(int))
+        assert diff.max() <= (1 if "512" not in name else 8), f"{name}: {diff.max()} apart"
+        assert diff.mean() < 0.6, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_device_batch_keeps_every_row_and_pillows_errors(device):
+    """A batch of JPEGs, other formats and broken files: the JPEGs on the device, the rest on
+    the CPU, each image in its record's place; a truncated JPEG fails the batched call, and
+    the batch is then decoded file by file, so every error is Pillow's."""
+    import torch
+
+    from pipelines.label import decode_batch
+    from pipelines.sources import Record
+    from pipelines.transforms import device_jpeg
+
+    jpegs = [d for n, d in PHOTOS if n.endswith(".jpg")][:6]
+    good = [d for n, d in PHOTOS if n.endswith(".png")][:2] + [ODD["cmyk.jpg"], ODD[
+        "palette.png"]]
+    assert not any(device_jpeg(d, RGB) for d in good)
+    bad = ic.bad_members(ODD["rgb.png"])
+    for broken in ([], ["bad/truncated.jpg"]):
+        blobs = [jpegs[0], good[0], bad["bad/empty.png"], *jpegs[1:3], good[1],
+                 *(bad[b] for b in broken), good[2], *jpegs[3:], bad["bad/corrupt.png"],
+                 good[3]]
+        records = [Record("src", f"{i}", b) for i, b in enumerate(blobs)]
+        records[5].error = "unsafe_path: the reader's"  # already failed: stays as it is
+        _, batch, positions = decode_batch(records, RGB, torch.device(device))
+        errors = {r.path: r.error.split(":")[0] for r in records if r.error}
+        assert errors == {"2": "empty", "5": "unsafe_path", str(len(blobs) - 2): "corrupt",
+                          **({"6": "truncated"} if broken else {})}
+        assert positions == [i for i in range(len(blobs)) if str(i) not in errors]
+        assert torch.is_tensor(batch) and batch.device.type == device
+        for x, i in zip(batch.cpu().numpy(), positions, strict=True):
+            assert np.abs(x.astype(int) - decode_uint8(blobs[i], RGB).astype(int)).max() <= 1
