@@ -1,5 +1,6 @@
 """Trainer start-up: the wall time of consecutive tiny `kiln train cnn` runs (600 digits, 2
-steps, 1 worker) on one running local Ray, as the tests and kiln tune's trials pay it. With 2
+steps, 1 worker) on one running local Ray set up as kiln sets up the one it starts, as the
+tests and kiln tune's trials pay it. With 2
 steps, nearly all of a run is fixed cost: the data's decode tasks, TorchTrainer's controller
 and worker processes, the data hand-off, the first checkpoint. The first run also starts Ray
 Data's and Ray Train's long-lived helper actors; the later ones show the per-run cost.
@@ -27,7 +28,7 @@ def main() -> None:
     import ray
 
     from jobs import embedded
-    from jobs.connect import console, ensure_token_auth
+    from jobs.connect import console, ensure_token_auth, local_train_env
     from jobs.options import TrainOptions
     from jobs.train import run_train
 
@@ -35,6 +36,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kiln-start-"))
     pngs, labels = embedded.digits(28)
     tar = embedded.write_class_tar(work / "digits.tar", pngs[:600], labels[:600])
+    local_train_env().__enter__()  # as for the local Ray that kiln starts itself
     t = time.monotonic()
     ray.init(address="local", num_cpus=2, object_store_memory=600 * 1024 * 1024,
              _temp_dir=tempfile.mkdtemp(prefix="kr-", dir="/tmp"), include_dashboard=False,

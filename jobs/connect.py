@@ -147,33 +147,38 @@ def ray_session(opts: RayOptions | None = None):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():  # tests and notebooks bring their own
         _quiet_data_context()
-        _one_machine_train_settings(ray)
         yield
         return
     with contextlib.ExitStack() as stack:
         if not opts.log_to_driver:
             stack.enter_context(native_stderr_to(console_log()))
+        if not (opts.address or os.environ.get("RAY_ADDRESS")):
+            stack.enter_context(local_train_env())
         _init(ray, opts)
         stack.callback(ray.shutdown)
         _quiet_data_context()
-        _one_machine_train_settings(ray)
         yield
 
 
-# Ray Train's settings where every node of the cluster is this machine (kiln's own local Ray,
-# a test cluster): no node of it can be preempted, so no preemption watcher (one more actor
-# process a run, seconds of its start on a small machine), and workers polled every 0.5 s
-# rather than 2 s, so that a run's end is seen sooner. Ray Train hands them from the driver
-# to its controller; values the user set stay.
-ONE_MACHINE_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Ray Train's settings for a local Ray that kiln starts itself: no node of it can be
+# preempted, so no preemption watcher (one more actor process a run, seconds of its start on
+# a small machine), and workers polled every 0.5 s rather than 2 s, so that a run's end is
+# seen sooner. Set before Ray starts, so that its processes (kiln tune's trials, which build
+# their own trainers) have them too; values the user set stay.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def _one_machine_train_settings(ray) -> None:
-    here = ray.util.get_node_ip_address()
-    if all(n["NodeManagerAddress"] == here for n in ray.nodes() if n["Alive"]):
-        for k, v in ONE_MACHINE_TRAIN_ENV.items():
-            os.environ.setdefault(k, v)
+@contextlib.contextmanager
+def local_train_env():
+    """LOCAL_TRAIN_ENV in this process's environment for the session, then as it was."""
+    added = [k for k in LOCAL_TRAIN_ENV if k not in os.environ]
+    os.environ.update({k: LOCAL_TRAIN_ENV[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _init(ray, opts: RayOptions) -> None:

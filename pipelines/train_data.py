@@ -183,10 +183,14 @@ class HeldShard:
             yield {k: v[self.rank :: step] for k, v in batch.items()} if step > 1 else batch
 
     def iter_torch_batches(self, batch_size: int, collate_fn):
-        for block in self.iter_batches():
-            n = len(next(iter(block.values()), []))
-            for i in range(0, n, batch_size):
-                yield collate_fn({k: v[i : i + batch_size] for k, v in block.items()})
+        """Batches of `batch_size` rows (the last one shorter), across block boundaries."""
+        blocks = [b for b in self.iter_batches() if len(next(iter(b.values()), []))]
+        if not blocks:
+            return
+        rows = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+        n = len(next(iter(rows.values())))
+        for i in range(0, n, batch_size):
+            yield collate_fn({k: v[i : i + batch_size] for k, v in rows.items()})
 
 
 def read_text(uri: str) -> str:

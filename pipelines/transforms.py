@@ -317,22 +317,34 @@ def decode_jpegs_on(device, blobs: list[bytes], preset: ImagePreset):
         size += w * h
     try:
         for call in calls:
-            with _device_lock:  # one batched decode on the device at a time
+            # One call's full-size images on the device at a time, whichever thread asks.
+            with _device_lock:
                 imgs = decoders["jpeg"]([torch.frombuffer(bytearray(b), dtype=torch.uint8)
                                          for b in call], mode="RGB", device=device)
-            for img in imgs:  # (3, H, W) uint8
-                if preset.channels == 1:
-                    rgb = img.to(torch.int32)
-                    img = ((rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000) >> 16)[
-                        None].to(torch.uint8)
-                if img.shape[1:] != (s, s):
-                    img = F.interpolate(img[None].float(), size=(s, s), mode="bilinear",
-                                        antialias=True, align_corners=False)[0]
-                    img = img.round_().clamp_(0, 255).to(torch.uint8)
-                out.append(img)
-    except Exception:
+                for img in imgs:  # (3, H, W) uint8
+                    if preset.channels == 1:
+                        rgb = img.to(torch.int32)
+                        img = ((rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000)
+                               >> 16)[None].to(torch.uint8)
+                    if img.shape[1:] != (s, s):
+                        img = F.interpolate(img[None].float(), size=(s, s), mode="bilinear",
+                                            antialias=True, align_corners=False)[0]
+                        img = img.round_().clamp_(0, 255).to(torch.uint8)
+                    out.append(img)
+                del imgs
+    except Exception as e:
+        if not _device_failed.is_set():  # the first failure is logged: a broken file, or
+            _device_failed.set()  # a device that cannot decode (then every batch falls back)
+            import logging
+
+            logging.getLogger("kiln").warning(
+                "decoding JPEGs on %s failed (%s: %s); such batches decode on the CPU", device,
+                type(e).__name__, str(e)[:200])
         return None
     return torch.stack(out)
+
+
+_device_failed = threading.Event()
 
 
 def decode(data: bytes, preset: ImagePreset) -> np.ndarray:

@@ -25,14 +25,17 @@ def ray_local(s3_server):
     workers inherit the environment at start, so the S3 server's variables come first."""
     import ray
 
-    from jobs.connect import ensure_token_auth
+    from jobs.connect import ensure_token_auth, local_train_env
 
     ensure_token_auth()
     tmp = tempfile.mkdtemp(prefix="kr-", dir="/tmp")
+    env = local_train_env()  # as kiln sets it up for the local Ray it starts
+    env.__enter__()
     ray.init(address="local", num_cpus=2, object_store_memory=600 * 1024 * 1024, _temp_dir=tmp,
              include_dashboard=True, logging_level="WARNING")
     yield ray
     ray.shutdown()
+    env.__exit__(None, None, None)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

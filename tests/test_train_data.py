@@ -91,11 +91,14 @@ def test_workers_holding_the_whole_set_split_each_global_batch(ray_local):
 
 def test_a_held_split_gives_each_worker_every_wth_row_and_all_rows_once(ray_local):
     held = HeldShard.of(image_rows(1001).repartition(5).materialize(), split=True)
+    blocks = [b["y"].tolist() for b in held.iter_batches()]  # the whole set, block by block
+    assert len(blocks) == 5
     ys = []
     for rank in (0, 1, 2):
         batches = list(held.for_worker(rank, 3).iter_torch_batches(64, Rows().collate))
-        assert all(len(b["y"]) <= 64 for b in batches)
+        assert [len(b["y"]) for b in batches[:-1]] == [64] * (len(batches) - 1)  # across blocks
         ys.append(torch.cat([b["y"] for b in batches]).tolist())
+        assert ys[-1] == [y for b in blocks for y in b[rank::3]]  # every 3rd row of each block
     assert sorted(sum(ys, [])) == list(range(1001))  # every row, once
     assert max(map(len, ys)) - min(map(len, ys)) <= 5  # at most a row a block apart
     whole = HeldShard.of(image_rows(50).materialize())  # not split: every worker reads all

@@ -185,15 +185,25 @@ def test_batched_device_jpeg_decode_gives_the_cpu_pixels(preset, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_device_batch_keeps_every_row_and_pillows_errors(device):
+def test_a_device_batch_keeps_every_row_and_pillows_errors(device, monkeypatch):
     """A batch of JPEGs, other formats and broken files: the JPEGs on the device, the rest on
     the CPU, each image in its record's place; a truncated JPEG fails the batched call, and
     the batch is then decoded file by file, so every error is Pillow's."""
     import torch
 
+    import pipelines.label
+    import pipelines.transforms
     from pipelines.label import decode_batch
     from pipelines.sources import Record
     from pipelines.transforms import device_jpeg
+
+    calls = []  # what each batched device call gave back
+
+    def recorded(*args):
+        calls.append(pipelines.transforms.decode_jpegs_on(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(pipelines.label, "decode_jpegs_on", recorded)
 
     jpegs = [d for n, d in PHOTOS if n.endswith(".jpg")][:6]
     good = [d for n, d in PHOTOS if n.endswith(".png")][:2] + [ODD["cmyk.jpg"], ODD[
@@ -214,3 +224,6 @@ def test_a_device_batch_keeps_every_row_and_pillows_errors(device):
         assert torch.is_tensor(batch) and batch.device.type == device
         for x, i in zip(batch.cpu().numpy(), positions, strict=True):
             assert np.abs(x.astype(int) - decode_uint8(blobs[i], RGB).astype(int)).max() <= 1
+        # the six JPEGs went to the device; with a truncated one among them the call failed
+        assert (calls[-1] is None) == bool(broken), calls[-1]
+        assert broken or tuple(calls[-1].shape) == (6, 3, 32, 32)
