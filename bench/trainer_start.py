@@ -36,7 +36,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kiln-start-"))
     pngs, labels = embedded.digits(28)
     tar = embedded.write_class_tar(work / "digits.tar", pngs[:600], labels[:600])
-    local_train_env().__enter__()  # as for the local Ray that kiln starts itself
+    env = local_train_env()  # as for the local Ray that kiln starts itself
+    env.__enter__()
     t = time.monotonic()
     ray.init(address="local", num_cpus=2, object_store_memory=600 * 1024 * 1024,
              _temp_dir=tempfile.mkdtemp(prefix="kr-", dir="/tmp"), include_dashboard=False,
@@ -52,6 +53,7 @@ def main() -> None:
     if len(times) > 1:
         print(f"median of runs 2-{len(times)}: {statistics.median(times[1:]):.1f} s")
     ray.shutdown()
+    env.__exit__(None, None, None)
 
 
 if __name__ == "__main__":
