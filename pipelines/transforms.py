@@ -238,6 +238,16 @@ def _torchcodec():
     return {"png": decode_png, "jpeg": decode_jpeg}
 
 
+def _pillow_grey(img):
+    """(3, H, W) uint8 tensor -> (1, H, W) by Pillow's L = R 299/1000 + G 587/1000 + B 114/1000
+    (its fixed-point form), on whatever device the tensor is."""
+    import torch
+
+    rgb = img.to(torch.int32)
+    return ((rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000) >> 16)[None].to(
+        torch.uint8)
+
+
 def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
     """(C, S, S) uint8 through TorchCodec, whose decoders release the GIL, for the files that
     image_header() admits; None for any other file or where TorchCodec fails, and Pillow then
@@ -266,10 +276,8 @@ def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
         return None
     if img.dim() != 3 or img.shape[0] not in (1, 3) or img.shape[1:] != (height, width):
         return None
-    if preset.channels == 1 and img.shape[0] == 3:  # Pillow's L = R 299/1000 + G 587/1000 ..
-        rgb = img.to(torch.int32)
-        img = ((rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000) >> 16)[None]
-        img = img.to(torch.uint8)
+    if preset.channels == 1 and img.shape[0] == 3:
+        img = _pillow_grey(img)
     elif preset.channels == 3 and img.shape[0] == 1:
         img = img.expand(3, -1, -1)
     if (height, width) != (s, s):  # channels-last: torch's uint8 AVX2 kernel, 3x faster
@@ -323,9 +331,7 @@ def decode_jpegs_on(device, blobs: list[bytes], preset: ImagePreset):
                                          for b in call], mode="RGB", device=device)
                 for img in imgs:  # (3, H, W) uint8
                     if preset.channels == 1:
-                        rgb = img.to(torch.int32)
-                        img = ((rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000)
-                               >> 16)[None].to(torch.uint8)
+                        img = _pillow_grey(img)
                     if img.shape[1:] != (s, s):
                         img = F.interpolate(img[None].float(), size=(s, s), mode="bilinear",
                                             antialias=True, align_corners=False)[0]
