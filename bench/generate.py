@@ -8,7 +8,9 @@ model, same prompts:
 - the plain batched loop, 64 sequences stepped together through nn.LSTM, torch.multinomial;
 - `kiln generate` as a user runs it (in this process on every core), and on a local Ray
   (`--actors N`), both timed from launch to exit;
-- models.sample on one thread at 64 / 256 / 512 lanes, which sets models.sampling.LANES.
+- models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.sampling.LANES;
+- one step's matrix product on one thread, through MKL's addmm and oneDNN's linear, which
+  sets the physical limit and shows which kernel kiln's sampler takes (models.sampling).
 
 The model is a 2x256 char-LSTM (embedding 64) over the standard library's characters, with
 untrained weights (sampling speed does not depend on their values); prompts are lines of the
@@ -95,11 +97,41 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
     torch.set_num_threads(1)
     seeds = [row_seed(0, i) for i in range(len(prompts))]
     rates = {}
-    for lanes in (64, 256, 512):
+    for lanes in (64, 128, 256, 512):
         start = time.perf_counter()
         sample(loaded.model, loaded.vocab, prompts, seeds,
                SamplingSettings(max_chars=max_chars, lanes=lanes))
         rates[lanes] = len(prompts) * max_chars / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return rates
+
+
+def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
+    """GFLOP/s of an upper layer's product, (lanes, 2H) @ (2H, 4H), on one thread: torch's
+    addmm (MKL here) and oneDNN's linear on a packed weight (what models.sampling uses where
+    it can)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, w = torch.randn(lanes, 2 * hidden), torch.randn(4 * hidden, 2 * hidden)
+    b, wt = torch.randn(4 * hidden), w.T.contiguous()
+    flops = 2 * lanes * 2 * hidden * 4 * hidden
+    kernels = {"addmm": lambda: torch.addmm(b, a, wt)}
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, lanes)
+        kernels["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(
+            a, packed, b, "none", [], "")
+    except (AttributeError, RuntimeError):
+        pass
+    rates = {}
+    for name, f in kernels.items():
+        for _ in range(20):
+            f()
+        start, n = time.perf_counter(), 300
+        for _ in range(n):
+            f()
+        rates[name] = flops * n / (time.perf_counter() - start) / 1e9
     torch.set_num_threads(threads)
     return rates
 
@@ -139,6 +171,16 @@ def main() -> None:
     print(f"kiln generate on Ray: {ray['whole_s']:.1f} s", flush=True)
     lanes = lanes_sweep(model, prompts[:1000], 100)
     print(f"lanes: {lanes}", flush=True)
+    from models.sampling import LANES, onednn_linear
+
+    gemm = matmul_rates()
+    print(f"matmul GFLOP/s on one thread: {gemm}", flush=True)
+    kernel = "oneDNN linear" if onednn_linear() else "addmm"
+    from pipelines import storage
+
+    vocab = len(storage.load_model(str(model)).vocab)
+    flops = 2 * (256 * 1024 + 512 * 1024 + 256 * vocab)  # a character: two layers and the head
+    limit = max(gemm.values()) * 1e9 / flops
     assert here["chars"] == ray["chars"] == args.prompts * c
 
     base_name, base = max(naive.items(), key=lambda kv: kv[1]["chars_per_s"])
@@ -158,6 +200,7 @@ def main() -> None:
     table = "\n".join(f"| {name} | {rate:,.0f} | {rate / base_rate:.1f}x |"
                       for name, rate in rows)
     sweep = ", ".join(f"{k} lanes {v:,.0f}" for k, v in lanes.items())
+    gemm_text = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items())
     body = f"""
 {args.prompts:,} prompts (standard-library lines, up to 80 chars) x {c} chars each, a 2x256
 char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sampling.py`
@@ -173,10 +216,13 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
 - The naive loops are timed on their first prompts only (the whole set would take
   ~{args.prompts * c / base_rate / 60:.0f} min); every text is {c} chars, so rates compare.
   Their rates leave out Python's start and imports; kiln's include them.
-- `models.sample` on one thread, 1,000 prompts x 100 chars: {sweep} chars/s (LANES = 256).
-- The physical limit: the LSTM costs ~1.62 MFLOP a character (2x256, embedding folded into a
-  table), so one core at ~65 GFLOP/s (the fp32 matmul rate measured here on one thread) steps
-  ~40,000 characters a second at most.
+- `models.sample` on one thread, 1,000 prompts x 100 chars: {sweep} chars/s
+  (LANES = {LANES}).
+- One step's fp32 matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
+  kiln's sampler takes {kernel} here (`models.sampling.onednn_linear`).
+- The physical limit: the LSTM costs {flops / 1e6:.2f} MFLOP a character (2x256, embedding
+  folded into a table), so one core at {max(gemm.values()):.0f} GFLOP/s steps
+  ~{limit:,.0f} characters a second at most, {cpus} cores ~{cpus * limit:,.0f}.
 
 Load average (1 min) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}.
 

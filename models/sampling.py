@@ -14,7 +14,9 @@ trained to."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import platform
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +26,10 @@ from .rnn import CharRNN
 from .vocab import CharVocab
 
 # Sequences advanced together each step; fixed per device so that no row depends on the batch.
-# On a CPU core a 2x256 LSTM samples fastest at about 256 lanes (bench/generate.py sweeps 64,
-# 256 and 512): wider steps amortize each step's Python and numpy overhead, until the
-# step's buffers outgrow the caches. On a GPU the step costs about the same at any width up
-# to thousands of lanes (bench/gpu.py).
+# On a CPU core a 2x256 LSTM samples fastest at about 256 lanes (bench/generate.py sweeps 64
+# to 512; 128 is within 5%): wider steps amortize each step's Python and numpy overhead,
+# until the step's buffers outgrow the caches. On a GPU the step costs about the same at any
+# width up to thousands of lanes (bench/gpu.py).
 LANES = 256
 GPU_LANES = 1024
 
@@ -96,13 +98,63 @@ def encode_prompt(vocab: CharVocab, prompt: str, max_chars: int) -> tuple[list[i
     return vocab.encode(prompt), vocab.count_unknown(prompt)
 
 
+@functools.cache
+def onednn_linear() -> bool:
+    """Whether this process's CPU matrix products in sampling go through oneDNN's linear
+    (`torch.ops.mkldnn._linear_pointwise`, on a weight packed once: the kernel torch.compile's
+    CPU path uses) rather than addmm. oneDNN picks its kernel by instruction set; the MKL
+    behind addmm takes its AVX2 path on AMD's AVX-512 CPUs, where oneDNN runs a sampling
+    step's products 2.3x faster (bench/generate.py). x86-64 only, where it was measured; and
+    only where it agrees with addmm on a trial product."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
+        x, add = torch.randn(8, 40, generator=g), torch.randn(8, 48, generator=g)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        got_add = torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, None, "add")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(got, torch.addmm(b, x, w.T), rtol=1e-4, atol=1e-4)
+                and torch.allclose(got_add, torch.addmm(add, x, w.T), rtol=1e-4, atol=1e-4))
+
+
+class Linear:
+    """x @ W.T (+ bias) (+ add) for one float32 weight W (out, in) on a device: oneDNN's
+    linear on a CPU where `onednn_linear()`, addmm elsewhere. Either way a row of the result
+    depends only on the same row of x (and of add), and one shape always runs one kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device):
+        weight = weight.float().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous().to(device)
+        self.onednn = device.type == "cpu" and onednn_linear()
+        if self.onednn:  # packed for oneDNN's layout; the batch size is only a hint
+            self.w = torch.ops.mkldnn._reorder_linear_weight(weight, LANES)
+        else:  # (in, out), as addmm takes it
+            self.w = weight.T.contiguous().to(device)
+
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in) float32 (the sampling state is float32 even under autocast)."""
+        if self.onednn:
+            if add is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.w, self.bias, "add")
+        if add is None:
+            return x @ self.w if self.bias is None else torch.addmm(self.bias, x, self.w)
+        return torch.addmm(add if self.bias is None else add + self.bias, x, self.w)
+
+
 class Stepper:
     """CharRNN.step with its weights rearranged for one-character steps: the first layer's
     input projection is a table lookup (the embedding times W_ih, precomputed once per
     vocabulary entry), an upper LSTM/RNN layer does one matrix product over [input, hidden]
     instead of two, and an LSTM's cell gate comes pre-doubled so that its tanh is taken as
-    2 sigmoid(2x) - 1 (torch's CPU sigmoid runs several times faster than its tanh). Same
-    model; the rounding differs from `step`."""
+    2 sigmoid(2x) - 1 (torch's CPU sigmoid runs several times faster than its tanh). The
+    products run on `Linear`. Same model; the rounding differs from `step`."""
 
     def __init__(self, model: CharRNN, device: torch.device | str | None = None):
         r, self.cell, self.layers = model.rnn, model.cell, model.layers
@@ -117,29 +169,31 @@ class Stepper:
             t = getattr(r, name).detach().cpu().double()  # (G*H,) or (G*H, in)
             return t * (scale if t.dim() == 1 else scale[:, None])
 
+        def linear(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
+            return Linear(w, b, self.device)
+
         fuse_bias = self.cell != "gru"  # a GRU's b_hn sits inside r * (W_hn h + b_hn)
         # (V, G*H); built in float64 so its float32 bits do not depend on the GEMM kernel.
         table = model.embed.weight.detach().cpu().double() @ g("weight_ih_l0").T + g(
             "bias_ih_l0")
         if fuse_bias:
             table = table + g("bias_hh_l0")
-        self.table = self._put(table)
-        self.w, self.b = [], []  # per layer: weights transposed for addmm, and biases
+        self.table = table.float().contiguous().to(self.device)
+        # Per layer (input projection, hidden projection); layer 0's input is the table, and
+        # an upper LSTM/RNN layer has one product over [x, h] (B, 2H).
+        self.proj: list[tuple[Linear | None, Linear | None]] = []
         for k in range(self.layers):
             w_ih, w_hh, b_ih, b_hh = (g(f"{n}_l{k}") for n in ("weight_ih", "weight_hh",
                                                                 "bias_ih", "bias_hh"))
-            if k == 0 or not fuse_bias:
-                self.w.append((self._put(w_ih.T), self._put(w_hh.T)))
-                self.b.append((self._put(b_ih), self._put(b_hh)))
-            else:  # [x, h] (B, 2H) @ [W_ih; W_hh]^T (2H, G*H)
-                self.w.append((self._put(torch.cat([w_ih, w_hh], 1).T), None))
-                self.b.append((self._put(b_ih + b_hh), None))
-        self.head_w = self._put(model.head.weight.detach().cpu().double().T)  # (H, V)
-        self.head_b = self._put(model.head.bias.detach().cpu().double())
+            if k == 0:
+                self.proj.append((None, linear(w_hh, None if fuse_bias else b_hh)))
+            elif fuse_bias:
+                self.proj.append((linear(torch.cat([w_ih, w_hh], 1), b_ih + b_hh), None))
+            else:
+                self.proj.append((linear(w_ih, b_ih), linear(w_hh, b_hh)))
+        self.head = linear(model.head.weight.detach().cpu().double(),
+                           model.head.bias.detach().cpu().double())
         self.hidden = model.hidden
-
-    def _put(self, t: torch.Tensor) -> torch.Tensor:
-        return t.float().contiguous().to(self.device)
 
     def init_state(self, lanes: int) -> list[torch.Tensor]:
         """[h_0, .., h_{L-1}] (+ [c_0, ..] for an LSTM), each (lanes, H)."""
@@ -152,22 +206,19 @@ class Stepper:
         n_layers, inp, new = self.layers, None, list(state)
         for k in range(n_layers):
             h = state[k]
-            (w_a, w_b), (b_a, b_b) = self.w[k], self.b[k]
+            p_in, p_h = self.proj[k]
             if self.cell == "gru":
-                gi = self._lookup(x) if k == 0 else torch.addmm(b_a, inp, w_a)  # (B, 3H)
-                h = self._gru(gi.float(), torch.addmm(b_b, h, w_b).float(), h)
+                gi = self._lookup(x) if k == 0 else p_in(inp)  # (B, 3H)
+                h = self._gru(gi.float(), p_h(h).float(), h)
             else:
-                if k == 0:
-                    gates = torch.addmm(self._lookup(x), h, w_b)  # (B, G*H)
-                else:
-                    gates = torch.addmm(b_a, torch.cat([inp, h], 1), w_a)
+                gates = p_h(h, self._lookup(x)) if k == 0 else p_in(torch.cat([inp, h], 1))
                 gates = gates.float()  # under bf16 autocast the state stays float32
                 if self.cell == "lstm":
                     h, new[n_layers + k] = self._lstm(gates, state[n_layers + k])
                 else:
                     h = torch.relu(gates) if self.relu else torch.tanh(gates)
             new[k] = inp = h  # (B, H)
-        return torch.addmm(self.head_b, inp, self.head_w), new
+        return self.head(inp), new
 
     def _lookup(self, x: torch.Tensor) -> torch.Tensor:
         return torch.index_select(self.table, 0, x)  # (B, G*H); much cheaper than table[x]

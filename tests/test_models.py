@@ -1,5 +1,6 @@
 """Unit tests of models/: shapes, learning, sampling and the vocabulary. No Ray."""
 
+import platform
 import subprocess
 import sys
 
@@ -169,6 +170,32 @@ def test_stepper_matches_step(cell):
         la, a = net.step(x, a)
         lb, b = fast(x, b)
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_products_take_oneDNN_on_x86_and_rows_keep_to_themselves(monkeypatch):
+    """Both kernels of models.sampling.Linear give x @ W.T + b + add, and a row's result is
+    the same bits whatever the other rows hold (what keeps texts independent of the batch)."""
+    from models import sampling
+
+    if platform.machine() == "x86_64" and torch.backends.mkldnn.is_available():
+        assert sampling.onednn_linear()  # the fast kernel, not a silent fallback
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(64, 48, generator=g).double(), torch.randn(64, generator=g).double()
+    x, add = torch.randn(256, 48, generator=g), torch.randn(256, 64, generator=g)
+    other = x.clone()
+    other[1:] = torch.randn(255, 48, generator=g)
+    for onednn in {False, sampling.onednn_linear()}:
+        monkeypatch.setattr(sampling, "onednn_linear", lambda on=onednn: on)
+        for bias in (b, None):
+            lin = sampling.Linear(w, bias, torch.device("cpu"))
+            assert lin.onednn == onednn
+            want = x.double() @ w.T + add.double() + (0 if bias is None else b)
+            y = lin(x, add)
+            torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(lin(x), (want - add.double()).float(), rtol=1e-5,
+                                       atol=1e-4)
+            assert torch.equal(lin(other, add)[0], y[0])
+            assert torch.equal(lin(other)[0], lin(x)[0])
 
 
 def test_long_prompts_keep_their_end_and_lanes_refill(tiny_lm):
