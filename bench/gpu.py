@@ -10,8 +10,9 @@ timed directly: the GPU machine lent to this project has PyTorch but not Ray.
   decoded on the device) over a tar of the digits as PNGs [BENCH-2] and a tar of photo-sized
   JPEGs [BENCH-4], with 1 to 15 decode threads; the model alone; the batched device decode
   alone against one CPU thread's;
-- generation: models.sample under bf16 autocast on the trained LSTM at several batch sizes,
-  and a row's text alone against the same row in a batch.
+- generation: models.sample under bf16 autocast on the trained LSTM at several batch sizes;
+  one step at 64-4,096 lanes eager against a CUDA graph's replay, beside the CPU side of a
+  step (whether graphs would pay); a row's text alone against the same row in a batch.
 
     python bench/gpu.py [--quick] [--out DIR]    # --quick: tiny sizes, runs on a CPU too
 Prints a Markdown summary last; writes gpu.json and gpu.md under --out."""
@@ -493,6 +494,58 @@ def labeling(work: Path, digits_model: Path, quick: bool) -> None:
 
 
 # -------------------------------------------------------------------------------- generation
+def step_times(net, lanes: int, bf16: bool, steps: int) -> dict[str, float]:
+    """Milliseconds of one sampling step (models.sampling.Stepper) at `lanes`: run eagerly,
+    and (on CUDA) captured once in a CUDA graph and replayed, the state copied back inside
+    the graph; and the CPU side of a step that sample() adds (logits to the host, pick)."""
+    from models.sampling import Stepper, pick
+
+    st = Stepper(net, DEV)
+    x = torch.randint(1, net.head.out_features, (lanes,), device=DEV)
+    state = st.init_state(lanes)
+    out: dict[str, float] = {}
+    with autocast(bf16):
+        for _ in range(5):
+            logits, state = st(x, state)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, state = st(x, state)
+        sync()
+        out["eager"] = (time.perf_counter() - t0) / steps * 1e3
+        u = np.random.default_rng(0).random(lanes)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            pick(logits, u, 0.8, 0)
+        out["to host + pick"] = (time.perf_counter() - t0) / steps * 1e3
+        if DEV.type != "cuda":
+            return out
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
+            for _ in range(3):
+                st(x, state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_logits, new = st(x, state)
+            for old, n in zip(state, new, strict=True):
+                old.copy_(n)
+        start = [t.clone() for t in state]
+        want = st(x, [t.clone() for t in start])[0]
+        graph.replay()  # from the same state: the same logits as the eager step
+        out["graph equals eager"] = float(torch.equal(g_logits, want))
+        for _ in range(5):
+            graph.replay()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        sync()
+        out["graph"] = (time.perf_counter() - t0) / steps * 1e3
+    return out
+
+
 def generation(lstm_model: Path, quick: bool) -> None:
 
     loaded = storage.load_model(str(lstm_model))
@@ -518,6 +571,19 @@ def generation(lstm_model: Path, quick: bool) -> None:
         RESULTS.setdefault("generate", {})[lanes] = rates
         log(f"generate {n} prompts, {lanes} lanes: fp32 {rates[0]:,.0f} bf16 {rates[1]:,.0f}")
         LINES.append(f"| {lanes} | {rates[0]:,.0f} | {rates[1]:,.0f} |")
+    LINES.extend(["", "One sampling step, ms (eager; captured in a CUDA graph and replayed; the "
+                  "CPU side sample() adds: logits to the host and pick):", "",
+                  "| lanes | autocast | eager | CUDA graph | to host + pick |",
+                  "|---|---|---|---|---|"])
+    for lanes in [8, 32] if quick else [64, 256, 1024, 4096]:
+        for bf16 in (False, True):
+            t = step_times(net, lanes, bf16, 20 if quick else 200)
+            RESULTS.setdefault("step_ms", {})[f"{lanes} {'bf16' if bf16 else 'fp32'}"] = t
+            graph = (f"{t['graph']:.3f} (same logits: {bool(t['graph equals eager'])})"
+                     if "graph" in t else "(CUDA only)")
+            LINES.append(f"| {lanes} | {'bf16' if bf16 else 'fp32'} | {t['eager']:.3f} | {graph} "
+                         f"| {t['to host + pick']:.3f} |")
+            log(f"step at {lanes} lanes, bf16 {bf16}: {t}")
     with autocast(DEV.type == "cuda"):
         batch = sample(net, vocab, starts[:16], [row_seed(7, i) for i in range(16)], s, DEV)
         alone = sample(net, vocab, starts[5:6], [row_seed(7, 5)], s, DEV)
