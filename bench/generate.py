@@ -218,7 +218,7 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
   Their rates leave out Python's start and imports; kiln's include them.
 - `models.sample` on one thread, 1,000 prompts x 100 chars: {sweep} chars/s
   (LANES = {LANES}).
-- One step's fp32 matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
+- An upper layer's fp32 matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
   kiln's sampler takes {kernel} here (`models.sampling.onednn_linear`).
 - The physical limit: the LSTM costs {flops / 1e6:.2f} MFLOP a character (2x256, embedding
   folded into a table), so one core at {max(gemm.values()):.0f} GFLOP/s steps

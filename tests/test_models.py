@@ -157,10 +157,15 @@ def test_import_models_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_stepper_matches_step(cell):
+def test_stepper_matches_step(cell, onednn, monkeypatch):
+    from models import sampling
     from models.sampling import Stepper
 
+    if onednn and not sampling.onednn_linear():
+        pytest.skip("torch has no oneDNN linear on this machine")
+    monkeypatch.setattr(sampling, "onednn_linear", lambda: onednn)
     torch.manual_seed(0)
     net = CharRNN(30, cell, embed=8, hidden=16, layers=3).eval()
     fast = Stepper(net)
@@ -196,6 +201,8 @@ def test_sampling_products_take_oneDNN_on_x86_and_rows_keep_to_themselves(monkey
                                        atol=1e-4)
             assert torch.equal(lin(other, add)[0], y[0])
             assert torch.equal(lin(other)[0], lin(x)[0])
+            perm = torch.randperm(256, generator=g)  # a row's lane does not change its bits
+            assert torch.equal(lin(x[perm], add[perm]), y[perm])
 
 
 def test_long_prompts_keep_their_end_and_lanes_refill(tiny_lm):
