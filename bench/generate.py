@@ -9,8 +9,8 @@ model, same prompts:
 - `kiln generate` as a user runs it (in this process on every core), and on a local Ray
   (`--actors N`), both timed from launch to exit;
 - models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.sampling.LANES;
-- one step's matrix product on one thread, through MKL's addmm and oneDNN's linear, which
-  sets the physical limit and shows which kernel kiln's sampler takes (models.sampling).
+- an upper layer's matrix product on one thread, through torch's addmm and through the
+  sampler's own models.sampling.Linear, which sets the physical limit.
 
 The model is a 2x256 char-LSTM (embedding 64) over the standard library's characters, with
 untrained weights (sampling speed does not depend on their values); prompts are lines of the
@@ -108,31 +108,31 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
 
 def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
     """GFLOP/s of an upper layer's product, (lanes, 2H) @ (2H, 4H), on one thread: torch's
-    addmm (MKL here) and oneDNN's linear on a packed weight (what models.sampling uses where
-    it can)."""
+    addmm (MKL here), and models.sampling.Linear, the sampler's own (oneDNN's linear where
+    `onednn_linear()`, else addmm again)."""
     import torch
+
+    from models.sampling import Linear
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     a, w = torch.randn(lanes, 2 * hidden), torch.randn(4 * hidden, 2 * hidden)
     b, wt = torch.randn(4 * hidden), w.T.contiguous()
+    lin = Linear(w, b, torch.device("cpu"))
     flops = 2 * lanes * 2 * hidden * 4 * hidden
-    kernels = {"addmm": lambda: torch.addmm(b, a, wt)}
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, lanes)
-        kernels["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(
-            a, packed, b, "none", [], "")
-    except (AttributeError, RuntimeError):
-        pass
+    kernels = {"addmm": lambda: torch.addmm(b, a, wt),
+               f"kiln's Linear ({'oneDNN' if lin.onednn else 'addmm'})": lambda: lin(a)}
     rates = {}
-    for name, f in kernels.items():
-        for _ in range(20):
-            f()
-        start, n = time.perf_counter(), 300
-        for _ in range(n):
-            f()
-        rates[name] = flops * n / (time.perf_counter() - start) / 1e9
-    torch.set_num_threads(threads)
+    try:
+        for name, f in kernels.items():
+            for _ in range(20):
+                f()
+            start, n = time.perf_counter(), 300
+            for _ in range(n):
+                f()
+            rates[name] = flops * n / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(threads)
     return rates
 
 
@@ -175,7 +175,7 @@ def main() -> None:
 
     gemm = matmul_rates()
     print(f"matmul GFLOP/s on one thread: {gemm}", flush=True)
-    kernel = "oneDNN linear" if onednn_linear() else "addmm"
+    kernel = "oneDNN's linear" if onednn_linear() else "addmm"
     from pipelines import storage
 
     vocab = len(storage.load_model(str(model)).vocab)
