@@ -37,6 +37,7 @@ class Progress:
     elapsed_s: float = 0.0  # training time before this attempt
     history: list = field(default_factory=list)
     best: list | None = None  # the best record's task.rank(), as a list (JSON)
+    ended: list | None = None  # [max_steps, time_limit_s] of the budget the run completed
 
 
 def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
@@ -157,6 +158,8 @@ def run(w: Worker, train, val, prog: Progress) -> None:
         raise ValueError("the training data holds less than one batch: lower --batch-size")
     start, before, train_s = time.monotonic(), prog.elapsed_s, 0.0
     rnd, batches, done = Round(), None, 0  # done: steps into the current epoch
+    if complete(cfg, prog):  # restored from the last checkpoint of a run that has ended
+        return
     while True:
         if batches is None:
             task.begin_epoch()
@@ -164,8 +167,12 @@ def run(w: Worker, train, val, prog: Progress) -> None:
         t0 = time.monotonic()
         batch = next(batches, None)
         if batch is None:  # the end of an epoch
-            prog.epoch, batches = prog.epoch + 1, None
+            if done < per_epoch:  # its last step did not count it already
+                prog.epoch += 1
+            batches = None
             finished = cfg.epochs is not None and prog.epoch >= cfg.epochs
+            if finished:
+                prog.ended = [cfg.max_steps, cfg.time_limit_s]
             if finished or not budget.by_time:
                 validate(w, val, prog, rnd, budget, prog.epoch, before + time.monotonic() - start)
                 rnd = Round()
@@ -178,13 +185,17 @@ def run(w: Worker, train, val, prog: Progress) -> None:
         loss, n = train_step(task, w.model, w.opt, task.to_device(batch, w.device, w.layout),
                              w.autocast)
         prog.step, done = prog.step + 1, done + 1
+        if done == per_epoch:  # the epoch's last step: a checkpoint from here on counts it
+            prog.epoch += 1
         rnd.loss_sum = rnd.loss_sum.to(loss.device) + loss.detach().double() * n
         rnd.samples += n
         step_s = time.monotonic() - t0
         train_s, rnd.train_s = train_s + step_s, rnd.train_s + step_s
         last = settle(budget, prog.step, train_s, before + time.monotonic() - start, cfg)
+        if last:
+            prog.ended = [cfg.max_steps, cfg.time_limit_s]
         if last or budget.eval_due(prog.step):
-            validate(w, val, prog, rnd, budget, prog.epoch + done / per_epoch,
+            validate(w, val, prog, rnd, budget, prog.epoch + done % per_epoch / per_epoch,
                      before + time.monotonic() - start)
             rnd = Round()
             # The validation moved the clock: the next step's rate must already see it.
@@ -192,6 +203,16 @@ def run(w: Worker, train, val, prog: Progress) -> None:
                 or last
         if last:
             return
+
+
+def complete(cfg, prog: Progress) -> bool:
+    """Whether the budget of a restored run is spent (its steps, epochs or time), or is the one
+    the run already completed: a run killed after its last checkpoint, or resumed again once
+    done, trains no further and adds no line (a larger budget continues it)."""
+    return (prog.ended == [cfg.max_steps, cfg.time_limit_s]
+            or (cfg.max_steps is not None and prog.step >= cfg.max_steps)
+            or (cfg.epochs is not None and prog.epoch >= cfg.epochs)
+            or (cfg.time_limit_s is not None and prog.elapsed_s >= cfg.time_limit_s))
 
 
 def settle(budget: Budget, step: int, train_s: float, elapsed: float, cfg) -> bool:

@@ -140,6 +140,11 @@ def test_resume_continues_a_killed_run(tmp_path):
     steps = [m["step"] for m in history]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     assert "epoch   1 " not in resumed.stderr  # it did not start over
+    # Resumed again once done (or killed after its last checkpoint): nothing more is trained.
+    again = subprocess.run(kiln(*args[:-10], "--epochs", "6", *args[-8:], "--resume"),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metrics(run) == history
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
