@@ -8,6 +8,7 @@ model, same prompts:
 - the plain batched loop, 64 sequences stepped together through nn.LSTM, torch.multinomial;
 - `kiln generate` as a user runs it (in this process on every core), and on a local Ray
   (`--actors N`), both timed from launch to exit;
+- small jobs (--small, 10 and 100 prompts): the three whole commands, start-up included;
 - models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.sampling.LANES;
 - an upper layer's matrix product on one thread, through torch's addmm and through the
   sampler's own models.sampling.Linear, which sets the physical limit.
@@ -17,6 +18,7 @@ untrained weights (sampling speed does not depend on their values); prompts are 
 standard library's source, up to 80 characters.
 
     .venv/bin/python bench/generate.py [--prompts 1000] [--max-chars 500] [--naive-prompts 20]
+        [--small 10 100]
 Writes the "## Generation" section of BENCHMARKS.md."""
 
 from __future__ import annotations
@@ -84,6 +86,22 @@ def kiln(model: Path, prompts: Path, out: Path, max_chars: int, *extra: str) -> 
             "how": "in process" if "in this process" in log else "Ray"}
 
 
+def small_job(model: Path, prompts: list[str], tmp: Path, max_chars: int,
+              naive: dict) -> dict[str, float]:
+    """Whole commands on a small job: the fastest naive kernel's settings, the plain batched
+    loop, and kiln generate (which steps a few prompts at a narrower width)."""
+    best = max(naive, key=lambda k: naive[k]["chars_per_s"])
+    flags = {"oneDNN on, default threads": [],
+             "oneDNN off, default threads": ["--mkldnn", "off"],
+             "oneDNN off, 1 thread": ["--mkldnn", "off", "--threads", "1"]}[best]
+    pfile = tmp / f"small-{len(prompts)}.txt"
+    pfile.write_text("\n".join(prompts) + "\n")
+    return {"naive": plain(model, pfile, max_chars, "--mode", "naive", *flags)["whole_s"],
+            "batched": plain(model, pfile, max_chars, "--mode", "batched", "--batch",
+                             "64")["whole_s"],
+            "kiln": kiln(model, pfile, tmp / f"small-{len(prompts)}", max_chars)["whole_s"]}
+
+
 def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, float]:
     import torch
 
@@ -141,6 +159,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1000)
     ap.add_argument("--max-chars", type=int, default=500)
     ap.add_argument("--naive-prompts", type=int, default=20)
+    ap.add_argument("--small", type=int, nargs="*", default=[10, 100],
+                    help="small jobs: whole commands at these prompt counts")
     ap.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
@@ -169,6 +189,9 @@ def main() -> None:
     print(f"kiln generate: {here['whole_s']:.1f} s ({here['how']})", flush=True)
     ray = kiln(model, pfile, tmp / "ray", c, "--actors", str(cpus))
     print(f"kiln generate on Ray: {ray['whole_s']:.1f} s", flush=True)
+    small = {k: small_job(model, prompts[:k], tmp, c, dict(naive)) for k in args.small}
+    for k, r in small.items():
+        print(f"{k} prompts: {r}", flush=True)
     lanes = lanes_sweep(model, prompts[:1000], 100)
     print(f"lanes: {lanes}", flush=True)
     from models.sampling import LANES, onednn_linear
@@ -200,6 +223,10 @@ def main() -> None:
     table = "\n".join(f"| {name} | {rate:,.0f} | {rate / base_rate:.1f}x |"
                       for name, rate in rows)
     sweep = ", ".join(f"{k} lanes {v:,.0f}" for k, v in lanes.items())
+    small_rows = "\n".join(
+        f"| {k:,} | {r['naive']:.1f} s | {r['batched']:.1f} s | {r['kiln']:.1f} s | "
+        f"**{r['naive'] / r['kiln']:.2f}x** | **{r['batched'] / r['kiln']:.2f}x** |"
+        for k, r in small.items())
     gemm_text = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items())
     body = f"""
 {args.prompts:,} prompts (standard-library lines, up to 80 chars) x {c} chars each, a 2x256
@@ -217,17 +244,25 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
   ~{args.prompts * c / base_rate / 60:.0f} min); every text is {c} chars, so rates compare.
   Their rates leave out Python's start and imports; kiln's include them.
 - `models.sample` on one thread, 1,000 prompts x 100 chars: {sweep} chars/s
-  (LANES = {LANES}).
+  (LANES = {LANES}; each block's last sequences step narrower, at every lane count).
 - An upper layer's fp32 matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
   kiln's sampler takes {kernel} here (`models.sampling.onednn_linear`).
 - The physical limit: the LSTM costs {flops / 1e6:.2f} MFLOP a character (2x256, embedding
   folded into a table), so one core at {max(gemm.values()):.0f} GFLOP/s steps
   ~{limit:,.0f} characters a second at most, {cpus} cores ~{cpus * limit:,.0f}.
 
+Small jobs, whole commands from launch to exit ({c} chars a prompt; the naive loop on
+"{base_name}"; start-up included in all three). kiln steps fewer prompts than its lanes at a
+narrower width (`models.sampling.Stepper.width_for`) and gives each CPU a block:
+
+| prompts | naive | plain batched-64 | `kiln generate` | kiln vs naive | kiln vs batched |
+| ---: | ---: | ---: | ---: | ---: | ---: |
+{small_rows}
+
 Load average (1 min) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}.
 
 Command: `.venv/bin/python bench/generate.py --prompts {args.prompts} --max-chars {c} \
---naive-prompts {n}`
+--naive-prompts {n} --small {' '.join(map(str, args.small))}`
 """
     print(body)
     if not args.no_write:

@@ -272,8 +272,9 @@ def generate(
     seed: int = typer.Option(0, help="Each row is seeded from (seed, row id)."),
     stop: str = typer.Option(None, help="Cut each text before this string."),
     batch_size: int = typer.Option(None, help="Rows per block and Parquet part; default: the "
-                                   "sampling lanes, 256 sequences stepped together on a CPU, "
-                                   "1024 on a GPU."),
+                                   "sampling lanes (256 sequences stepped together on a CPU, "
+                                   "1024 on a GPU), or fewer: each local CPU's (or actor's) "
+                                   "equal share of the rows."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),

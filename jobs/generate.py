@@ -45,9 +45,26 @@ class GenerateJob(BulkJob):
                 "max_prompt_chars": s.max_prompt_chars}
 
     def plan(self, done: set[tuple]) -> Plan:
-        blocks = gen.plan_blocks(self.table, done, self.opts.batch_size or self.s.lanes)
+        blocks = gen.plan_blocks(self.table, done, self.block_rows(self.table.num_rows -
+                                                                   len(done)))
         return Plan([pack(b) for b in blocks], sum(b.num_rows for b in blocks),
                     gen.characters_to_step(blocks, self.s))
+
+    def block_rows(self, rows: int) -> int:
+        """Rows per block (and Parquet part): --batch-size; else the lanes, or an equal share
+        of the rows for each of --actors, or of this machine's CPUs, when that is fewer, so
+        that a job of fewer rows than lanes per CPU keeps every one stepping: 300 prompts on
+        2 CPUs are two blocks of 150, not 256 and 44 (a text does not depend on its block).
+        A cluster's CPUs are not known before Ray starts: there, and with --gpu, the lanes
+        unless --actors says."""
+        o = self.opts
+        if o.batch_size:
+            return o.batch_size
+        if o.actors:
+            return max(1, min(self.s.lanes, -(-rows // o.actors)))
+        if o.gpu or o.address or connect.has_cluster():
+            return self.s.lanes
+        return max(1, min(self.s.lanes, -(-rows // connect.local_cpus())))
 
     def describe(self, plan: Plan, done: set[tuple]) -> str:
         return (f"kiln generate: {self.table.num_rows:,} prompts, {len(done):,} already "

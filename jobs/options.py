@@ -76,7 +76,7 @@ class GenerateOptions:
     seed: int = 0
     stop: str | None = None
     batch_size: int | None = None  # rows per block and Parquet part; None: the lanes (256 on
-    # a CPU, 1024 on a GPU)
+    # a CPU, 1024 on a GPU), or each CPU's or actor's share of the rows (GenerateJob.block_rows)
     gpu: bool = False
     overwrite: bool = False
     actors: int | None = None

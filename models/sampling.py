@@ -2,10 +2,12 @@
 prompt, the sequence's seed and the settings: never on which other sequences share the batch.
 
 Two things make that hold. Randomness is counter-based: the j-th character of a sequence is
-drawn with a uniform number hashed from (its seed, j), not from a shared generator. And every
-step runs a fixed number of lanes (idle lanes compute on dummies), so the matrix kernels, whose
-rounding can depend on the batch shape, always see the same shape; each lane's row of a matrix
-product depends only on that lane's own inputs.
+drawn with a uniform number hashed from (its seed, j), not from a shared generator. And a
+step's arithmetic gives each lane's row the same bits whatever the other rows hold, whichever
+lane it sits in and however many lanes the step has: a step runs the full lanes (idle lanes
+compute on dummies), or a narrower width only where that has been checked (`Stepper.width_for`:
+kernels whose rounding can depend on the batch shape, pointwise loops whose remainder rounds
+differently).
 
 Lanes are refilled as they finish (continuous batching): a sequence that ends early, through
 --stop or a short prompt, frees its lane for the next one instead of idling until the longest
@@ -25,13 +27,18 @@ import torch
 from .rnn import CharRNN
 from .vocab import CharVocab
 
-# Sequences advanced together each step; fixed per device so that no row depends on the batch.
+# Sequences advanced together each step, at most (fewer sequences step narrower where a row's
+# bits do not change with the width: Stepper.width_for).
 # On a CPU core a 2x256 LSTM samples fastest at about 256 lanes (bench/generate.py sweeps 64
 # to 512; 128 is within 5%): wider steps amortize each step's Python and numpy overhead,
 # until the step's buffers outgrow the caches. On a GPU the step costs about the same at any
 # width up to thousands of lanes (bench/gpu.py).
 LANES = 256
 GPU_LANES = 1024
+# Narrower widths a step may take when fewer sequences are left to step (a small job, a
+# block's tail), where the kernels give each row the same bits at that width as at the lanes
+# (`Stepper.agrees`, probed once per shape): 8 sequences step ~8x cheaper than 256 lanes.
+WIDTHS = (8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 384, 512, 640, 768, 896)
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class SamplingSettings:
     temperature: float = 1.0  # 0 is greedy
     top_k: int = 0  # 0 keeps every character
     stop: str | None = None  # the continuation is cut before its first occurrence
-    lanes: int = LANES  # sequences advanced together each step
+    lanes: int = LANES  # sequences advanced together each step, at most
     max_prompt_chars: int = 2000  # longer prompts keep their last characters
 
     def __post_init__(self):
@@ -126,15 +133,23 @@ def onednn_linear() -> bool:
 class Linear:
     """x @ W.T (+ bias) (+ add) for one float32 weight W (out, in) on a device: oneDNN's
     linear on a CPU where `onednn_linear()`, addmm elsewhere. Either way a row of the result
-    depends only on the same row of x (and of add), and one shape always runs one kernel."""
+    depends only on the same row of x (and of add), wherever it sits in the batch: MKL's
+    addmm does not keep to that for 5-11 output columns (a row's bits follow its position;
+    measured on an AVX2 EPYC, any depth), so there a product of fewer than a multiple of 16
+    columns runs on a weight padded with zero columns to one, and the bias and `add` are
+    added after it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device):
         weight = weight.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous().to(device)
         self.onednn = device.type == "cpu" and onednn_linear()
+        self.out, self.pad = weight.shape[0], 0
         if self.onednn:  # packed for oneDNN's layout; the batch size is only a hint
             self.w = torch.ops.mkldnn._reorder_linear_weight(weight, LANES)
         else:  # (in, out), as addmm takes it
+            self.pad = -self.out % 16
+            if self.pad:
+                weight = torch.cat([weight, weight.new_zeros(self.pad, weight.shape[1])])
             self.w = weight.T.contiguous().to(device)
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,6 +158,10 @@ class Linear:
             if add is None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, "none", [], "")
             return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.w, self.bias, "add")
+        if self.pad:
+            y = (x @ self.w)[:, : self.out]
+            y = y if self.bias is None else y + self.bias
+            return (y if add is None else y + add).contiguous()
         if add is None:
             return x @ self.w if self.bias is None else torch.addmm(self.bias, x, self.w)
         return torch.addmm(add if self.bias is None else add + self.bias, x, self.w)
@@ -194,6 +213,58 @@ class Stepper:
         self.head = linear(model.head.weight.detach().cpu().double(),
                            model.head.bias.detach().cpu().double())
         self.hidden = model.hidden
+        # What picks the kernels of a step, beside its width.
+        self.signature = (self.cell, self.relu, self.layers, self.hidden, self.table.shape[0],
+                          str(self.device), self.head.onednn)
+        self._trials: dict[tuple, list] = {}  # agrees(): full-width steps on random inputs
+
+    def width_for(self, n: int, lanes: int) -> int:
+        """The narrowest of WIDTHS below `lanes` that holds n sequences and at which every
+        row's step is the same bits as at `lanes`; else `lanes`."""
+        for width in WIDTHS:
+            if n <= width < lanes and self.aligned(width) and self.agrees(width, lanes):
+                return width
+        return lanes
+
+    def aligned(self, width: int) -> bool:
+        """Whether every tensor of a step `width` lanes wide, (width, H), (width, gates) and
+        (width, V), holds a multiple of 64 floats. torch's pointwise loops (sigmoid, tanh)
+        and NumPy's (exp, in `pick`) run SIMD over a contiguous tensor's elements and a
+        scalar remainder at its end, whose rounding differs: in an aligned step no row has
+        elements in a remainder, at any width."""
+        gates = {"lstm": 4, "gru": 3}.get(self.cell, 1) * self.hidden
+        return all(width * n % 64 == 0 for n in (self.hidden, gates, self.head.out))
+
+    def agrees(self, width: int, lanes: int) -> bool:
+        """Whether a step `width` lanes wide gives each of its rows the bits the same row gets
+        in a step `lanes` wide at another lane (the last `width` of them). A matrix kernel may
+        take another path for fewer rows, which would tie a text to its batch; a kernel's path
+        depends on the shapes, the device, the threads and autocast, which key the answer,
+        not on the values: two trials on random inputs answer for the shape (cached)."""
+        autocast = torch.is_autocast_enabled(self.device.type)
+        key = (self.signature, width, lanes, torch.get_num_threads(), autocast,
+               torch.get_autocast_dtype(self.device.type) if autocast else None)
+        if key not in _AGREES:
+            rows, same = slice(lanes - width, lanes), True
+            for x, state, wide_logits, wide in self._trial_steps(key[2:], lanes):
+                logits, narrow = self(x[rows], [t[rows] for t in state])
+                same = same and torch.equal(logits, wide_logits[rows]) and all(
+                    torch.equal(a, b[rows]) for a, b in zip(narrow, wide, strict=True))
+            _AGREES[key] = same
+        return _AGREES[key]
+
+    def _trial_steps(self, key: tuple, lanes: int) -> list:
+        """Two full-width steps on random inputs (states of two scales), and their results."""
+        if key not in self._trials:
+            g = torch.Generator().manual_seed(lanes)
+            trials = []
+            for scale in (1.0, 0.1):
+                x = torch.randint(1, self.table.shape[0], (lanes,), generator=g).to(self.device)
+                state = [(torch.randn(lanes, self.hidden, generator=g) * scale).to(self.device)
+                         for _ in self.init_state(1)]
+                trials.append((x, state, *self(x, state)))
+            self._trials[key] = trials
+        return self._trials[key]
 
     def init_state(self, lanes: int) -> list[torch.Tensor]:
         """[h_0, .., h_{L-1}] (+ [c_0, ..] for an LSTM), each (lanes, H)."""
@@ -242,6 +313,9 @@ class Stepper:
         return n + z * (h - n)
 
 
+_AGREES: dict[tuple, bool] = {}
+
+
 @torch.no_grad()
 def sample(
     model: CharRNN,
@@ -262,7 +336,8 @@ def sample(
 
 class _Lanes:
     """The sampling loop: `lanes` sequences advance one character a step; a lane whose
-    sequence ends takes the next waiting prompt."""
+    sequence ends takes the next waiting prompt. Fewer prompts than lanes step at a narrower
+    width, and so do the last sequences once no prompt waits (`Stepper.width_for`)."""
 
     def __init__(self, stepper: Stepper, vocab: CharVocab, prompts, seeds, settings):
         self.stepper, self.vocab, self.s = stepper, vocab, settings
@@ -270,7 +345,7 @@ class _Lanes:
         self.seeds = np.array(seeds, dtype=np.uint64)
         # Longest first: the long ones start early, and the tail ends evenly.
         self.queue = sorted(range(len(prompts)), key=lambda i: -len(self.ids[i]))[::-1]
-        n = settings.lanes
+        n = stepper.width_for(len(prompts), settings.lanes)
         width = max(len(x) for x in self.ids) + settings.max_chars
         self.buf = np.zeros((n, width), dtype=np.int64)  # lane: its prompt, then its text
         self.row = np.full(n, -1)  # which prompt each lane holds; -1: idle
@@ -300,9 +375,24 @@ class _Lanes:
         text = self.vocab.decode(self.buf[lane, start : start + length])
         self.out[self.row[lane]] = text.split(self.s.stop, 1)[0] if self.s.stop else text
 
+    def _narrow(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """With no prompt waiting, the sequences still running move to the narrowest width
+        that holds them, if that is narrower: their rows of the buffers and the state, in
+        lane order, padded with idle lanes."""
+        running = np.flatnonzero(self.row >= 0)
+        width = self.stepper.width_for(len(running), self.s.lanes) if len(running) else 0
+        if not 0 < width < len(self.row):
+            return state
+        keep = np.concatenate([running, np.flatnonzero(self.row < 0)[: width - len(running)]])
+        keep.sort()
+        for name in ("buf", "row", "pos", "plen", "seed"):
+            setattr(self, name, getattr(self, name)[keep])
+        idx = torch.from_numpy(keep).to(self.stepper.device)
+        return [t.index_select(0, idx) for t in state]
+
     def run(self) -> list[str]:
-        s, lanes = self.s, np.arange(self.s.lanes)
-        state = self.stepper.init_state(s.lanes)
+        s, lanes = self.s, np.arange(len(self.row))
+        state = self.stepper.init_state(len(self.row))
         self._fill(lanes, state)
         dev = self.stepper.device
         while (self.row >= 0).any():
@@ -325,6 +415,9 @@ class _Lanes:
                 self._finish(lane, j[lane] + 1)
             if len(done):
                 self._fill(done, state)
+                if not self.queue:
+                    state = self._narrow(state)
+                    lanes = np.arange(len(self.row))
         return self.out
 
     def _stopped(self, lane: int, length: int) -> bool:

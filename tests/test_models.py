@@ -135,6 +135,81 @@ def test_sampling_does_not_depend_on_the_batch(tiny_lm):
     assert together == alone == reversed_
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monkeypatch):
+    """Fewer prompts than lanes, and a block's last sequences once none waits, step at a
+    narrower width, where every row's step is the same bits at both widths: so no text
+    changes, with either kernel; a kernel whose rows depend on the width keeps every step at
+    the full width."""
+    from models import sampling
+
+    if onednn and not sampling.onednn_linear():
+        pytest.skip("torch has no oneDNN linear on this machine")
+    monkeypatch.setattr(sampling, "onednn_linear", lambda: onednn)
+    monkeypatch.setattr(sampling, "_AGREES", {})
+    net, vocab = tiny_lm
+    prompts = [("abcdefgh " * 9)[: i % 70] for i in range(300)]  # more than the 256 lanes
+    seeds = [row_seed(5, i) for i in range(300)]
+    s = SamplingSettings(max_chars=30, temperature=0.9, stop="h")
+    widths: list[int] = []
+    real_pick = sampling.pick
+
+    def spy(logits, *args):
+        widths.append(logits.shape[0])
+        return real_pick(logits, *args)
+
+    monkeypatch.setattr(sampling, "pick", spy)
+    narrow = sampling.Stepper(net).width_for(5, sampling.LANES)
+    if onednn:  # x86-64: oneDNN's rows agree at every width; 11 characters: 64 floats
+        assert narrow == 64
+    together = sample(net, vocab, prompts, seeds, s)
+    assert widths[0] == sampling.LANES and min(widths) == min(narrow, sampling.LANES)
+    widths.clear()
+    few = sample(net, vocab, prompts[200:205], seeds[200:205], s)
+    assert set(widths) == {narrow}
+    alone = [sample(net, vocab, [p], [sd], s)[0] for p, sd in zip(prompts[:12], seeds[:12],
+                                                                   strict=True)]
+    assert few == together[200:205] and alone == together[:12]
+
+    real_linear = sampling.Linear.__call__
+
+    def by_width(self, x, add=None):  # a kernel whose rounding follows the batch's rows
+        y = real_linear(self, x, add)
+        return y + 1e-3 * (x.shape[0] != sampling.LANES)
+
+    monkeypatch.setattr(sampling.Linear, "__call__", by_width)
+    monkeypatch.setattr(sampling, "_AGREES", {})
+    widths.clear()
+    wide = sample(net, vocab, prompts[200:205], seeds[200:205], s)
+    assert set(widths) == {sampling.LANES}
+    assert wide == [sample(net, vocab, [p], [sd], s)[0] for p, sd in
+                    zip(prompts[200:205], seeds[200:205], strict=True)]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_a_narrow_step_gives_every_row_the_bits_of_a_full_one(cell):
+    """An odd hidden size and vocabulary: a narrow step's tensors would end in the scalar
+    remainder of the pointwise loops, whose rounding differs; the widths the sampler takes
+    are the ones where a row, at any lane, gets the same bits as at full width."""
+    from models.sampling import LANES, Stepper
+
+    torch.manual_seed(1)
+    net = CharRNN(65, cell, embed=8, hidden=33, layers=2).eval()
+    stepper = Stepper(net)
+    width = stepper.width_for(5, LANES)
+    assert width % 64 == 0  # 33 and 65 floats a row: only whole multiples of 64 lanes
+    g = torch.Generator().manual_seed(2)
+    for trial in range(30):
+        x = torch.randint(1, 65, (LANES,), generator=g)
+        state = [torch.randn(LANES, 33, generator=g) for _ in stepper.init_state(1)]
+        wide_logits, wide = stepper(x, state)
+        at = trial * 7 % (LANES - width + 1)  # the rows sit at another lane
+        rows = slice(at, at + width)
+        logits, narrow = stepper(x[rows], [t[rows] for t in state])
+        assert torch.equal(logits, wide_logits[rows])
+        assert all(torch.equal(a, b[rows]) for a, b in zip(narrow, wide, strict=True))
+
+
 def test_greedy_top_k_and_stop(tiny_lm):
     net, vocab = tiny_lm
     g = SamplingSettings(max_chars=25, temperature=0)
@@ -185,6 +260,14 @@ def test_sampling_products_take_oneDNN_on_x86_and_rows_keep_to_themselves(monkey
     if platform.machine() == "x86_64" and torch.backends.mkldnn.is_available():
         assert sampling.onednn_linear()  # the fast kernel, not a silent fallback
     g = torch.Generator().manual_seed(3)
+    few = torch.randn(10, 48, generator=g)  # MKL's addmm alone puts a row's bits by its place
+    for onednn in {False, sampling.onednn_linear()}:
+        monkeypatch.setattr(sampling, "onednn_linear", lambda on=onednn: on)
+        lin = sampling.Linear(few, torch.randn(10, generator=g), torch.device("cpu"))
+        rows = torch.randn(256, 48, generator=g)
+        perm = torch.randperm(256, generator=g)
+        assert torch.equal(lin(rows[perm]), lin(rows)[perm])
+        assert torch.equal(lin(rows[perm], rows[perm, :10]), lin(rows, rows[:, :10])[perm])
     w, b = torch.randn(64, 48, generator=g).double(), torch.randn(64, generator=g).double()
     x, add = torch.randn(256, 48, generator=g), torch.randn(256, 64, generator=g)
     other = x.clone()
