@@ -82,15 +82,21 @@ def pick(logits: torch.Tensor, u: np.ndarray, temperature: float, top_k: int) ->
 
     Inverse-CDF sampling in float64 NumPy: every operation works along one row, so a row's
     choice depends only on its own logits and its own u (and NumPy's per-call overhead is a
-    fraction of torch's on these small arrays)."""
-    z = logits.detach().float().cpu().numpy().astype(np.float64)  # (B, V); bf16 under autocast
+    fraction of torch's on these small arrays). The rows are padded with -inf to a multiple
+    of 32 columns, which are never chosen: NumPy's exp runs SIMD over the whole array and a
+    remainder at its end, which may round differently, and in a padded array no row has
+    elements in a remainder, however many rows there are."""
+    scores = logits.detach().float().cpu().numpy()  # (B, V); bf16 under autocast
+    v = scores.shape[1]
+    z = np.full((scores.shape[0], -(-v // 32) * 32), -np.inf)  # float64
+    z[:, :v] = scores
     z[:, 0] = -np.inf
     if temperature == 0:
         return z.argmax(axis=1)
     z *= 1.0 / temperature
-    v = z.shape[1]
     if 0 < top_k < v:
-        kth = np.partition(z, v - top_k, axis=1)[:, v - top_k, None]  # (B, 1)
+        w = z.shape[1]  # the padding ranks below every real column
+        kth = np.partition(z, w - top_k, axis=1)[:, w - top_k, None]  # (B, 1)
         z[z < kth] = -np.inf
     z -= z.max(axis=1, keepdims=True)
     cdf = np.cumsum(np.exp(z), axis=1)  # (B, V)
@@ -227,13 +233,13 @@ class Stepper:
         return lanes
 
     def aligned(self, width: int) -> bool:
-        """Whether every tensor of a step `width` lanes wide, (width, H), (width, gates) and
-        (width, V), holds a multiple of 64 floats. torch's pointwise loops (sigmoid, tanh)
-        and NumPy's (exp, in `pick`) run SIMD over a contiguous tensor's elements and a
-        scalar remainder at its end, whose rounding differs: in an aligned step no row has
-        elements in a remainder, at any width."""
+        """Whether every tensor a step `width` lanes wide takes a sigmoid or tanh of, (width,
+        H) and (width, gates), holds a multiple of 64 floats. torch's pointwise loops run
+        SIMD over a contiguous tensor's elements and a scalar remainder at its end, whose
+        rounding differs: in an aligned step no row has elements in a remainder, at any
+        width (`pick` pads its rows for NumPy's exp)."""
         gates = {"lstm": 4, "gru": 3}.get(self.cell, 1) * self.hidden
-        return all(width * n % 64 == 0 for n in (self.hidden, gates, self.head.out))
+        return all(width * n % 64 == 0 for n in (self.hidden, gates))
 
     def agrees(self, width: int, lanes: int) -> bool:
         """Whether a step `width` lanes wide gives each of its rows the bits the same row gets

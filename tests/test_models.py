@@ -160,8 +160,8 @@ def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monke
 
     monkeypatch.setattr(sampling, "pick", spy)
     narrow = sampling.Stepper(net).width_for(5, sampling.LANES)
-    if onednn:  # x86-64: oneDNN's rows agree at every width; 11 characters: 64 floats
-        assert narrow == 64
+    if onednn:  # x86-64: oneDNN's rows agree at every width, and 8 x 32 floats align
+        assert narrow == 8
     together = sample(net, vocab, prompts, seeds, s)
     assert widths[0] == sampling.LANES and min(widths) == min(narrow, sampling.LANES)
     widths.clear()
@@ -197,7 +197,7 @@ def test_a_narrow_step_gives_every_row_the_bits_of_a_full_one(cell):
     net = CharRNN(65, cell, embed=8, hidden=33, layers=2).eval()
     stepper = Stepper(net)
     width = stepper.width_for(5, LANES)
-    assert width % 64 == 0  # 33 and 65 floats a row: only whole multiples of 64 lanes
+    assert width % 64 == 0  # 33 floats a row: only whole multiples of 64 lanes
     g = torch.Generator().manual_seed(2)
     for trial in range(30):
         x = torch.randint(1, 65, (LANES,), generator=g)
