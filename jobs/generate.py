@@ -60,11 +60,9 @@ class GenerateJob(BulkJob):
         o = self.opts
         if o.batch_size:
             return o.batch_size
-        if o.actors:
-            return max(1, min(self.s.lanes, -(-rows // o.actors)))
-        if o.gpu or o.address or connect.has_cluster():
-            return self.s.lanes
-        return max(1, min(self.s.lanes, -(-rows // connect.local_cpus())))
+        known = not (o.gpu or o.address or connect.has_cluster())
+        shares = o.actors or (connect.local_cpus() if known else 1)
+        return max(1, min(self.s.lanes, -(-rows // shares)))
 
     def describe(self, plan: Plan, done: set[tuple]) -> str:
         return (f"kiln generate: {self.table.num_rows:,} prompts, {len(done):,} already "

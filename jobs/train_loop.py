@@ -206,12 +206,12 @@ def run(w: Worker, train, val, prog: Progress) -> None:
 
 
 def complete(cfg, prog: Progress) -> bool:
-    """Whether the budget of a restored run is spent (its steps, epochs or time), or is the one
-    the run already completed: a run killed after its last checkpoint, or resumed again once
-    done, trains no further and adds no line (a larger budget continues it)."""
+    """Whether the budget of a restored run is spent (its steps, which --epochs sets too, or
+    its time), or is the one the run already completed: a run killed after its last
+    checkpoint, or resumed again once done, trains no further and adds no line (a larger
+    budget continues it)."""
     return (prog.ended == [cfg.max_steps, cfg.time_limit_s]
             or (cfg.max_steps is not None and prog.step >= cfg.max_steps)
-            or (cfg.epochs is not None and prog.epoch >= cfg.epochs)
             or (cfg.time_limit_s is not None and prog.elapsed_s >= cfg.time_limit_s))
 
 

@@ -141,9 +141,9 @@ class Linear:
     linear on a CPU where `onednn_linear()`, addmm elsewhere. Either way a row of the result
     depends only on the same row of x (and of add), wherever it sits in the batch: MKL's
     addmm does not keep to that for 5-11 output columns (a row's bits follow its position;
-    measured on an AVX2 EPYC, any depth), so there a product of fewer than a multiple of 16
-    columns runs on a weight padded with zero columns to one, and the bias and `add` are
-    added after it."""
+    measured on an AVX2 EPYC, any depth), so there a weight whose columns are not a multiple
+    of 16 is padded with zero columns to one, and the bias and `add` are added after the
+    product."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device):
         weight = weight.float().contiguous()
