@@ -2,8 +2,10 @@
 the tar, PIL-decode each member, batch, predict, write Parquet with top-k columns. The
 baseline that bench/label.py runs next to `kiln label`, as a whole command.
 
-The model is the Keras MNIST network (conv32-conv64-maxpool-dense128-dense), its weights read
-from a model folder (config.json + weights.safetensors) with safetensors alone.
+The model is the Keras MNIST network (conv32-conv64-maxpool-dense128-dense) on grey images, or
+He et al.'s CIFAR ResNet-20 (bench/plain/resnet.py's own) on colour ones, its weights read from
+a model folder (config.json + weights.safetensors) with safetensors alone. Colour JPEGs are
+decoded by Pillow at a reduced scale (draft mode) and resized bilinearly to the model's size.
 
     python bench/plain/label.py MODEL_DIR IMAGES.tar OUT.parquet [--batch 128] [--top-k 5]
 Prints one JSON object on the last line of stdout."""
@@ -25,6 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+
+try:
+    from resnet import ResNet20  # run as a script: bench/plain is on sys.path
+except ImportError:
+    from bench.plain.resnet import ResNet20
 
 
 class MnistNet(nn.Module):
@@ -52,10 +59,20 @@ def main() -> None:
     folder = args.model / "model" if (args.model / "model").is_dir() else args.model
     config = json.loads((folder / "config.json").read_text())["spec"]
     classes = np.asarray(config["classes"])
-    model = MnistNet(len(classes), config.get("image_size", 28))
-    model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    size, channels = config.get("image_size", 28), config.get("channels", 1)
+    weights = load_file(str(folder / "weights.safetensors"))
+    if config["arch"] == "resnet20":
+        model = ResNet20(len(classes))
+        # the same network under other names: the stem is conv + bn here
+        weights = {k.replace("stem.0.", "conv.").replace("stem.1.", "bn."): v
+                   for k, v in weights.items()}
+    else:
+        model = MnistNet(len(classes), size)
+    model.load_state_dict(weights)
     model.eval()
-    mean, std = config.get("mean", [0.5])[0], config.get("std", [0.5])[0]
+    mean = torch.tensor(config.get("mean", [0.5])).view(1, -1, 1, 1)
+    std = torch.tensor(config.get("std", [0.5])).view(1, -1, 1, 1)
+    mode = "L" if channels == 1 else "RGB"
     cols: dict[str, list] = {"path": [], "label": [], "confidence": [], "top_labels": [],
                              "top_scores": []}
 
@@ -75,9 +92,15 @@ def main() -> None:
         for member in tf:
             if not member.isfile():
                 continue
-            img = Image.open(io.BytesIO(tf.extractfile(member).read())).convert("L")
+            img = Image.open(io.BytesIO(tf.extractfile(member).read()))
+            if img.format == "JPEG":
+                img.draft(mode, (size, size))
+            img = img.convert(mode)
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
             names.append(member.name)
-            images.append(np.asarray(img)[None])  # (1, 28, 28) uint8
+            arr = np.asarray(img)
+            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))  # (C, S, S)
             if len(images) == args.batch:
                 predict(names, images)
                 names, images = [], []
