@@ -34,14 +34,23 @@ sys.path.insert(0, str(ROOT))
 BATCH = 128
 
 
-def make_data(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
-    """Tars of n digit PNGs (the 1,797 digits over and over) and an untrained mnist_cnn
-    (throughput does not depend on the weights)."""
+def save_untrained(folder: Path, spec) -> Path:
+    """An untrained model of `spec` (a CNNSpec) saved as a model folder, seeded: throughput
+    does not depend on the weights."""
     import torch
 
-    from jobs import embedded
-    from models import CNNSpec, build_cnn, model_to_bytes
+    from models import build_model, model_to_bytes
     from pipelines import storage
+
+    torch.manual_seed(0)
+    storage.save_model(str(folder), model_to_bytes(build_model("cnn", spec).eval(), "cnn", spec))
+    return folder
+
+
+def make_data(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
+    """Tars of n digit PNGs (the 1,797 digits over and over) and an untrained mnist_cnn."""
+    from jobs import embedded
+    from models import CNNSpec
 
     pngs, labels = embedded.digits(28)
     tars = {}
@@ -49,12 +58,7 @@ def make_data(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
         names = [f"{labels[i % len(pngs)]}/{i:06d}.png" for i in range(n)]
         tars[n] = embedded.write_flat_archive(work / f"digits-{n}.tar",
                                               [pngs[i % len(pngs)] for i in range(n)], names)
-    torch.manual_seed(0)
-    model = work / "model"
-    spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)])
-    storage.save_model(str(model), model_to_bytes(build_cnn("mnist_cnn", 10, 1, 28).eval(), "cnn",
-                                                  spec))
-    return tars, model
+    return tars, save_untrained(work / "model", CNNSpec("mnist_cnn", [str(i) for i in range(10)]))
 
 
 def make_photos(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
@@ -62,12 +66,10 @@ def make_photos(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
     640x480, quality 75-95, over and over) and an untrained resnet20 on 32x32 RGB."""
     import numpy as np
     import skimage.data
-    import torch
     from PIL import Image
 
     from jobs import embedded
-    from models import CNNSpec, build_cnn, model_to_bytes
-    from pipelines import storage
+    from models import CNNSpec
 
     sources = [getattr(skimage.data, name)() for name in
                ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
@@ -85,18 +87,13 @@ def make_photos(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
         img.resize((width, width * 3 // 4), Image.BILINEAR).save(
             buf, "JPEG", quality=int(rng.integers(75, 96)))
         pool.append(buf.getvalue())
-    tars = {}
-    for n in sorted(set(sizes) | {100}):
-        tars[n] = embedded.write_flat_archive(
-            work / f"photos-{n}.tar", [pool[i % len(pool)] for i in range(n)],
-            [f"c{i % 10}/{i:06d}.jpg" for i in range(n)])
-    torch.manual_seed(0)
-    model = work / "photo-model"
+    tars = {n: embedded.write_flat_archive(work / f"photos-{n}.tar",
+                                           [pool[i % len(pool)] for i in range(n)],
+                                           [f"c{i % 10}/{i:06d}.jpg" for i in range(n)])
+            for n in sizes}
     spec = CNNSpec("resnet20", [f"c{i}" for i in range(10)], channels=3, image_size=32,
                    mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
-    storage.save_model(str(model), model_to_bytes(build_cnn("resnet20", 10, 3, 32).eval(), "cnn",
-                                                  spec))
-    return tars, model
+    return tars, save_untrained(work / "photo-model", spec)
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
@@ -213,8 +210,7 @@ def side_by_side(tars: dict[int, Path], model: Path, work: Path, sizes: list[int
             print(f"{n:,} {what}: plain {times['plain'][-1]:.1f} s, kiln {seconds:.1f} s "
                   f"({how})", flush=True)
         out[n] = {"plain": statistics.median(times["plain"]),
-                  "kiln": statistics.median(times["kiln"]), "how": how,
-                  "rounds": len(times["kiln"])}
+                  "kiln": statistics.median(times["kiln"]), "how": how}
     return out
 
 
@@ -223,8 +219,8 @@ def measure(args, work: Path) -> dict:
     res: dict = {"start": []}
     res["sizes"] = side_by_side(tars, model, work, args.sizes, args.rounds, "images")
     if args.photo_sizes:
-        photo_tars, photo_model = make_photos(work, args.photo_sizes)
-        res["photos"] = side_by_side(photo_tars, photo_model, work, args.photo_sizes + [100],
+        photo_tars, photo_model = make_photos(work, [100, *args.photo_sizes])
+        res["photos"] = side_by_side(photo_tars, photo_model, work, list(photo_tars),
                                      args.rounds, "photos")
     res["start_plain"] = []
     for _ in range(args.rounds):

@@ -26,12 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from resnet import ResNet20  # bench/plain/resnet.py: a script's own folder is on sys.path
 from safetensors.torch import load_file
-
-try:
-    from resnet import ResNet20  # run as a script: bench/plain is on sys.path
-except ImportError:
-    from bench.plain.resnet import ResNet20
 
 
 class MnistNet(nn.Module):
