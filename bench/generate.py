@@ -7,9 +7,12 @@ model, same prompts:
   baseline for the ">= 20x" goal;
 - the plain batched loop, 64 sequences stepped together through nn.LSTM, torch.multinomial;
 - `kiln generate` as a user runs it (in this process on every core), and on a local Ray
-  (`--actors N`), both timed from launch to exit;
+  (`--actors N`), both timed from launch to exit; the naive, batched and in-process commands
+  in alternating rounds (--rounds, medians), Ray once;
 - small jobs (--small, 10 and 100 prompts): the three whole commands, start-up included;
 - models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.sampling.LANES;
+- a sampling step on one thread with the LSTM's gates through sigmoid and through tanh alone,
+  which models.sampling.tanh_faster picks between by the instruction set;
 - an upper layer's matrix product on one thread, through torch's addmm and through the
   sampler's own models.sampling.Linear, which sets the physical limit.
 
@@ -18,7 +21,7 @@ untrained weights (sampling speed does not depend on their values); prompts are 
 standard library's source, up to 80 characters.
 
     .venv/bin/python bench/generate.py [--prompts 1000] [--max-chars 500] [--naive-prompts 20]
-        [--small 10 100]
+        [--small 10 100] [--rounds 3]
 Writes the "## Generation" section of BENCHMARKS.md."""
 
 from __future__ import annotations
@@ -127,6 +130,44 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
     return rates
 
 
+def step_forms(model: Path, lanes: int = 256, rounds: int = 5) -> dict[str, float]:
+    """Milliseconds a sampling step takes at `lanes` on one thread with the LSTM's gates
+    through sigmoid and through tanh alone (models.sampling.tanh_faster takes one by the
+    instruction set); medians of alternating rounds of 300 steps."""
+    import statistics
+
+    import torch
+
+    from models.sampling import Stepper
+    from pipelines import storage
+
+    net = storage.load_model(str(model)).model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, net.head.out_features, (lanes,), generator=g)
+    steppers = {"sigmoid": Stepper(net, tanh_gates=False), "tanh": Stepper(net, tanh_gates=True)}
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    try:
+        for _ in range(rounds):
+            for name, step in steppers.items():
+                state = step.init_state(lanes)
+                for _ in range(30):
+                    _, state = step(x, state)
+                start = time.perf_counter()
+                for _ in range(300):
+                    _, state = step(x, state)
+                times[name].append((time.perf_counter() - start) / 300 * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median of the rounds' (the lower middle of an even count)."""
+    return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
+
+
 def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
     """GFLOP/s of an upper layer's product, (lanes, 2H) @ (2H, 4H), on one thread: torch's
     addmm (MKL here), and models.sampling.Linear, the sampler's own (oneDNN's linear where
@@ -164,6 +205,8 @@ def main() -> None:
     ap.add_argument("--naive-prompts", type=int, default=20)
     ap.add_argument("--small", type=int, nargs="*", default=[10, 100],
                     help="small jobs: whole commands at these prompt counts")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds of the naive, batched and kiln commands (medians)")
     ap.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
@@ -175,16 +218,26 @@ def main() -> None:
     n, c = args.naive_prompts, args.max_chars
     cpus = os.cpu_count() or 1
 
-    # oneDNN's LSTM one sequence at a time is ~6x slower: a quarter of the prompts.
-    naive = {name: plain(model, pfile, c, "--mode", "naive", "--limit",
-                         str(max(2, n // 4) if name == "oneDNN on, default threads" else n),
-                         *flags) for name, flags in NAIVE_KERNELS.items()}
-    for name, r in naive.items():
-        print(f"naive, {name}: {r['chars_per_s']:,.0f} chars/s", flush=True)
-    batched = plain(model, pfile, c, "--mode", "batched", "--batch", "64")
-    print(f"plain batched-64: {batched['chars_per_s']:,.0f} chars/s in its loop, "
-          f"{batched['chars'] / batched['whole_s']:,.0f} whole", flush=True)
-    here = kiln(model, pfile, tmp / "here", c)
+    # Alternating rounds of the naive kernels, the plain batched loop and kiln; medians.
+    runs: dict[str, list[dict]] = {name: [] for name in [*NAIVE_KERNELS, "batched", "kiln"]}
+    for i in range(args.rounds):
+        for name, flags in NAIVE_KERNELS.items():
+            # oneDNN's LSTM one sequence at a time is ~6x slower: a quarter of the prompts.
+            limit = max(2, n // 4) if name == "oneDNN on, default threads" else n
+            runs[name].append(plain(model, pfile, c, "--mode", "naive", "--limit", str(limit),
+                                    *flags))
+        runs["batched"].append(plain(model, pfile, c, "--mode", "batched", "--batch", "64"))
+        runs["kiln"].append(kiln(model, pfile, tmp / "here", c))
+        print(f"round {i + 1}: " + ", ".join(
+            f"{k} {r[-1]['chars'] / r[-1]['whole_s'] if k == 'kiln' else r[-1]['chars_per_s']:,.0f}"
+            for k, r in runs.items()) + " chars/s", flush=True)
+    naive = {name: median_run(runs[name], "chars_per_s") for name in NAIVE_KERNELS}
+    batched = median_run(runs["batched"], "chars_per_s")
+    here = median_run(runs["kiln"], "whole_s")
+    # kiln against the fastest naive kernel of the same round, round by round.
+    per_round = [k["chars"] / k["whole_s"] / max(runs[name][i]["chars_per_s"]
+                                                 for name in NAIVE_KERNELS)
+                 for i, k in enumerate(runs["kiln"])]
     print(f"kiln generate: {here['whole_s']:.1f} s ({here['how']})", flush=True)
     ray = kiln(model, pfile, tmp / "ray", c, "--actors", str(cpus))
     print(f"kiln generate on Ray: {ray['whole_s']:.1f} s", flush=True)
@@ -194,7 +247,14 @@ def main() -> None:
         print(f"{k} prompts: {r}", flush=True)
     lanes = lanes_sweep(model, prompts[:1000], 100)
     print(f"lanes: {lanes}", flush=True)
-    from models.sampling import LANES, onednn_linear
+    forms = step_forms(model)
+    print(f"an LSTM step, ms: {forms}", flush=True)
+    import torch
+
+    from models.sampling import LANES, onednn_linear, tanh_faster
+
+    taken = "tanh" if tanh_faster(torch.device("cpu")) else "sigmoid"
+    isa = torch.backends.cpu.get_cpu_capability()
 
     gemm = matmul_rates()
     print(f"matmul GFLOP/s on one thread: {gemm}", flush=True)
@@ -238,7 +298,9 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
 
 - `kiln generate` against the plain batched-64 loop: **{kiln_rate / batched_whole:.2f}x**
   whole command to whole command ({kiln_rate / batched['chars_per_s']:.2f}x of its inner
-  loop's rate); against the fastest naive kernel **{kiln_rate / base_rate:.1f}x**.
+  loop's rate); against the fastest naive kernel **{kiln_rate / base_rate:.1f}x**
+  (medians of {args.rounds} alternating rounds; kiln against the same round's fastest naive
+  kernel, round by round: {", ".join(f"{r:.1f}x" for r in per_round)}).
 - The naive loops are timed on their first prompts only (the whole set would take
   ~{args.prompts * c / base_rate / 60:.0f} min); every text is {c} chars, so rates compare.
   Their rates leave out Python's start and imports; kiln's include them.
@@ -246,6 +308,9 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
   (LANES = {LANES}; each block's last sequences step narrower, at every lane count).
 - An upper layer's fp32 matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
   kiln's sampler takes {kernel} here (`models.sampling.onednn_linear`).
+- A sampling step at 256 lanes on one thread: {forms["sigmoid"]:.2f} ms with the LSTM's gates
+  through sigmoid, {forms["tanh"]:.2f} ms through tanh alone; kiln takes {taken} here
+  (`models.sampling.tanh_faster`, by the instruction set: {isa}).
 - The physical limit: the LSTM costs {flops / 1e6:.2f} MFLOP a character (2x256, embedding
   folded into a table), so one core at {max(gemm.values()):.0f} GFLOP/s steps
   ~{limit:,.0f} characters a second at most, {cpus} cores ~{cpus * limit:,.0f}.
@@ -261,7 +326,7 @@ narrower width (`models.sampling.Stepper.width_for`) and gives each CPU a block:
 Load average (1 min) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}.
 
 Command: `.venv/bin/python bench/generate.py --prompts {args.prompts} --max-chars {c} \
---naive-prompts {n} --small {' '.join(map(str, args.small))}`
+--naive-prompts {n} --small {' '.join(map(str, args.small))} --rounds {args.rounds}`
 """
     print(body)
     if not args.no_write:

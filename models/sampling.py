@@ -112,6 +112,17 @@ def encode_prompt(vocab: CharVocab, prompt: str, max_chars: int) -> tuple[list[i
 
 
 @functools.cache
+def tanh_faster(device: torch.device) -> bool:
+    """Whether an LSTM step takes its gates through tanh alone (`Stepper._lstm_tanh`) rather
+    than through sigmoid (`Stepper._lstm`): on CPUs where torch runs AVX-512 kernels its tanh
+    is the cheaper of the two (a 2x256 LSTM's step at 256 lanes, one thread of an Intel Xeon:
+    4.7 ms through sigmoid, 3.9 ms through tanh), on AVX2 its sigmoid, several times over.
+    bench/generate.py times both. Fixed by the instruction set, so a machine always takes the
+    same one."""
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+@functools.cache
 def onednn_linear() -> bool:
     """Whether this process's CPU matrix products in sampling go through oneDNN's linear
     (`torch.ops.mkldnn._linear_pointwise`, on a weight packed once) rather than addmm.
@@ -177,17 +188,27 @@ class Stepper:
     """CharRNN.step with its weights rearranged for one-character steps: the first layer's
     input projection is a table lookup (the embedding times W_ih, precomputed once per
     vocabulary entry), an upper LSTM/RNN layer does one matrix product over [input, hidden]
-    instead of two, and an LSTM's cell gate comes pre-doubled so that its tanh is taken as
-    2 sigmoid(2x) - 1 (torch's CPU sigmoid runs several times faster than its tanh). The
-    products run on `Linear`. Same model; the rounding differs from `step`."""
+    instead of two, and an LSTM's gates take one nonlinearity, the cheaper on the device
+    (`tanh_faster`): either the cell gate comes pre-doubled so that its tanh is taken as
+    2 sigmoid(2x) - 1, or the other three come halved so that their sigmoids are taken as
+    (1 + tanh(x / 2)) / 2. The products run on `Linear`. Same model; the rounding differs
+    from `step`."""
 
-    def __init__(self, model: CharRNN, device: torch.device | str | None = None):
+    def __init__(self, model: CharRNN, device: torch.device | str | None = None, *,
+                 tanh_gates: bool | None = None):
+        """tanh_gates: an LSTM's gates through tanh alone, or through sigmoid; by default
+        whichever `tanh_faster` says for the device."""
         r, self.cell, self.layers = model.rnn, model.cell, model.layers
         self.relu = getattr(r, "nonlinearity", "tanh") == "relu"
         self.device = torch.device(device or "cpu")
-        # Doubling the cell gate's rows is exact in floating point.
+        if tanh_gates is None:
+            tanh_gates = tanh_faster(self.device)
+        self.tanh_cell = self.cell == "lstm" and tanh_gates
+        # Halving or doubling a gate's rows is exact in floating point.
         scale = torch.ones(4 * model.hidden if self.cell == "lstm" else 1, dtype=torch.float64)
-        if self.cell == "lstm":
+        if self.tanh_cell:  # sigmoid(y) = (1 + tanh(y / 2)) / 2 for the input, forget, output gates
+            scale[: 2 * model.hidden] = scale[3 * model.hidden :] = 0.5
+        elif self.cell == "lstm":  # tanh(y) = 2 sigmoid(2y) - 1 for the cell gate
             scale[2 * model.hidden : 3 * model.hidden] = 2.0
 
         def g(name: str) -> torch.Tensor:
@@ -221,7 +242,7 @@ class Stepper:
         self.hidden = model.hidden
         # What picks the kernels of a step, beside its width.
         self.signature = (self.cell, self.relu, self.layers, self.hidden, self.table.shape[0],
-                          str(self.device), self.head.onednn)
+                          str(self.device), self.head.onednn, self.tanh_cell)
         self._trials: dict[tuple, list] = {}  # agrees(): full-width steps on random inputs
 
     def width_for(self, n: int, lanes: int) -> int:
@@ -290,7 +311,9 @@ class Stepper:
             else:
                 gates = p_h(h, self._lookup(x)) if k == 0 else p_in(torch.cat([inp, h], 1))
                 gates = gates.float()  # under bf16 autocast the state stays float32
-                if self.cell == "lstm":
+                if self.tanh_cell:
+                    h, new[n_layers + k] = self._lstm_tanh(gates, state[n_layers + k])
+                elif self.cell == "lstm":
                     h, new[n_layers + k] = self._lstm(gates, state[n_layers + k])
                 else:
                     h = torch.relu(gates) if self.relu else torch.tanh(gates)
@@ -308,6 +331,16 @@ class Stepper:
         i, f, g2, o = s.unbind(1)
         c = torch.addcmul(f * c, i, g2.mul(2).sub_(1))
         return o * torch.sigmoid(c * 2).mul_(2).sub_(1), c
+
+    @staticmethod
+    def _lstm_tanh(gates, c):
+        # The input, forget and output gates' rows come halved: each is (1 + tanh) / 2, so
+        # c' = f c + i g = (c + g + tf c + ti g) / 2 and h = o tanh(c') = (th + to th) / 2.
+        t = torch.tanh(gates).view(gates.shape[0], 4, -1)  # (B, 4, H)
+        ti, tf, g, to = t.unbind(1)
+        c = torch.addcmul(torch.addcmul(c + g, tf, c), ti, g).mul_(0.5)
+        th = torch.tanh(c)
+        return torch.addcmul(th, to, th).mul_(0.5), c
 
     @staticmethod
     def _gru(gi, gh, h):

@@ -186,16 +186,18 @@ def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monke
                     zip(prompts[200:205], seeds[200:205], strict=True)]
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm-tanh"])
 def test_a_narrow_step_gives_every_row_the_bits_of_a_full_one(cell):
     """An odd hidden size and vocabulary: a narrow step's tensors would end in the scalar
     remainder of the pointwise loops, whose rounding differs; the widths the sampler takes
-    are the ones where a row, at any lane, gets the same bits as at full width."""
+    are the ones where a row, at any lane, gets the same bits as at full width (an LSTM's
+    gates through sigmoid, or through tanh alone)."""
     from models.sampling import LANES, Stepper
 
+    cell, _, tanh = cell.partition("-")
     torch.manual_seed(1)
     net = CharRNN(65, cell, embed=8, hidden=33, layers=2).eval()
-    stepper = Stepper(net)
+    stepper = Stepper(net, tanh_gates=bool(tanh))
     width = stepper.width_for(5, LANES)
     assert width % 64 == 0  # 33 floats a row: only whole multiples of 64 lanes
     g = torch.Generator().manual_seed(2)
@@ -233,17 +235,20 @@ def test_import_models_does_not_import_ray():
 
 
 @pytest.mark.parametrize("onednn", [True, False])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm-tanh", "gru", "rnn"])
 def test_stepper_matches_step(cell, onednn, monkeypatch):
+    """The sampler's step is the model's step, with either kernel and, for an LSTM, either
+    form of its gates (sigmoid, or tanh alone: `models.sampling.tanh_faster`)."""
     from models import sampling
     from models.sampling import Stepper
 
     if onednn and not sampling.onednn_linear():
         pytest.skip("torch has no oneDNN linear on this machine")
     monkeypatch.setattr(sampling, "onednn_linear", lambda: onednn)
+    cell, _, tanh = cell.partition("-")
     torch.manual_seed(0)
     net = CharRNN(30, cell, embed=8, hidden=16, layers=3).eval()
-    fast = Stepper(net)
+    fast = Stepper(net, tanh_gates=bool(tanh))
     a, b = net.init_state(5), fast.init_state(5)
     for _ in range(12):
         x = torch.randint(0, 30, (5,))
