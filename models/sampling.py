@@ -116,9 +116,10 @@ def tanh_faster(device: torch.device) -> bool:
     """Whether an LSTM step takes its gates through tanh alone (`Stepper._lstm_tanh`) rather
     than through sigmoid (`Stepper._lstm`): on CPUs where torch runs AVX-512 kernels its tanh
     is the cheaper of the two (a 2x256 LSTM's step at 256 lanes, one thread of an Intel Xeon:
-    4.7 ms through sigmoid, 3.9 ms through tanh), on AVX2 its sigmoid, several times over.
-    bench/generate.py times both. Fixed by the instruction set, so a machine always takes the
-    same one."""
+    4.7 ms through sigmoid, 3.9 ms through tanh). With AVX2 kernels an earlier machine ran
+    torch's sigmoid several times faster than its tanh (the same Xeon, AVX2 kernels forced:
+    tanh still ahead, 3.7 against 4.1 ms), so those keep sigmoid; bench/generate.py times
+    both. Fixed by the instruction set, so a machine always takes the same one."""
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
