@@ -10,11 +10,11 @@ model, same prompts:
   (`--actors N`), both timed from launch to exit; the naive, batched and in-process commands
   in alternating rounds (--rounds, medians), Ray once;
 - small jobs (--small, 10 and 100 prompts): the three whole commands, start-up included;
-- models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.sampling.LANES;
+- models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.stepper.LANES;
 - a sampling step on one thread with the LSTM's gates through sigmoid and through tanh alone,
-  which models.sampling.tanh_faster picks between by the instruction set;
+  which models.stepper.tanh_faster picks between by the instruction set;
 - an upper layer's matrix product on one thread, through torch's addmm and through the
-  sampler's own models.sampling.Linear, which sets the physical limit.
+  sampler's own models.stepper.Linear, which sets the physical limit.
 
 The model is a 2x256 char-LSTM (embedding 64) over the standard library's characters, with
 untrained weights (sampling speed does not depend on their values); prompts are lines of the
@@ -27,6 +27,7 @@ Writes the "## Generation" section of BENCHMARKS.md."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -91,7 +92,8 @@ def kiln(model: Path, prompts: Path, out: Path, max_chars: int, *extra: str) -> 
                         "--prompts", str(prompts), "--output", str(out), "--max-chars",
                         str(max_chars), "--overwrite", *extra])
     summary = json.loads((out / "summary.json").read_text())
-    return {"whole_s": seconds, "chars": summary["chars_generated"],
+    chars = summary["chars_generated"]
+    return {"whole_s": seconds, "chars": chars, "chars_per_s": chars / seconds,
             "how": "in process" if "in this process" in log else "Ray"}
 
 
@@ -108,47 +110,54 @@ def small_job(model: Path, prompts: list[str], tmp: Path, max_chars: int,
             "kiln": kiln(model, pfile, tmp / f"small-{len(prompts)}", max_chars)["whole_s"]}
 
 
-def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, float]:
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside the block, its thread count restored after."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, float]:
     from models import SamplingSettings, row_seed, sample
     from models.runtime import keep_freed_memory
     from pipelines import storage
 
     keep_freed_memory()  # as kiln's generator does
     loaded = storage.load_model(str(model))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     seeds = [row_seed(0, i) for i in range(len(prompts))]
     rates = {}
-    for lanes in (64, 128, 256, 512):
-        start = time.perf_counter()
-        sample(loaded.model, loaded.vocab, prompts, seeds,
-               SamplingSettings(max_chars=max_chars, lanes=lanes))
-        rates[lanes] = len(prompts) * max_chars / (time.perf_counter() - start)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        for lanes in (64, 128, 256, 512):
+            start = time.perf_counter()
+            sample(loaded.model, loaded.vocab, prompts, seeds,
+                   SamplingSettings(max_chars=max_chars, lanes=lanes))
+            rates[lanes] = len(prompts) * max_chars / (time.perf_counter() - start)
     return rates
 
 
 def step_forms(model: Path, lanes: int = 256, rounds: int = 5) -> dict[str, float]:
     """Milliseconds a sampling step takes at `lanes` on one thread with the LSTM's gates
-    through sigmoid and through tanh alone (models.sampling.tanh_faster takes one by the
+    through sigmoid and through tanh alone (models.stepper.tanh_faster takes one by the
     instruction set); medians of alternating rounds of 300 steps."""
     import statistics
 
     import torch
 
-    from models.sampling import Stepper
+    from models.stepper import Stepper
     from pipelines import storage
 
     net = storage.load_model(str(model)).model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, net.head.out_features, (lanes,), generator=g)
     steppers = {"sigmoid": Stepper(net, tanh_gates=False), "tanh": Stepper(net, tanh_gates=True)}
     times: dict[str, list[float]] = {k: [] for k in steppers}
-    try:
+    with one_torch_thread():
         for _ in range(rounds):
             for name, step in steppers.items():
                 state = step.init_state(lanes)
@@ -158,8 +167,6 @@ def step_forms(model: Path, lanes: int = 256, rounds: int = 5) -> dict[str, floa
                 for _ in range(300):
                     _, state = step(x, state)
                 times[name].append((time.perf_counter() - start) / 300 * 1e3)
-    finally:
-        torch.set_num_threads(threads)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -170,14 +177,12 @@ def median_run(runs: list[dict], key: str) -> dict:
 
 def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
     """GFLOP/s of an upper layer's product, (lanes, 2H) @ (2H, 4H), on one thread: torch's
-    addmm (MKL here), and models.sampling.Linear, the sampler's own (oneDNN's linear where
+    addmm (MKL here), and models.stepper.Linear, the sampler's own (oneDNN's linear where
     `onednn_linear()`, else addmm again)."""
     import torch
 
-    from models.sampling import Linear
+    from models.stepper import Linear
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     a, w = torch.randn(lanes, 2 * hidden), torch.randn(4 * hidden, 2 * hidden)
     b, wt = torch.randn(4 * hidden), w.T.contiguous()
     lin = Linear(w, b, torch.device("cpu"))
@@ -185,7 +190,7 @@ def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
     kernels = {"addmm": lambda: torch.addmm(b, a, wt),
                f"kiln's Linear ({'oneDNN' if lin.onednn else 'addmm'})": lambda: lin(a)}
     rates = {}
-    try:
+    with one_torch_thread():
         for name, f in kernels.items():
             for _ in range(20):
                 f()
@@ -193,8 +198,6 @@ def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
             for _ in range(n):
                 f()
             rates[name] = flops * n / (time.perf_counter() - start) / 1e9
-    finally:
-        torch.set_num_threads(threads)
     return rates
 
 
@@ -228,15 +231,13 @@ def main() -> None:
                                     *flags))
         runs["batched"].append(plain(model, pfile, c, "--mode", "batched", "--batch", "64"))
         runs["kiln"].append(kiln(model, pfile, tmp / "here", c))
-        print(f"round {i + 1}: " + ", ".join(
-            f"{k} {r[-1]['chars'] / r[-1]['whole_s'] if k == 'kiln' else r[-1]['chars_per_s']:,.0f}"
-            for k, r in runs.items()) + " chars/s", flush=True)
+        print(f"round {i + 1}: " + ", ".join(f"{k} {r[-1]['chars_per_s']:,.0f}"
+                                             for k, r in runs.items()) + " chars/s", flush=True)
     naive = {name: median_run(runs[name], "chars_per_s") for name in NAIVE_KERNELS}
     batched = median_run(runs["batched"], "chars_per_s")
-    here = median_run(runs["kiln"], "whole_s")
+    here = median_run(runs["kiln"], "chars_per_s")
     # kiln against the fastest naive kernel of the same round, round by round.
-    per_round = [k["chars"] / k["whole_s"] / max(runs[name][i]["chars_per_s"]
-                                                 for name in NAIVE_KERNELS)
+    per_round = [k["chars_per_s"] / max(runs[name][i]["chars_per_s"] for name in NAIVE_KERNELS)
                  for i, k in enumerate(runs["kiln"])]
     print(f"kiln generate: {here['whole_s']:.1f} s ({here['how']})", flush=True)
     ray = kiln(model, pfile, tmp / "ray", c, "--actors", str(cpus))
@@ -251,7 +252,7 @@ def main() -> None:
     print(f"an LSTM step, ms: {forms}", flush=True)
     import torch
 
-    from models.sampling import LANES, onednn_linear, tanh_faster
+    from models.stepper import LANES, onednn_linear, tanh_faster
 
     taken = "tanh" if tanh_faster(torch.device("cpu")) else "sigmoid"
     isa = torch.backends.cpu.get_cpu_capability()
@@ -267,8 +268,7 @@ def main() -> None:
     assert here["chars"] == ray["chars"] == args.prompts * c
 
     base_rate = naive[base_name]["chars_per_s"]
-    kiln_rate = here["chars"] / here["whole_s"]
-    ray_rate = ray["chars"] / ray["whole_s"]
+    kiln_rate, ray_rate = here["chars_per_s"], ray["chars_per_s"]
     batched_whole = batched["chars"] / batched["whole_s"]
     rows = [(f"naive, one sequence at a time, {name} ({r['prompts']} prompts; its loop)",
              r["chars_per_s"]) for name, r in naive.items()]
@@ -307,17 +307,17 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
 - `models.sample` on one thread, 1,000 prompts x 100 chars: {sweep} chars/s
   (LANES = {LANES}; each block's last sequences step narrower, at every lane count).
 - An upper layer's fp32 matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
-  kiln's sampler takes {kernel} here (`models.sampling.onednn_linear`).
+  kiln's sampler takes {kernel} here (`models.stepper.onednn_linear`).
 - A sampling step at 256 lanes on one thread: {forms["sigmoid"]:.2f} ms with the LSTM's gates
   through sigmoid, {forms["tanh"]:.2f} ms through tanh alone; kiln takes {taken} here
-  (`models.sampling.tanh_faster`, by the instruction set: {isa}).
+  (`models.stepper.tanh_faster`, by the instruction set: {isa}).
 - The physical limit: the LSTM costs {flops / 1e6:.2f} MFLOP a character (2x256, embedding
   folded into a table), so one core at {max(gemm.values()):.0f} GFLOP/s steps
   ~{limit:,.0f} characters a second at most, {cpus} cores ~{cpus * limit:,.0f}.
 
 Small jobs, whole commands from launch to exit ({c} chars a prompt; the naive loop on
 "{base_name}"; start-up included in all three). kiln steps fewer prompts than its lanes at a
-narrower width (`models.sampling.Stepper.width_for`) and gives each CPU a block:
+narrower width (`models.stepper.Stepper.width_for`) and gives each CPU a block:
 
 | prompts | naive | plain batched-64 | `kiln generate` | kiln vs naive | kiln vs batched |
 | ---: | ---: | ---: | ---: | ---: | ---: |

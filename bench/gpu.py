@@ -495,10 +495,11 @@ def labeling(work: Path, digits_model: Path, quick: bool) -> None:
 
 # -------------------------------------------------------------------------------- generation
 def step_times(net, lanes: int, bf16: bool, steps: int) -> dict[str, float]:
-    """Milliseconds of one sampling step (models.sampling.Stepper) at `lanes`: run eagerly,
+    """Milliseconds of one sampling step (models.stepper.Stepper) at `lanes`: run eagerly,
     and (on CUDA) captured once in a CUDA graph and replayed, the state copied back inside
     the graph; and the CPU side of a step that sample() adds (logits to the host, pick)."""
-    from models.sampling import Stepper, pick
+    from models.sampling import pick
+    from models.stepper import Stepper
 
     st = Stepper(net, DEV)
     x = torch.randint(1, net.head.out_features, (lanes,), device=DEV)

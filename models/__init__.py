@@ -14,7 +14,8 @@ from .checkpoint import (  # noqa: E402
 )
 from .cnn import CNN_ARCHS, build_cnn  # noqa: E402
 from .rnn import CELLS, CharRNN  # noqa: E402
-from .sampling import GPU_LANES, LANES, SamplingSettings, row_seed, sample  # noqa: E402
+from .sampling import SamplingSettings, row_seed, sample  # noqa: E402
+from .stepper import GPU_LANES, LANES  # noqa: E402
 from .vocab import UNK, CharVocab  # noqa: E402
 
 __all__ = [

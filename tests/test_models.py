@@ -141,12 +141,12 @@ def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monke
     narrower width, where every row's step is the same bits at both widths: so no text
     changes, with either kernel; a kernel whose rows depend on the width keeps every step at
     the full width."""
-    from models import sampling
+    from models import sampling, stepper
 
-    if onednn and not sampling.onednn_linear():
+    if onednn and not stepper.onednn_linear():
         pytest.skip("torch has no oneDNN linear on this machine")
-    monkeypatch.setattr(sampling, "onednn_linear", lambda: onednn)
-    monkeypatch.setattr(sampling, "_AGREES", {})
+    monkeypatch.setattr(stepper, "onednn_linear", lambda: onednn)
+    monkeypatch.setattr(stepper, "_AGREES", {})
     net, vocab = tiny_lm
     prompts = [("abcdefgh " * 9)[: i % 70] for i in range(300)]  # more than the 256 lanes
     seeds = [row_seed(5, i) for i in range(300)]
@@ -159,7 +159,7 @@ def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monke
         return real_pick(logits, *args)
 
     monkeypatch.setattr(sampling, "pick", spy)
-    narrow = sampling.Stepper(net).width_for(5, sampling.LANES)
+    narrow = stepper.Stepper(net).width_for(5, sampling.LANES)
     if onednn:  # x86-64: oneDNN's rows agree at every width, and 8 x 32 floats align
         assert narrow == 8
     together = sample(net, vocab, prompts, seeds, s)
@@ -171,14 +171,14 @@ def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monke
                                                                    strict=True)]
     assert few == together[200:205] and alone == together[:12]
 
-    real_linear = sampling.Linear.__call__
+    real_linear = stepper.Linear.__call__
 
     def by_width(self, x, add=None):  # a kernel whose rounding follows the batch's rows
         y = real_linear(self, x, add)
         return y + 1e-3 * (x.shape[0] != sampling.LANES)
 
-    monkeypatch.setattr(sampling.Linear, "__call__", by_width)
-    monkeypatch.setattr(sampling, "_AGREES", {})
+    monkeypatch.setattr(stepper.Linear, "__call__", by_width)
+    monkeypatch.setattr(stepper, "_AGREES", {})
     widths.clear()
     wide = sample(net, vocab, prompts[200:205], seeds[200:205], s)
     assert set(widths) == {sampling.LANES}
@@ -192,7 +192,7 @@ def test_a_narrow_step_gives_every_row_the_bits_of_a_full_one(cell):
     remainder of the pointwise loops, whose rounding differs; the widths the sampler takes
     are the ones where a row, at any lane, gets the same bits as at full width (an LSTM's
     gates through sigmoid, or through tanh alone)."""
-    from models.sampling import LANES, Stepper
+    from models.stepper import LANES, Stepper
 
     cell, _, tanh = cell.partition("-")
     torch.manual_seed(1)
@@ -238,13 +238,13 @@ def test_import_models_does_not_import_ray():
 @pytest.mark.parametrize("cell", ["lstm", "lstm-tanh", "gru", "rnn"])
 def test_stepper_matches_step(cell, onednn, monkeypatch):
     """The sampler's step is the model's step, with either kernel and, for an LSTM, either
-    form of its gates (sigmoid, or tanh alone: `models.sampling.tanh_faster`)."""
-    from models import sampling
-    from models.sampling import Stepper
+    form of its gates (sigmoid, or tanh alone: `models.stepper.tanh_faster`)."""
+    from models import stepper
+    from models.stepper import Stepper
 
-    if onednn and not sampling.onednn_linear():
+    if onednn and not stepper.onednn_linear():
         pytest.skip("torch has no oneDNN linear on this machine")
-    monkeypatch.setattr(sampling, "onednn_linear", lambda: onednn)
+    monkeypatch.setattr(stepper, "onednn_linear", lambda: onednn)
     cell, _, tanh = cell.partition("-")
     torch.manual_seed(0)
     net = CharRNN(30, cell, embed=8, hidden=16, layers=3).eval()
@@ -258,17 +258,17 @@ def test_stepper_matches_step(cell, onednn, monkeypatch):
 
 
 def test_sampling_products_take_oneDNN_on_x86_and_rows_keep_to_themselves(monkeypatch):
-    """Both kernels of models.sampling.Linear give x @ W.T + b + add, and a row's result is
+    """Both kernels of models.stepper.Linear give x @ W.T + b + add, and a row's result is
     the same bits whatever the other rows hold (what keeps texts independent of the batch)."""
-    from models import sampling
+    from models import stepper
 
     if platform.machine() == "x86_64" and torch.backends.mkldnn.is_available():
-        assert sampling.onednn_linear()  # the fast kernel, not a silent fallback
+        assert stepper.onednn_linear()  # the fast kernel, not a silent fallback
     g = torch.Generator().manual_seed(3)
     few = torch.randn(10, 48, generator=g)  # MKL's addmm alone puts a row's bits by its place
-    for onednn in {False, sampling.onednn_linear()}:
-        monkeypatch.setattr(sampling, "onednn_linear", lambda on=onednn: on)
-        lin = sampling.Linear(few, torch.randn(10, generator=g), torch.device("cpu"))
+    for onednn in {False, stepper.onednn_linear()}:
+        monkeypatch.setattr(stepper, "onednn_linear", lambda on=onednn: on)
+        lin = stepper.Linear(few, torch.randn(10, generator=g), torch.device("cpu"))
         rows = torch.randn(256, 48, generator=g)
         perm = torch.randperm(256, generator=g)
         assert torch.equal(lin(rows[perm]), lin(rows)[perm])
@@ -277,10 +277,10 @@ def test_sampling_products_take_oneDNN_on_x86_and_rows_keep_to_themselves(monkey
     x, add = torch.randn(256, 48, generator=g), torch.randn(256, 64, generator=g)
     other = x.clone()
     other[1:] = torch.randn(255, 48, generator=g)
-    for onednn in {False, sampling.onednn_linear()}:
-        monkeypatch.setattr(sampling, "onednn_linear", lambda on=onednn: on)
+    for onednn in {False, stepper.onednn_linear()}:
+        monkeypatch.setattr(stepper, "onednn_linear", lambda on=onednn: on)
         for bias in (b, None):
-            lin = sampling.Linear(w, bias, torch.device("cpu"))
+            lin = stepper.Linear(w, bias, torch.device("cpu"))
             assert lin.onednn == onednn
             want = x.double() @ w.T + add.double() + (0 if bias is None else b)
             y = lin(x, add)
