@@ -12,9 +12,12 @@ model, same prompts:
 - small jobs (--small, 10 and 100 prompts): the three whole commands, start-up included;
 - models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.stepper.LANES;
 - a sampling step on one thread with the LSTM's gates through sigmoid and through tanh alone,
-  which models.stepper.tanh_faster picks between by the instruction set;
+  which models.stepper.tanh_faster picks between by the instruction set, and with bf16
+  products where the CPU has oneDNN's bf16 kernels (models.stepper.bf16_faster: with AMX);
+  where kiln takes bf16, `kiln generate --precision fp32` runs in the rounds too;
 - an upper layer's matrix product on one thread, through torch's addmm and through the
-  sampler's own models.stepper.Linear, which sets the physical limit.
+  sampler's own models.stepper.Linear (fp32, and bf16 where it runs), which sets the
+  physical limit.
 
 The model is a 2x256 char-LSTM (embedding 64) over the standard library's characters, with
 untrained weights (sampling speed does not depend on their values); prompts are lines of the
@@ -149,13 +152,16 @@ def step_forms(model: Path, lanes: int = 256, rounds: int = 5) -> dict[str, floa
 
     import torch
 
-    from models.stepper import Stepper
+    from models.stepper import Stepper, bf16_linear
     from pipelines import storage
 
     net = storage.load_model(str(model)).model
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, net.head.out_features, (lanes,), generator=g)
-    steppers = {"sigmoid": Stepper(net, tanh_gates=False), "tanh": Stepper(net, tanh_gates=True)}
+    steppers = {"sigmoid": Stepper(net, tanh_gates=False, bf16=False),
+                "tanh": Stepper(net, tanh_gates=True, bf16=False)}
+    if bf16_linear():
+        steppers["tanh, bf16 products"] = Stepper(net, tanh_gates=True, bf16=True)
     times: dict[str, list[float]] = {k: [] for k in steppers}
     with one_torch_thread():
         for _ in range(rounds):
@@ -181,7 +187,7 @@ def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
     `onednn_linear()`, else addmm again)."""
     import torch
 
-    from models.stepper import Linear
+    from models.stepper import Linear, bf16_linear
 
     a, w = torch.randn(lanes, 2 * hidden), torch.randn(4 * hidden, 2 * hidden)
     b, wt = torch.randn(4 * hidden), w.T.contiguous()
@@ -189,6 +195,9 @@ def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
     flops = 2 * lanes * 2 * hidden * 4 * hidden
     kernels = {"addmm": lambda: torch.addmm(b, a, wt),
                f"kiln's Linear ({'oneDNN' if lin.onednn else 'addmm'})": lambda: lin(a)}
+    if bf16_linear():
+        lin16 = Linear(w, b, torch.device("cpu"), bf16=True)
+        kernels["kiln's Linear, bf16 (oneDNN)"] = lambda: lin16(a)
     rates = {}
     with one_torch_thread():
         for name, f in kernels.items():
@@ -222,7 +231,13 @@ def main() -> None:
     cpus = os.cpu_count() or 1
 
     # Alternating rounds of the naive kernels, the plain batched loop and kiln; medians.
-    runs: dict[str, list[dict]] = {name: [] for name in [*NAIVE_KERNELS, "batched", "kiln"]}
+    import torch
+
+    from models.stepper import bf16_faster
+
+    bf16 = bf16_faster(torch.device("cpu"))  # then kiln at --precision fp32 runs too
+    names = [*NAIVE_KERNELS, "batched", "kiln", *(["kiln fp32"] if bf16 else [])]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(args.rounds):
         for name, flags in NAIVE_KERNELS.items():
             # oneDNN's LSTM one sequence at a time is ~6x slower: a quarter of the prompts.
@@ -231,11 +246,14 @@ def main() -> None:
                                     *flags))
         runs["batched"].append(plain(model, pfile, c, "--mode", "batched", "--batch", "64"))
         runs["kiln"].append(kiln(model, pfile, tmp / "here", c))
+        if bf16:
+            runs["kiln fp32"].append(kiln(model, pfile, tmp / "fp32", c, "--precision", "fp32"))
         print(f"round {i + 1}: " + ", ".join(f"{k} {r[-1]['chars_per_s']:,.0f}"
                                              for k, r in runs.items()) + " chars/s", flush=True)
     naive = {name: median_run(runs[name], "chars_per_s") for name in NAIVE_KERNELS}
     batched = median_run(runs["batched"], "chars_per_s")
     here = median_run(runs["kiln"], "chars_per_s")
+    fp32 = median_run(runs["kiln fp32"], "chars_per_s") if bf16 else None
     # kiln against the fastest naive kernel of the same round, round by round.
     per_round = [k["chars_per_s"] / max(runs[name][i]["chars_per_s"] for name in NAIVE_KERNELS)
                  for i, k in enumerate(runs["kiln"])]
@@ -250,11 +268,10 @@ def main() -> None:
     print(f"lanes: {lanes}", flush=True)
     forms = step_forms(model)
     print(f"an LSTM step, ms: {forms}", flush=True)
-    import torch
-
     from models.stepper import LANES, onednn_linear, tanh_faster
 
     taken = "tanh" if tanh_faster(torch.device("cpu")) else "sigmoid"
+    taken += ", with bf16 products" if bf16 else ""
     isa = torch.backends.cpu.get_cpu_capability()
 
     gemm = matmul_rates()
@@ -276,7 +293,10 @@ def main() -> None:
               batched["chars_per_s"]),
              (f"plain batched, the whole command ({batched['whole_s']:.1f} s)", batched_whole),
              (f"**`kiln generate`, the whole command** ({here['whole_s']:.1f} s, "
-              f"{here['how']}, {cpus} threads)", kiln_rate),
+              f"{here['how']}, {cpus} threads{', bf16 products' if bf16 else ''})",
+              kiln_rate),
+             *([(f"`kiln generate --precision fp32`, the whole command ({fp32['whole_s']:.1f}"
+                 f" s)", fp32["chars_per_s"])] if fp32 else []),
              (f"`kiln generate --actors {cpus}`, the whole command on a local Ray "
               f"({ray['whole_s']:.1f} s)", ray_rate)]
     table = "\n".join(f"| {name} | {rate:,.0f} | {rate / base_rate:.1f}x |"
@@ -287,6 +307,8 @@ def main() -> None:
         f"**{r['naive'] / r['kiln']:.2f}x** | **{r['batched'] / r['kiln']:.2f}x** |"
         for k, r in small.items())
     gemm_text = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items())
+    bf16_step = (f", {forms['tanh, bf16 products']:.2f} ms through tanh with bf16 products"
+                 if "tanh, bf16 products" in forms else "")
     body = f"""
 {args.prompts:,} prompts (standard-library lines, up to 80 chars) x {c} chars each, a 2x256
 char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sampling.py`
@@ -306,11 +328,12 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
   Their rates leave out Python's start and imports; kiln's include them.
 - `models.sample` on one thread, 1,000 prompts x 100 chars: {sweep} chars/s
   (LANES = {LANES}; each block's last sequences step narrower, at every lane count).
-- An upper layer's fp32 matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
+- An upper layer's matrix product, (256, 512) @ (512, 1024) on one thread: {gemm_text}.
   kiln's sampler takes {kernel} here (`models.stepper.onednn_linear`).
 - A sampling step at 256 lanes on one thread: {forms["sigmoid"]:.2f} ms with the LSTM's gates
-  through sigmoid, {forms["tanh"]:.2f} ms through tanh alone; kiln takes {taken} here
-  (`models.stepper.tanh_faster`, by the instruction set: {isa}).
+  through sigmoid, {forms["tanh"]:.2f} ms through tanh alone{bf16_step}; kiln takes {taken}
+  here (`models.stepper.tanh_faster`, by the instruction set: {isa}; `bf16_faster`: AMX
+  {"present" if bf16 else "absent"}).
 - The physical limit: the LSTM costs {flops / 1e6:.2f} MFLOP a character (2x256, embedding
   folded into a table), so one core at {max(gemm.values()):.0f} GFLOP/s steps
   ~{limit:,.0f} characters a second at most, {cpus} cores ~{cpus * limit:,.0f}.

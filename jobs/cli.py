@@ -279,6 +279,10 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
     address: str = ADDRESS,
+    precision: str = typer.Option("auto", help="The recurrent layers' matrix products: auto "
+                                  "(bf16 where the hardware has bf16 matrix units: a GPU, a "
+                                  "CPU with AMX; else fp32), fp32 or bf16. The state stays "
+                                  "fp32."),
 ):
     """Generate text from prompts (or unconditionally) with a trained char-RNN."""
     if (prompts is None) == (num_samples is None):
@@ -287,7 +291,7 @@ def generate(
 
     opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
                            seed, stop, batch_size, gpu, overwrite, actors, address,
-                           debug=DEBUG["on"])
+                           debug=DEBUG["on"], precision=precision)
     run_job(run_generate, opts)
 
 

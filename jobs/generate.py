@@ -13,7 +13,7 @@ from jobs import connect
 from jobs.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
 from jobs.options import GenerateOptions
 from jobs.redact import redact
-from models import GPU_LANES, LANES, SamplingSettings
+from models import GPU_LANES, LANES, PRECISIONS, SamplingSettings
 from pipelines import generate as gen
 from pipelines import storage
 from pipelines.bulk import pack
@@ -42,7 +42,7 @@ class GenerateJob(BulkJob):
                 "prompts_digest": gen.prompts_digest(self.table), "num_samples": o.num_samples,
                 "max_chars": s.max_chars, "temperature": s.temperature, "top_k": s.top_k,
                 "seed": o.seed, "stop": s.stop, "lanes": s.lanes,
-                "max_prompt_chars": s.max_prompt_chars}
+                "max_prompt_chars": s.max_prompt_chars, "precision": s.precision}
 
     def plan(self, done: set[tuple]) -> Plan:
         blocks = gen.plan_blocks(self.table, done, self.block_rows(self.table.num_rows -
@@ -109,9 +109,18 @@ def sampling_of(opts: GenerateOptions) -> SamplingSettings:
     if opts.top_k < 0:
         raise ValueError(f"--top-k must be at least 0 (0 keeps every character), got "
                          f"{opts.top_k}")
+    if opts.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                         f"{opts.precision!r}")
+    if opts.precision == "bf16" and not opts.gpu and not opts.address:
+        from models.stepper import bf16_linear
+
+        if not bf16_linear():
+            raise ValueError("--precision bf16: this CPU has no bf16 matrix kernels "
+                             "(oneDNN's); use auto or fp32")
     return SamplingSettings(max_chars=opts.max_chars, temperature=opts.temperature,
                             top_k=opts.top_k, stop=opts.stop or None,
-                            lanes=GPU_LANES if opts.gpu else LANES)
+                            lanes=GPU_LANES if opts.gpu else LANES, precision=opts.precision)
 
 
 def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:

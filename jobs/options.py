@@ -82,6 +82,7 @@ class GenerateOptions:
     actors: int | None = None
     address: str | None = None
     debug: bool = False
+    precision: str = "auto"  # the recurrent products: auto, fp32 or bf16 (SamplingSettings)
 
 
 @dataclass

@@ -35,6 +35,10 @@ class SamplingSettings:
     stop: str | None = None  # the continuation is cut before its first occurrence
     lanes: int = LANES  # sequences advanced together each step, at most
     max_prompt_chars: int = 2000  # longer prompts keep their last characters
+    # The recurrent layers' matrix products: "auto" takes bfloat16 where the hardware has
+    # matrix units for it (a GPU, under autocast; a CPU with AMX: stepper.bf16_faster) and
+    # float32 elsewhere; "fp32" or "bf16" everywhere. The state stays float32.
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.max_chars < 0:
@@ -45,6 +49,12 @@ class SamplingSettings:
             raise ValueError("top_k must be >= 0 (0 keeps every character)")
         if self.lanes < 1 or self.max_prompt_chars < 1:
             raise ValueError("lanes and max_prompt_chars must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def row_seed(seed: int, row_id: str | int) -> int:
@@ -114,7 +124,11 @@ def sample(
     if settings.max_chars == 0 or not prompts:
         return [""] * len(prompts)
     model.eval()
-    return _Lanes(Stepper(model, device), vocab, prompts, seeds, settings).run()
+    device = torch.device(device or "cpu")
+    # On a GPU, bf16 is autocast's (the caller's); on a CPU, the stepper's own products.
+    bf16 = None if settings.precision == "auto" else settings.precision == "bf16"
+    stepper = Stepper(model, device, bf16=bf16 if device.type == "cpu" else False)
+    return _Lanes(stepper, vocab, prompts, seeds, settings).run()
 
 
 class _Lanes:

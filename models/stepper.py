@@ -38,6 +38,34 @@ def tanh_faster(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def bf16_faster(device: torch.device) -> bool:
+    """Whether a CPU step takes its LSTM/RNN matrix products in bfloat16 (`Linear(bf16=True)`):
+    where the CPU has AMX, the matrix units that run oneDNN's bf16 products (a 2x256 LSTM's
+    (256, 512) @ (512, 1024) on one thread of a Sapphire Rapids-class Xeon: 0.22 ms against
+    fp32's 1.58 ms). Without AMX, bf16 products are slower than fp32 (3.3 against 1.8 ms on
+    an AVX-512 Xeon without it), so fp32 stays. As on a GPU under autocast, the state, the
+    gates' pointwise work and the output head stay float32. Fixed by the instruction set,
+    so a machine always takes the same one; `SamplingSettings.precision` overrides it."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return device.type == "cpu" and onednn_linear() and bf16_linear() and bool(amx())
+
+
+@functools.cache
+def bf16_linear() -> bool:
+    """Whether oneDNN runs bf16 products on this CPU (with or without AMX) and they agree
+    with fp32 ones to bf16's precision on a trial product."""
+    if not onednn_linear():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(48, 40, generator=g), torch.randn(8, 40, generator=g)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 8)
+        got = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
+    except Exception:  # a CPU oneDNN has no bf16 kernel for, or another schema
+        return False
+    return bool(torch.allclose(got.float(), x @ w.T, rtol=0.05, atol=0.1))
+
+
 @functools.cache
 def onednn_linear() -> bool:
     """Whether this process's CPU matrix products in sampling go through oneDNN's linear
@@ -70,14 +98,21 @@ class Linear:
     addmm does not keep to that for 5-11 output columns (a row's bits follow its position;
     measured on an AVX2 EPYC, any depth), so there a weight whose columns are not a multiple
     of 16 is padded with zero columns to one, and the bias and `add` are added after the
-    product."""
+    product. bf16: oneDNN's product of x and W rounded to bfloat16 (`bf16_linear()`), its
+    result (bf16) back in float32 before the float32 bias and `add`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
+                 bf16: bool = False):
         weight = weight.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous().to(device)
         self.onednn = device.type == "cpu" and onednn_linear()
+        self.bf16 = bf16
+        if bf16 and not (self.onednn and bf16_linear()):
+            raise ValueError("bf16 products need oneDNN's bf16 kernels on a CPU")
         self.out, self.pad = weight.shape[0], 0
-        if self.onednn:  # packed for oneDNN's layout; the batch size is only a hint
+        if bf16:
+            self.w = torch.ops.mkldnn._reorder_linear_weight(weight.bfloat16(), LANES)
+        elif self.onednn:  # packed for oneDNN's layout; the batch size is only a hint
             self.w = torch.ops.mkldnn._reorder_linear_weight(weight, LANES)
         else:  # (in, out), as addmm takes it
             self.pad = -self.out % 16
@@ -87,6 +122,12 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in) float32 (the sampling state is float32 even under autocast)."""
+        if self.bf16:
+            y = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.w, None, "none", [], "")
+            y = y.float()
+            if add is not None:
+                y.add_(add)
+            return y if self.bias is None else y.add_(self.bias)
         if self.onednn:
             if add is None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, "none", [], "")
@@ -107,18 +148,20 @@ class Stepper:
     instead of two, and an LSTM's gates take one nonlinearity, the cheaper on the device
     (`tanh_faster`): either the cell gate comes pre-doubled so that its tanh is taken as
     2 sigmoid(2x) - 1, or the other three come halved so that their sigmoids are taken as
-    (1 + tanh(x / 2)) / 2. The products run on `Linear`. Same model; the rounding differs
-    from `step`."""
+    (1 + tanh(x / 2)) / 2. The products run on `Linear`, the recurrent layers' in bfloat16
+    where that is faster (`bf16_faster`). Same model; the rounding differs from `step`."""
 
     def __init__(self, model: CharRNN, device: torch.device | str | None = None, *,
-                 tanh_gates: bool | None = None):
+                 tanh_gates: bool | None = None, bf16: bool | None = None):
         """tanh_gates: an LSTM's gates through tanh alone, or through sigmoid; by default
-        whichever `tanh_faster` says for the device."""
+        whichever `tanh_faster` says for the device. bf16: the recurrent layers' products in
+        bfloat16 (a CPU with oneDNN's bf16 kernels); by default where `bf16_faster`."""
         r, self.cell, self.layers = model.rnn, model.cell, model.layers
         self.relu = getattr(r, "nonlinearity", "tanh") == "relu"
         self.device = torch.device(device or "cpu")
         if tanh_gates is None:
             tanh_gates = tanh_faster(self.device)
+        self.bf16 = bf16_faster(self.device) if bf16 is None else bf16
         self.tanh_cell = self.cell == "lstm" and tanh_gates
         # Halving or doubling a gate's rows is exact in floating point.
         scale = torch.ones(4 * model.hidden if self.cell == "lstm" else 1, dtype=torch.float64)
@@ -132,7 +175,7 @@ class Stepper:
             return t * (scale if t.dim() == 1 else scale[:, None])
 
         def linear(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
-            return Linear(w, b, self.device)
+            return Linear(w, b, self.device, self.bf16)
 
         fuse_bias = self.cell != "gru"  # a GRU's b_hn sits inside r * (W_hn h + b_hn)
         # (V, G*H); built in float64 so its float32 bits do not depend on the GEMM kernel.
@@ -153,12 +196,14 @@ class Stepper:
                 self.proj.append((linear(torch.cat([w_ih, w_hh], 1), b_ih + b_hh), None))
             else:
                 self.proj.append((linear(w_ih, b_ih), linear(w_hh, b_hh)))
-        self.head = linear(model.head.weight.detach().cpu().double(),
-                           model.head.bias.detach().cpu().double())
+        # The head stays float32: a logit's rounding in bf16 (1 part in 256) would move its
+        # character's probability by several percent.
+        self.head = Linear(model.head.weight.detach().cpu().double(),
+                           model.head.bias.detach().cpu().double(), self.device)
         self.hidden = model.hidden
         # What picks the kernels of a step, beside its width.
         self.signature = (self.cell, self.relu, self.layers, self.hidden, self.table.shape[0],
-                          str(self.device), self.head.onednn, self.tanh_cell)
+                          str(self.device), self.head.onednn, self.tanh_cell, self.bf16)
         self._trials: dict[tuple, list] = {}  # agrees(): full-width steps on random inputs
 
     def width_for(self, n: int, lanes: int) -> int:

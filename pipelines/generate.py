@@ -246,7 +246,7 @@ class Generator(BulkActor):
         prompts = [p or "" for p in block.column("prompt").to_pylist()]
         seeds = [row_seed(self.s.seed, i) for i in ids]
         with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16,
-                                 enabled=self.s.gpu):
+                                 enabled=self.s.gpu and s.precision != "fp32"):
             texts = sample(self.model, self.vocab, prompts, seeds, s, self.device)
         _, unknown = prompt_stats(prompts, self.vocab, s.max_prompt_chars)
         table = output_table(block, texts, seeds, unknown, s, self.model_id)

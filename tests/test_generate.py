@@ -143,6 +143,59 @@ def test_cli_bad_prompt_file_is_one_line(tmp_path, rnn_model):
     assert "line 2 is not valid UTF-8" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_reaches_every_row_and_is_part_of_the_run(rnn_model, prompt_file, tmp_path,
+                                                           precision):
+    """--precision fp32 (or bf16, where this CPU has the kernels) gives each row the text
+    models.sample gives at that precision; a run is not resumed at another precision, and
+    an unknown one is a clear error before anything runs."""
+    from models.stepper import bf16_linear
+
+    if precision == "bf16" and not bf16_linear():
+        pytest.skip("this CPU has no bf16 matrix kernels")
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16"):
+        run_generate(opts(rnn_model, tmp_path / "bad", prompts=str(prompt_file),
+                          precision="fp16"))
+    out = tmp_path / "gen"
+    run_generate(opts(rnn_model, out, prompts=str(prompt_file), precision=precision))
+    loaded = storage.load_model(str(rnn_model))
+    got = rows(out)
+    ids = sorted(got)
+    want = sample(loaded.model, loaded.vocab, [got[i]["prompt"] or "" for i in ids],
+                  [row_seed(0, i) for i in ids],
+                  SamplingSettings(max_chars=40, precision=precision))
+    assert [got[i]["text"] for i in ids] == want
+    other = "bf16" if precision == "fp32" else "fp32"
+    with pytest.raises(OutputError, match="precision"):
+        run_generate(opts(rnn_model, out, prompts=str(prompt_file), precision=other))
+
+
+def test_bf16_products_keep_the_models_bits_per_char(rnn_model):
+    """On text the model did not see, stepping it with bfloat16 products predicts as well as
+    with float32 ones (the state and the head stay float32)."""
+    import math
+
+    from models.stepper import Stepper, bf16_linear
+
+    if not bf16_linear():
+        pytest.skip("this CPU has no bf16 matrix kernels")
+    loaded = storage.load_model(str(rnn_model))
+    held_out = embedded.stdlib_corpus(200_000)[100_000:]  # the fixture trained on the first
+    x = torch.tensor(loaded.vocab.encode(held_out)[: 64 * 201]).view(64, 201)
+
+    def bits_per_char(stepper: Stepper) -> float:
+        state, nll = stepper.init_state(64), 0.0
+        for t in range(200):
+            logits, state = stepper(x[:, t], state)
+            nll -= torch.log_softmax(logits.double(), 1).gather(1, x[:, t + 1, None]).sum()
+        return float(nll) / x[:, 1:].numel() / math.log(2)
+
+    fp32 = bits_per_char(Stepper(loaded.model, bf16=False))
+    bf16 = bits_per_char(Stepper(loaded.model, bf16=True))
+    assert fp32 < 5.0  # a trained model, whose predictions bf16 could spoil
+    assert abs(bf16 - fp32) < 0.005 * fp32
+
+
 # --- the job on a local Ray ----------------------------------------------------------------
 
 PROMPTS = ["def ", "import os", "", "class Foo(object):", "    return self.", "snow ☃ man",

@@ -124,11 +124,18 @@ def test_sampling_is_reproducible_per_seed(tiny_lm):
     assert sample(net, vocab, ["abc"], [3], s) != a[:1]
 
 
-def test_sampling_does_not_depend_on_the_batch(tiny_lm):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sampling_does_not_depend_on_the_batch(tiny_lm, precision):
+    """Alone, together or reversed, a row gets the same text, with float32 products or with
+    bfloat16 ones (`SamplingSettings.precision`; where this CPU has oneDNN's bf16 kernels)."""
+    from models import stepper
+
+    if precision == "bf16" and not stepper.bf16_linear():
+        pytest.skip("this CPU has no bf16 matrix kernels")
     net, vocab = tiny_lm
     prompts = ["a", "bbbbbbbbbbbbbb", "", "cafe", "h", "deadbeef"] * 3
     seeds = [row_seed(7, i) for i in range(len(prompts))]
-    s = SamplingSettings(max_chars=30, temperature=0.9, top_k=5, lanes=4)
+    s = SamplingSettings(max_chars=30, temperature=0.9, top_k=5, lanes=4, precision=precision)
     together = sample(net, vocab, prompts, seeds, s)
     alone = [sample(net, vocab, [p], [sd], s)[0] for p, sd in zip(prompts, seeds, strict=True)]
     reversed_ = sample(net, vocab, prompts[::-1], seeds[::-1], s)[::-1]
@@ -186,18 +193,20 @@ def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monke
                     zip(prompts[200:205], seeds[200:205], strict=True)]
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm-tanh"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm-tanh", "gru-bf16", "lstm-tanh-bf16"])
 def test_a_narrow_step_gives_every_row_the_bits_of_a_full_one(cell):
     """An odd hidden size and vocabulary: a narrow step's tensors would end in the scalar
     remainder of the pointwise loops, whose rounding differs; the widths the sampler takes
     are the ones where a row, at any lane, gets the same bits as at full width (an LSTM's
-    gates through sigmoid, or through tanh alone)."""
-    from models.stepper import LANES, Stepper
+    gates through sigmoid, or through tanh alone; products in float32 or bfloat16)."""
+    from models.stepper import LANES, Stepper, bf16_linear
 
-    cell, _, tanh = cell.partition("-")
+    cell, *form = cell.split("-")
+    if "bf16" in form and not bf16_linear():
+        pytest.skip("this CPU has no bf16 matrix kernels")
     torch.manual_seed(1)
     net = CharRNN(65, cell, embed=8, hidden=33, layers=2).eval()
-    stepper = Stepper(net, tanh_gates=bool(tanh))
+    stepper = Stepper(net, tanh_gates="tanh" in form, bf16="bf16" in form)
     width = stepper.width_for(5, LANES)
     assert width % 64 == 0  # 33 floats a row: only whole multiples of 64 lanes
     g = torch.Generator().manual_seed(2)
@@ -235,26 +244,32 @@ def test_import_models_does_not_import_ray():
 
 
 @pytest.mark.parametrize("onednn", [True, False])
-@pytest.mark.parametrize("cell", ["lstm", "lstm-tanh", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm-tanh", "gru", "rnn", "lstm-bf16",
+                                  "lstm-tanh-bf16", "gru-bf16", "rnn-bf16"])
 def test_stepper_matches_step(cell, onednn, monkeypatch):
     """The sampler's step is the model's step, with either kernel and, for an LSTM, either
-    form of its gates (sigmoid, or tanh alone: `models.stepper.tanh_faster`)."""
+    form of its gates (sigmoid, or tanh alone: `models.stepper.tanh_faster`); with bfloat16
+    products (oneDNN's only), to bfloat16's precision."""
     from models import stepper
     from models.stepper import Stepper
 
+    cell, *form = cell.split("-")
     if onednn and not stepper.onednn_linear():
         pytest.skip("torch has no oneDNN linear on this machine")
+    if "bf16" in form and not (onednn and stepper.bf16_linear()):
+        pytest.skip("bf16 products are oneDNN's, where this CPU has its bf16 kernels")
     monkeypatch.setattr(stepper, "onednn_linear", lambda: onednn)
-    cell, _, tanh = cell.partition("-")
     torch.manual_seed(0)
     net = CharRNN(30, cell, embed=8, hidden=16, layers=3).eval()
-    fast = Stepper(net, tanh_gates=bool(tanh))
+    fast = Stepper(net, tanh_gates="tanh" in form, bf16="bf16" in form)
     a, b = net.init_state(5), fast.init_state(5)
     for _ in range(12):
         x = torch.randint(0, 30, (5,))
         la, a = net.step(x, a)
         lb, b = fast(x, b)
-    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    # bf16 keeps 8 bits of a product's inputs and of its result
+    tol = {"rtol": 2e-2, "atol": 2e-2} if "bf16" in form else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(la, lb, **tol)
 
 
 def test_sampling_products_take_oneDNN_on_x86_and_rows_keep_to_themselves(monkeypatch):
