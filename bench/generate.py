@@ -97,7 +97,7 @@ def kiln(model: Path, prompts: Path, out: Path, max_chars: int, *extra: str) -> 
     summary = json.loads((out / "summary.json").read_text())
     chars = summary["chars_generated"]
     return {"whole_s": seconds, "chars": chars, "chars_per_s": chars / seconds,
-            "how": "in process" if "in this process" in log else "Ray"}
+            "how": "Ray" if " actor(s) of " in log else "without Ray"}
 
 
 def small_job(model: Path, prompts: list[str], tmp: Path, max_chars: int,

@@ -64,6 +64,14 @@ class BulkJob:
     def plan(self, done: set[tuple]) -> Plan:
         raise NotImplementedError
 
+    def run_here(self, actor, tasks: list[dict], workers: int) -> tuple[str, Iterable[dict]]:
+        """Runs the tasks without Ray on `workers` cores: how (for the log line), and the
+        stats of the parts as they are written. Here on as many threads of this process,
+        one torch thread each, as each actor has (the models' kernels and the decoders
+        release the GIL)."""
+        return (f"in this process on {workers} thread(s)",
+                run_in_threads(actor.run_task, tasks, workers))
+
     def settings(self, out: OutputDir, layout: Layout):
         """The actor's settings for this output and layout."""
         raise NotImplementedError
@@ -131,11 +139,12 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
     parts: dict[str, dict] = {}
     if plan.tasks and runs_here(opts, plan.work, job.rate_per_cpu):
         workers = min(local_cpus(), len(plan.tasks))
-        console.print(f"{job.verb} {len(plan.tasks):,} unit(s) in this process on {workers} "
-                      f"thread(s) with {job.loaded.id}", highlight=False)
         # One torch thread each, as each actor has; labeling decodes on `workers` threads.
         actor = job.actor(job.settings(out, Layout(1, 1.0, 0, 1, workers)), job.loaded)
-        parts = follow(run_in_threads(actor.run_task, plan.tasks, workers), progress)
+        how, stats = job.run_here(actor, plan.tasks, workers)
+        console.print(f"{job.verb} {len(plan.tasks):,} unit(s) {how} with {job.loaded.id}",
+                      highlight=False)
+        parts = follow(stats, progress)
     elif plan.tasks:
         check_fits_here(opts, len(plan.tasks))
         with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug)), \

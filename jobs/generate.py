@@ -3,7 +3,8 @@
 The prompts are read and checked here (the model's kind, the prompt file's encoding), cut
 into blocks, a task each; the shared bulk driver (jobs/bulk.py) skips the rows an earlier,
 interrupted run of the same job wrote, samples the rest with pipelines.generate's Generator
-in this process or on a Ray Data actor pool, and writes summary.json."""
+in processes forked from this one (written here) or on a Ray Data actor pool, and writes
+summary.json."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jobs.redact import redact
 from models import GPU_LANES, LANES, PRECISIONS, SamplingSettings
 from pipelines import generate as gen
 from pipelines import storage
-from pipelines.bulk import pack
+from pipelines.bulk import can_fork, pack, run_in_processes
 
 # One core steps a 2x256 char-LSTM ~22,000 characters a second (bench/generate.py).
 CHARS_PER_CPU_S = 22_000
@@ -34,6 +35,14 @@ class GenerateJob(BulkJob):
         self.table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8: by line
         self.stats, _ = gen.prompt_stats(self.table.column("prompt").to_pylist(),
                                          loaded.vocab, sampling.max_prompt_chars)
+
+    def run_here(self, actor, tasks: list[dict], workers: int):
+        """Sampling steps are too short to leave the GIL to threads: the blocks are sampled
+        in worker processes forked from this one, and written here (pipelines.bulk)."""
+        if workers > 1 and can_fork():
+            return (f"without Ray in {workers} processes forked from this one",
+                    run_in_processes(actor.texts, actor.write, tasks, workers))
+        return super().run_here(actor, tasks, workers)
 
     def identity(self) -> dict:
         """`prompts_digest`: a hash of the prompt rows, so an edited file is not resumed."""

@@ -237,23 +237,29 @@ class Generator(BulkActor):
         self.parts = sink.Parts(settings.output, settings.run_id)
 
     def run_task(self, block: pa.Table) -> Iterator[dict]:
-        yield self.sample_block(block)
+        yield from self.write(block, self.texts(block))
 
-    def sample_block(self, block: pa.Table) -> dict:
-        """Samples every row of a block and writes them as one part; its stats."""
+    def texts(self, block: pa.Table) -> list[str]:
+        """The text of every row of a block: the compute alone (no I/O), which
+        `pipelines.bulk.run_in_processes` runs in forked workers."""
         s = self.s.sampling
-        ids = block.column("id").to_pylist()
         prompts = [p or "" for p in block.column("prompt").to_pylist()]
-        seeds = [row_seed(self.s.seed, i) for i in ids]
+        seeds = [row_seed(self.s.seed, i) for i in block.column("id").to_pylist()]
         with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16,
                                  enabled=self.s.gpu and s.precision != "fp32"):
-            texts = sample(self.model, self.vocab, prompts, seeds, s, self.device)
+            return sample(self.model, self.vocab, prompts, seeds, s, self.device)
+
+    def write(self, block: pa.Table, texts: list[str]) -> Iterator[dict]:
+        """Writes a block's rows with their texts as one part; yields its stats."""
+        s = self.s.sampling
+        prompts = [p or "" for p in block.column("prompt").to_pylist()]
+        seeds = [row_seed(self.s.seed, i) for i in block.column("id").to_pylist()]
         _, unknown = prompt_stats(prompts, self.vocab, s.max_prompt_chars)
         table = output_table(block, texts, seeds, unknown, s, self.model_id)
         name = f"{pc.min(block.column('_seq')).as_py():010d}"
         self.parts.write(name, table)
-        return {"part": name, "rows": len(ids), "errors": {},
-                "chars": sum(len(t) for t in texts)}
+        yield {"part": name, "rows": block.num_rows, "errors": {},
+               "chars": sum(len(t) for t in texts)}
 
 
 def output_table(batch: pa.Table, texts: list[str], seeds: list[int], unknown: list[int],

@@ -36,6 +36,7 @@ from models import (
 )
 from pipelines import generate as gen
 from pipelines import storage
+from pipelines.bulk import can_fork
 from pipelines.sink import OutputDir, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +197,26 @@ def test_bf16_products_keep_the_models_bits_per_char(rnn_model):
     assert abs(bf16 - fp32) < 0.005 * fp32
 
 
+def test_generate_from_and_to_s3_without_ray(rnn_model, s3_bucket):
+    """The whole command with no Ray: prompts read from S3, blocks sampled in processes
+    forked after the S3 client started, every part written to S3 by the command itself."""
+    body = "\n".join(f"def f{i}(x):" for i in range(30)) + "\n"
+    boto3.client("s3").put_object(Bucket=s3_bucket[5:], Key="in/p.txt", Body=body.encode())
+    out = f"{s3_bucket}/gen"
+    cmd = [sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model), "--prompts",
+           f"{s3_bucket}/in/p.txt", "--output", out, "--max-chars", "30"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "without Ray" in res.stderr or not can_fork()
+    got = rows(out)
+    assert sorted(got) == list(range(1, 31)) and all(len(r["text"]) == 30 for r in got.values())
+    loaded = storage.load_model(str(rnn_model))
+    want = sample(loaded.model, loaded.vocab, [got[i]["prompt"] for i in range(1, 31)],
+                  [row_seed(0, i) for i in range(1, 31)], SamplingSettings(max_chars=30))
+    assert [got[i]["text"] for i in range(1, 31)] == want
+
+
 # --- the job on a local Ray ----------------------------------------------------------------
 
 PROMPTS = ["def ", "import os", "", "class Foo(object):", "    return self.", "snow ☃ man",
@@ -253,8 +274,8 @@ def test_texts_do_not_depend_on_batch_size_or_actors(ray_local, rnn_model, promp
     assert {k: r["text"].encode() for k, r in ra.items()} == \
         {k: r["text"].encode() for k, r in rb.items()}
     assert len({r["text"] for r in ra.values()}) > 10  # sampled, not all the same
-    # With no Ray running, the job runs in the command's own process, a block for each core
-    # (40 prompts are fewer than the lanes of one): the same texts.
+    # With no Ray running, the job runs without Ray, a block for each core (40 prompts are
+    # fewer than the lanes of one) sampled in a process forked for it: the same texts.
     cmd = [sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model), "--prompts",
            str(prompt_file), "--output", str(tmp_path / "c"), "--max-chars", "40",
            "--temperature", "0.8"]
@@ -263,7 +284,9 @@ def test_texts_do_not_depend_on_batch_size_or_actors(ray_local, rnn_model, promp
     assert res.returncode == 0, res.stderr[-2000:]
     per = -(-len(PROMPTS) // len(os.sched_getaffinity(0)))  # rows a block
     blocks = -(-len(PROMPTS) // per)
-    assert f"{blocks} unit(s) in this process on {blocks} thread(s)" in res.stderr, res.stderr
+    how = (f"without Ray in {blocks} processes forked from this one"
+           if blocks > 1 and can_fork() else f"in this process on {blocks} thread(s)")
+    assert f"{blocks} unit(s) {how}" in res.stderr, res.stderr
     assert {k: r["text"].encode() for k, r in rows(tmp_path / "c").items()} == \
         {k: r["text"].encode() for k, r in ra.items()}
 
