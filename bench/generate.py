@@ -293,7 +293,7 @@ def main() -> None:
               batched["chars_per_s"]),
              (f"plain batched, the whole command ({batched['whole_s']:.1f} s)", batched_whole),
              (f"**`kiln generate`, the whole command** ({here['whole_s']:.1f} s, "
-              f"{here['how']}, {cpus} threads{', bf16 products' if bf16 else ''})",
+              f"{here['how']}, {cpus} processes{', bf16 products' if bf16 else ''})",
               kiln_rate),
              *([(f"`kiln generate --precision fp32`, the whole command ({fp32['whole_s']:.1f}"
                  f" s)", fp32["chars_per_s"])] if fp32 else []),
