@@ -217,6 +217,34 @@ def test_generate_from_and_to_s3_without_ray(rnn_model, s3_bucket):
     assert [got[i]["text"] for i in range(1, 31)] == want
 
 
+def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_file,
+                                                              monkeypatch):
+    """On a machine of 16 CPUs a job stays out of Ray up to ~15 s of its cores' work, at the
+    rate of the precision it samples in: bf16 products step about twice the characters."""
+    import ray
+
+    from jobs import connect
+    from jobs.generate import BF16_SPEEDUP, CHARS_PER_CPU_S, GenerateJob, sampling_of
+    from models import stepper
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(connect, "local_cpus", lambda: 16)
+    loaded = storage.load_model(str(rnn_model))
+    limit = connect.HERE_MAX_SECONDS * CHARS_PER_CPU_S * 16
+    cases = [("fp32", True, 1.0), ("auto", False, 1.0), ("bf16", False, BF16_SPEEDUP)]
+    if stepper.bf16_linear():  # AMX takes bf16 where oneDNN has the kernels
+        cases.append(("auto", True, BF16_SPEEDUP))
+    for precision, amx, rate in cases:
+        monkeypatch.setattr(stepper.torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
+        o = opts(rnn_model, "unused", prompts=str(prompt_file), precision=precision)
+        job = GenerateJob(o, loaded, SamplingSettings(precision=precision))
+        assert job.rate_per_cpu == CHARS_PER_CPU_S * rate
+        assert connect.runs_here(o, limit * rate, job.rate_per_cpu)
+        assert not connect.runs_here(o, limit * rate * 1.01, job.rate_per_cpu)
+    assert sampling_of(opts(rnn_model, "unused", prompts=str(prompt_file))).precision == "auto"
+
+
 # --- the job on a local Ray ----------------------------------------------------------------
 
 PROMPTS = ["def ", "import os", "", "class Foo(object):", "    return self.", "snow ☃ man",
