@@ -16,6 +16,7 @@ import queue
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -132,9 +133,6 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-_COMPUTE: Callable | None = None  # what the workers forked by run_in_processes call
-
-
 def run_in_processes(compute: Callable[[object], object],
                      finish: Callable[[object, object], Iterator[dict]], tasks: list[dict],
                      workers: int) -> Iterator[dict]:
@@ -147,7 +145,6 @@ def run_in_processes(compute: Callable[[object], object],
     One task, one worker or no fork: this process's threads instead. An error in a worker
     is raised here; a worker that dies (killed, out of memory) is an error; the workers end
     with this generator, and with this process if it is killed."""
-    global _COMPUTE
     n = max(1, min(workers, len(tasks)))
     if n == 1 or not can_fork():
         yield from run_in_threads(lambda task: finish(task, compute(task)), tasks, n)
@@ -158,8 +155,8 @@ def run_in_processes(compute: Callable[[object], object],
         todo.put(item)
     for _ in range(n):
         todo.put(None)  # one stop each
-    _COMPUTE = compute  # the workers inherit it: compute need not pickle
-    procs = [ctx.Process(target=_work, args=(todo, done, os.getpid()), daemon=True,
+    # A forked worker inherits its target and arguments: compute need not pickle.
+    procs = [ctx.Process(target=_work, args=(compute, todo, done, os.getpid()), daemon=True,
                          name=f"kiln-bulk-{i}") for i in range(n)]
     try:
         for proc in procs:
@@ -168,7 +165,6 @@ def run_in_processes(compute: Callable[[object], object],
             i, result = _next_result(done, procs)
             yield from finish(unpack(tasks[i]), result)
     finally:
-        _COMPUTE = None
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
@@ -193,15 +189,16 @@ def _next_result(done, procs) -> tuple[int, object]:
         return i, result
 
 
-def _work(todo, done, parent: int) -> None:
+def _work(compute: Callable[[object], object], todo, done, parent: int) -> None:
     """A forked worker: the next task until a stop, or until its parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with(parent)
     while (item := todo.get()) is not None and os.getppid() == parent:
         i, task = item
         try:
-            done.put((i, _COMPUTE(unpack(task)), None))
+            done.put((i, compute(unpack(task)), None))
         except Exception as e:  # raised in the parent, as a thread's would be
+            e.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
             try:
                 pickle.dumps(e)
             except Exception:

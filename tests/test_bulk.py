@@ -49,8 +49,9 @@ def test_an_error_in_a_worker_is_raised_here_and_the_workers_end():
             raise ValueError(f"bad block {t}")
         return t
 
-    with pytest.raises(ValueError, match="bad block 3"):
+    with pytest.raises(ValueError, match="bad block 3") as raised:
         list(run_in_processes(compute, finish_here, [pack(i) for i in range(6)], 2))
+    assert "in worker process" in "".join(raised.value.__notes__)  # where, for --debug
     deadline = time.monotonic() + 10
     while multiprocessing.active_children() and time.monotonic() < deadline:
         time.sleep(0.05)
