@@ -43,10 +43,9 @@ class GenerateJob(BulkJob):
         """Characters a local core steps a second, at the precision this machine samples in."""
         import torch
 
-        from models.stepper import bf16_faster
+        from models.stepper import takes_bf16
 
-        bf16 = self.s.precision == "bf16" or (self.s.precision == "auto"
-                                              and bf16_faster(torch.device("cpu")))
+        bf16 = takes_bf16(self.s.precision, torch.device("cpu"))
         return CHARS_PER_CPU_S * (BF16_SPEEDUP if bf16 else 1.0)
 
     def run_here(self, actor, tasks: list[dict], workers: int):

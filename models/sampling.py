@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .rnn import CharRNN
-from .stepper import LANES, Stepper
+from .stepper import LANES, Stepper, takes_bf16
 from .vocab import CharVocab
 
 
@@ -126,8 +126,8 @@ def sample(
     model.eval()
     device = torch.device(device or "cpu")
     # On a GPU, bf16 is autocast's (the caller's); on a CPU, the stepper's own products.
-    bf16 = None if settings.precision == "auto" else settings.precision == "bf16"
-    stepper = Stepper(model, device, bf16=bf16 if device.type == "cpu" else False)
+    bf16 = device.type == "cpu" and takes_bf16(settings.precision, device)
+    stepper = Stepper(model, device, bf16=bf16)
     return _Lanes(stepper, vocab, prompts, seeds, settings).run()
 
 

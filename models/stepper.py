@@ -47,7 +47,13 @@ def bf16_faster(device: torch.device) -> bool:
     gates' pointwise work and the output head stay float32. Fixed by the instruction set,
     so a machine always takes the same one; `SamplingSettings.precision` overrides it."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    # onednn_linear() first: bf16_linear() is cached, and a process may turn oneDNN off
     return device.type == "cpu" and onednn_linear() and bf16_linear() and bool(amx())
+
+
+def takes_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a CPU step at `SamplingSettings.precision` takes bf16 products on `device`."""
+    return precision == "bf16" or (precision == "auto" and bf16_faster(device))
 
 
 @functools.cache

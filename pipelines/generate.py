@@ -239,12 +239,15 @@ class Generator(BulkActor):
     def run_task(self, block: pa.Table) -> Iterator[dict]:
         yield from self.write(block, self.texts(block))
 
+    def _prompts_and_seeds(self, block: pa.Table) -> tuple[list[str], list[int]]:
+        prompts = [p or "" for p in block.column("prompt").to_pylist()]
+        return prompts, [row_seed(self.s.seed, i) for i in block.column("id").to_pylist()]
+
     def texts(self, block: pa.Table) -> list[str]:
         """The text of every row of a block: the compute alone (no I/O), which
         `pipelines.bulk.run_in_processes` runs in forked workers."""
         s = self.s.sampling
-        prompts = [p or "" for p in block.column("prompt").to_pylist()]
-        seeds = [row_seed(self.s.seed, i) for i in block.column("id").to_pylist()]
+        prompts, seeds = self._prompts_and_seeds(block)
         with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16,
                                  enabled=self.s.gpu and s.precision != "fp32"):
             return sample(self.model, self.vocab, prompts, seeds, s, self.device)
@@ -252,8 +255,7 @@ class Generator(BulkActor):
     def write(self, block: pa.Table, texts: list[str]) -> Iterator[dict]:
         """Writes a block's rows with their texts as one part; yields its stats."""
         s = self.s.sampling
-        prompts = [p or "" for p in block.column("prompt").to_pylist()]
-        seeds = [row_seed(self.s.seed, i) for i in block.column("id").to_pylist()]
+        prompts, seeds = self._prompts_and_seeds(block)
         _, unknown = prompt_stats(prompts, self.vocab, s.max_prompt_chars)
         table = output_table(block, texts, seeds, unknown, s, self.model_id)
         name = f"{pc.min(block.column('_seq')).as_py():010d}"
