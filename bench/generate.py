@@ -5,7 +5,9 @@ model, same prompts:
 - the naive loop, one sequence at a time (char-rnn's sample.lua), with both of torch's CPU
   LSTM kernels (oneDNN on, and off), on default threads and on one; the fastest is the
   baseline for the ">= 20x" goal;
-- the plain batched loop, 64 sequences stepped together through nn.LSTM, torch.multinomial;
+- the plain batched loop, 64 sequences stepped together through nn.LSTM, torch.multinomial
+  (issue #13's baseline), and the stronger plain loops a user could write: every prompt in
+  one batch, in fp32 and, where kiln takes bf16, under bf16 autocast;
 - `kiln generate` as a user runs it (in this process on every core), and on a local Ray
   (`--actors N`), both timed from launch to exit; the naive, batched and in-process commands
   in alternating rounds (--rounds, medians), Ray once;
@@ -236,7 +238,10 @@ def main() -> None:
     from models.stepper import bf16_faster
 
     bf16 = bf16_faster(torch.device("cpu"))  # then kiln at --precision fp32 runs too
-    names = [*NAIVE_KERNELS, "batched", "kiln", *(["kiln fp32"] if bf16 else [])]
+    strong = {"batched, all prompts": ["--batch", str(args.prompts)],
+              **({"batched, all prompts, bf16": ["--batch", str(args.prompts), "--bf16"]}
+                 if bf16 else {})}
+    names = [*NAIVE_KERNELS, "batched", *strong, "kiln", *(["kiln fp32"] if bf16 else [])]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(args.rounds):
         for name, flags in NAIVE_KERNELS.items():
@@ -245,6 +250,8 @@ def main() -> None:
             runs[name].append(plain(model, pfile, c, "--mode", "naive", "--limit", str(limit),
                                     *flags))
         runs["batched"].append(plain(model, pfile, c, "--mode", "batched", "--batch", "64"))
+        for name, flags in strong.items():
+            runs[name].append(plain(model, pfile, c, "--mode", "batched", *flags))
         runs["kiln"].append(kiln(model, pfile, tmp / "here", c))
         if bf16:
             runs["kiln fp32"].append(kiln(model, pfile, tmp / "fp32", c, "--precision", "fp32"))
@@ -252,6 +259,7 @@ def main() -> None:
                                              for k, r in runs.items()) + " chars/s", flush=True)
     naive = {name: median_run(runs[name], "chars_per_s") for name in NAIVE_KERNELS}
     batched = median_run(runs["batched"], "chars_per_s")
+    stronger = {name: median_run(runs[name], "chars_per_s") for name in strong}
     here = median_run(runs["kiln"], "chars_per_s")
     fp32 = median_run(runs["kiln fp32"], "chars_per_s") if bf16 else None
     # kiln against the fastest naive kernel of the same round, round by round.
@@ -287,11 +295,14 @@ def main() -> None:
     base_rate = naive[base_name]["chars_per_s"]
     kiln_rate, ray_rate = here["chars_per_s"], ray["chars_per_s"]
     batched_whole = batched["chars"] / batched["whole_s"]
+    whole = {name: r["chars"] / r["whole_s"] for name, r in stronger.items()}
     rows = [(f"naive, one sequence at a time, {name} ({r['prompts']} prompts; its loop)",
              r["chars_per_s"]) for name, r in naive.items()]
     rows += [("plain batched: 64 sequences through nn.LSTM, torch.multinomial; its loop",
               batched["chars_per_s"]),
              (f"plain batched, the whole command ({batched['whole_s']:.1f} s)", batched_whole),
+             *[(f"plain {name}, the whole command ({r['whole_s']:.1f} s)", whole[name])
+               for name, r in stronger.items()],
              (f"**`kiln generate`, the whole command** ({here['whole_s']:.1f} s, "
               f"{here['how']}, {cpus} processes{', bf16 products' if bf16 else ''})",
               kiln_rate),
@@ -307,6 +318,11 @@ def main() -> None:
         f"**{r['naive'] / r['kiln']:.2f}x** | **{r['batched'] / r['kiln']:.2f}x** |"
         for k, r in small.items())
     gemm_text = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items())
+    best_name = max(whole, key=whole.get)
+    best = stronger[best_name]
+    fp32_vs = "" if fp32 is None else (
+        "; `--precision fp32` against the plain fp32 loop of all prompts: "
+        f"**{fp32['chars_per_s'] / whole['batched, all prompts']:.2f}x**")
     bf16_step = (f", {forms['tanh, bf16 products']:.2f} ms through tanh with bf16 products"
                  if "tanh, bf16 products" in forms else "")
     body = f"""
@@ -323,6 +339,8 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
   loop's rate); against the fastest naive kernel **{kiln_rate / base_rate:.1f}x**
   (medians of {args.rounds} alternating rounds; kiln against the same round's fastest naive
   kernel, round by round: {", ".join(f"{r:.1f}x" for r in per_round)}).
+- Against the strongest plain loop here, {best_name} ({best['whole_s']:.1f} s whole):
+  **{kiln_rate / whole[best_name]:.2f}x**{fp32_vs}.
 - The naive loops are timed on their first prompts only (the whole set would take
   ~{args.prompts * c / base_rate / 60:.0f} min); every text is {c} chars, so rates compare.
   Their rates leave out Python's start and imports; kiln's include them.

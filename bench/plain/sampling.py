@@ -10,6 +10,7 @@ safetensors and json alone) into nn.Embedding -> nn.LSTM -> nn.Linear.
   steps on some CPUs); the faster of the two is the baseline.
 - `batched`: --batch sequences stepped together: the batch's prompts are fed in one
   packed nn.LSTM call, then every step advances all of them through nn.LSTM at once.
+  `--bf16`: under torch.autocast("cpu", bfloat16), as a user with AMX would run it.
 
     python bench/plain/sampling.py MODEL_DIR PROMPTS.txt --mode batched --max-chars 500
 Prints one JSON object on the last line of stdout; the clock starts after the imports."""
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None, help="default: torch's own")
     ap.add_argument("--mkldnn", choices=["on", "off"], default="on")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (batched)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,8 +113,9 @@ def main() -> None:
     if args.mode == "naive":
         texts = naive(model, stoi, itos, prompts, args.max_chars, args.temperature)
     else:
-        texts = batched(model, stoi, itos, prompts, args.max_chars, args.temperature,
-                        args.batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            texts = batched(model, stoi, itos, prompts, args.max_chars, args.temperature,
+                            args.batch)
     seconds = time.perf_counter() - start
     chars = sum(len(t) for t in texts)
     print(json.dumps({"mode": args.mode, "mkldnn": args.mkldnn, "threads":
