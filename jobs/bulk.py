@@ -96,10 +96,13 @@ class BulkJob:
         raise NotImplementedError
 
 
+MAX_BATCH = 65_536  # images a forward pass (or rows a generation block) at most
+
+
 def check_options(opts) -> None:
     """The options every bulk job has."""
-    if opts.batch_size is not None and opts.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.batch_size is not None and not 1 <= opts.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size must be from 1 to {MAX_BATCH:,}, got {opts.batch_size:,}")
     if opts.actors is not None and opts.actors < 1:
         raise ValueError(f"--actors must be at least 1, got {opts.actors}")
     check_gpu(opts)
@@ -126,7 +129,16 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     opts, start = job.opts, time.monotonic()
     out = OutputDir(opts.output, {"job": job.name, **job.identity()}, opts.overwrite)
-    done = out.prepare(job.key_columns)
+    done = out.prepare(job.key_columns)  # and takes the output's lease
+    try:
+        return _run(job, out, done, start, console)
+    finally:
+        out.close()
+
+
+def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: Console
+         ) -> dict:
+    opts = job.opts
     before = set(out.parts_read)  # a part listed later but not read is late
     plan = job.plan(done)
     if done:
@@ -144,19 +156,21 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
         how, stats = job.run_here(actor, plan.tasks, workers)
         console.print(f"{job.verb} {len(plan.tasks):,} unit(s) {how} with {job.loaded.id}",
                       highlight=False)
-        parts = follow(stats, progress)
+        parts = follow(stats, progress, out)
     elif plan.tasks:
         check_fits_here(opts, len(plan.tasks))
-        with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug)), \
+        with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug,
+                                    forward_credentials=opts.forward_credentials)), \
                 quiet_ray_data():
             layout = actor_layout(opts, len(plan.tasks), job.decodes)
             console.print(f"{job.verb} {len(plan.tasks):,} unit(s) with {layout.actors} "
                           f"actor(s) of {job.loaded.id}", highlight=False)
             ds = bulk_dataset(job.actor, job.settings(out, layout), plan.tasks, layout)
-            parts = follow(stats_rows(ds), progress)
+            parts = follow(stats_rows(ds), progress, out)
     elif done:
         console.print("nothing left to do: every row is in the output (--overwrite redoes "
                       "the job)", highlight=False)
+    out.check()
     remove_late_parts(out, before, console)
     summary = make_summary(job, done, parts, time.monotonic() - start)
     job.finish(out, summary, parts, console)
@@ -208,11 +222,14 @@ def actor_layout(opts, units: int, decodes: bool = True) -> Layout:
     return Layout(actors, round(max(0.1, 0.9 * share), 3), 0, threads, threads)
 
 
-def follow(stats: Iterable[dict], progress: Progress) -> dict[str, dict]:
+def follow(stats: Iterable[dict], progress: Progress, out: OutputDir | None = None
+           ) -> dict[str, dict]:
     """Streams the stats of every part written, keyed by part so that a part a retried task
-    wrote again counts once."""
+    wrote again counts once; stops where another job took the output over."""
     parts: dict[str, dict] = {}
     for s in stats:
+        if out is not None:
+            out.check()
         again = parts.get(s["part"])
         parts[s["part"]] = s
         if again is None:
@@ -221,12 +238,13 @@ def follow(stats: Iterable[dict], progress: Progress) -> dict[str, dict]:
 
 
 def remove_late_parts(out: OutputDir, before: set[str], console: Console) -> None:
-    """Deletes parts that an earlier, killed run's last actors wrote after this run read
-    which rows were done: this run has written each of their rows again."""
+    """Deletes parts that an earlier run's last actors wrote after this run read which rows
+    were done: this run has written each of their rows again. That run is over: this one
+    holds the output's lease, which it took only once that run's holder was gone."""
     mine = f"-{out.run_id}.parquet"
     for part in out.parts():
         if part not in before and not part.endswith(mine):
-            storage.delete_dir(part)
+            storage.delete_file(part)
             console.print(f"  removed {redact(part)}: written late by an interrupted run",
                           highlight=False)
 

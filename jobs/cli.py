@@ -38,6 +38,10 @@ OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision 
                   "for mnist_cnn and char-RNNs), sgd or adamw.")
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
+FORWARD = typer.Option(False, "--forward-credentials",
+                       help="Give the cluster's processes this shell's AWS_* variables (in a "
+                       "package Ray uploads but never logs or shows); by default a cluster "
+                       "uses its own credentials.")
 
 
 INIT = typer.Option(None, help="Start from these weights: a kiln run or model folder, a "
@@ -120,6 +124,7 @@ def train_cnn(
     freeze_backbone: bool = FREEZE,
     backbone_lr_scale: float = BACKBONE_LR,
     address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
 ):
     """Train an image classifier."""
     given = dict(locals())  # the options, by TrainOptions' names
@@ -158,6 +163,7 @@ def train_rnn(
     freeze_backbone: bool = FREEZE,
     backbone_lr_scale: float = BACKBONE_LR,
     address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
 ):
     """Train a character-level language model (char-rnn)."""
     given = dict(locals())  # the options, by TrainOptions' names
@@ -249,12 +255,14 @@ def label(
     report: bool = typer.Option(False, "--report", help="Also write report.html beside it."),
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
     address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
 ):
     """Label every image of the inputs with a trained CNN."""
     from jobs.label import run_label
 
     opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
-                        actors, address, debug=DEBUG["on"])
+                        actors, address, debug=DEBUG["on"],
+                        forward_credentials=forward_credentials)
     run_job(run_label, opts)
 
 
@@ -283,6 +291,7 @@ def generate(
                                   "(bf16 where the hardware has bf16 matrix units: a GPU, a "
                                   "CPU with AMX; else fp32), fp32 or bf16. The state stays "
                                   "fp32."),
+    forward_credentials: bool = FORWARD,
 ):
     """Generate text from prompts (or unconditionally) with a trained char-RNN."""
     if (prompts is None) == (num_samples is None):
@@ -291,7 +300,8 @@ def generate(
 
     opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
                            seed, stop, batch_size, gpu, overwrite, actors, address,
-                           debug=DEBUG["on"], precision=precision)
+                           debug=DEBUG["on"], precision=precision,
+                           forward_credentials=forward_credentials)
     run_job(run_generate, opts)
 
 
@@ -309,13 +319,15 @@ def eval_(
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
     address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
 ):
     """Measure a trained model on labeled images (accuracy, per-class F1, confusion,
     calibration) or on text (nats and bits per character)."""
     from jobs.eval import EvalOptions, run_eval
 
     run_job(run_eval, EvalOptions(model, data, output, batch_size, gpu, overwrite, actors,
-                                  address, debug=DEBUG["on"]))
+                                  address, debug=DEBUG["on"],
+                                  forward_credentials=forward_credentials))
 
 
 @app.command(epilog="Example: kiln info runs/digits")
@@ -343,12 +355,17 @@ def submit(
     gpus: float = typer.Option(0, help="GPUs the job's driver reserves."),
     cpus: float = typer.Option(1, help="CPUs the job's driver reserves."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return once submitted."),
+    forward_credentials: bool = typer.Option(
+        False, "--forward-credentials", help="Give the job's processes this shell's AWS_* "
+        "variables (in a package Ray uploads but never logs or shows); by default the "
+        "cluster uses its own credentials."),
 ):
     """Run a kiln job on a Ray cluster through Ray Jobs (the args after --)."""
     from jobs.options import SubmitOptions
     from jobs.submit import submit as submit_job
 
-    opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait)
+    opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait,
+                         forward_credentials=forward_credentials)
     run_job(submit_job, opts)
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ def quiet_ray_data_logs() -> None:
 @dataclass
 class RayOptions:
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray for this command
+    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
     object_store_mb: int | None = None  # local Ray; None: KILN_OBJECT_STORE_MB, else 1536
     include_dashboard: bool = False
     log_to_driver: bool = False  # workers' output on this console (--debug); else only in
@@ -61,6 +64,34 @@ def aws_variables() -> dict[str, str]:
     """This shell's AWS settings (every AWS_ variable: the S3 ones of pipelines.storage, and
     AWS_PROFILE, AWS_CA_BUNDLE and the like), for processes on a cluster."""
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_") and v}
+
+
+@contextlib.contextmanager
+def forwarded_credentials(forward: bool):
+    """The runtime_env entries that carry this shell's AWS variables to a cluster's processes,
+    where the user asks for it (--forward-credentials); {} otherwise: a cluster uses its own
+    credentials (an instance role), as Ray's docs advise. Never env_vars, which Ray's runtime
+    env agent logs and its job table and dashboard show: a py_modules package (a private
+    temporary folder, gone once Ray has uploaded it), which Ray stores and unpacks on each
+    node but never prints; pipelines.storage.apply_forwarded reads it there."""
+    from pipelines.storage import FORWARD_MODULE
+
+    env = aws_variables()
+    if not forward or not env:
+        yield {}
+        return
+    folder = tempfile.mkdtemp(prefix="kiln-fwd-")  # mode 0700
+    try:
+        package = os.path.join(folder, FORWARD_MODULE)
+        os.mkdir(package, 0o700)
+        with open(os.path.join(package, "__init__.py"), "w") as f:
+            f.write('"""AWS settings forwarded by kiln (read by pipelines.storage)."""\n')
+        fd = os.open(os.path.join(package, "env.json"), os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(env, f)
+        yield {"py_modules": [package]}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def has_cluster() -> bool:
@@ -186,11 +217,13 @@ def _init(ray, opts: RayOptions) -> None:
     if address:
         # A cluster's workers do not have this shell's S3 settings: hand them over (a Ray Job's
         # driver already runs inside the job's runtime_env, which kiln submit fills).
+        # A cluster's processes use the cluster's own credentials, or, where the user asks,
+        # this shell's (forwarded_credentials). A Ray Job's driver already runs inside the
+        # job's runtime_env, which kiln submit filled.
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        env = {} if in_job else aws_variables()
-        ray.init(address=address, logging_level=logging.WARNING,
-                 log_to_driver=opts.log_to_driver,
-                 runtime_env={"env_vars": env} if env else None)
+        with forwarded_credentials(opts.forward_credentials and not in_job) as renv:
+            ray.init(address=address, logging_level=logging.WARNING,
+                     log_to_driver=opts.log_to_driver, runtime_env=renv or None)
         return
     store_mb = opts.object_store_mb or int(os.environ.get("KILN_OBJECT_STORE_MB",
                                                           DEFAULT_OBJECT_STORE_MB))

@@ -27,6 +27,7 @@ from jobs.bulk import check_options, prepare_process, run_bulk
 from jobs.label import LabelJob
 from jobs.redact import redact
 from pipelines import storage
+from pipelines.fence import check_output
 from pipelines.label import LabelSettings
 from pipelines.sink import OutputDir
 
@@ -47,6 +48,7 @@ class EvalOptions:
     actors: int | None = None
     address: str | None = None
     debug: bool = False
+    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
 
 
 class EvalJob(LabelJob):
@@ -140,7 +142,8 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     OUTPUT/eval.json)."""
     console = console or connect.console()
     check_options(opts)
-    opts = replace(opts, data=storage.absolute(opts.data))  # actors read it from elsewhere
+    opts = replace(opts, data=storage.absolute(opts.data),  # actors read it from elsewhere
+                   output=check_output(opts.output, [opts.data, opts.model]))
     kind = storage.read_model_config(opts.model)["kind"]
     if kind == "rnn":
         return eval_text(opts, console)
@@ -154,7 +157,6 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
 
 def eval_text(opts: EvalOptions, console: Console) -> dict:
     """nats/char and bits/char of a char-RNN over the whole text, in this process."""
-    import torch
 
     from pipelines.train_data import read_text
 
@@ -164,6 +166,16 @@ def eval_text(opts: EvalOptions, console: Console) -> dict:
     out = OutputDir(opts.output, {"job": "eval", "model": loaded.id, "data": opts.data},
                     opts.overwrite)
     out.prepare([])
+    try:
+        return _eval_text(opts, console, out, text, loaded, start)
+    finally:
+        out.close()
+
+
+def _eval_text(opts: EvalOptions, console: Console, out: OutputDir, text: str, loaded,
+               start: float) -> dict:
+    import torch
+
     torch.set_num_threads(connect.local_cpus())
     device = torch.device("cuda" if opts.gpu else "cpu")  # in this process, Ray or not
     nats, chars, streams = text_loss(loaded.model.to(device), loaded.vocab.encode(text), device)

@@ -8,6 +8,8 @@ summary.json."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rich.console import Console
 
 from jobs import connect
@@ -18,12 +20,19 @@ from models import GPU_LANES, LANES, PRECISIONS, SamplingSettings
 from pipelines import generate as gen
 from pipelines import storage
 from pipelines.bulk import can_fork, pack, run_in_processes
+from pipelines.fence import check_output
 
 # One core steps a 2x256 char-LSTM ~22,000 characters a second in fp32 (bench/generate.py,
 # the slowest machine measured), about twice as many with bf16 products on AMX (a step at 256
 # lanes 2.95 -> 1.37 ms on one Xeon core).
 CHARS_PER_CPU_S = 22_000
 BF16_SPEEDUP = 2.0
+# Bounds where a larger value cannot work: a lane's buffer holds its prompt and text as int64
+# (256 lanes x 100,000 characters: 205 MB a worker), and logits times 1/temperature must stay
+# finite in float64 and tell characters apart.
+MAX_CHARS = 100_000
+MAX_SAMPLES = 100_000_000  # their ids alone are 800 MB
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 
 
 class GenerateJob(BulkJob):
@@ -120,13 +129,17 @@ def sampling_of(opts: GenerateOptions) -> SamplingSettings:
     check_options(opts)
     if (opts.prompts is None) == (opts.num_samples is None):
         raise ValueError("give exactly one of --prompts or --num-samples")
-    if opts.num_samples is not None and opts.num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {opts.num_samples}")
-    if opts.max_chars < 1:
-        raise ValueError(f"--max-chars must be at least 1, got {opts.max_chars}")
-    if not opts.temperature >= 0:
-        raise ValueError(f"--temperature must be at least 0 (0 is greedy), got "
-                         f"{opts.temperature}")
+    if opts.num_samples is not None and not 1 <= opts.num_samples <= MAX_SAMPLES:
+        raise ValueError(f"--num-samples must be from 1 to {MAX_SAMPLES:,}, got "
+                         f"{opts.num_samples:,}; for more, run several jobs with other --seed")
+    if not 1 <= opts.max_chars <= MAX_CHARS:
+        raise ValueError(f"--max-chars must be from 1 to {MAX_CHARS:,}, got {opts.max_chars:,}"
+                         " (a lane holds its text while it samples: 256 lanes of this many)")
+    t = opts.temperature
+    if not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+        raise ValueError(f"--temperature must be 0 (greedy) or from {MIN_TEMPERATURE:g} to "
+                         f"{MAX_TEMPERATURE:g}, got {t}: beyond, the logits divided by it "
+                         "overflow or every character is as likely as any other")
     if opts.top_k < 0:
         raise ValueError(f"--top-k must be at least 0 (0 keeps every character), got "
                          f"{opts.top_k}")
@@ -148,6 +161,11 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     console = console or connect.console()
     sampling = sampling_of(opts)
+    opts = replace(opts, output=check_output(opts.output, [opts.prompts, opts.model]))
     prepare_process(opts)  # before the prompts are read into Arrow
     loaded = storage.load_model(opts.model, expect_kind="rnn")  # a CNN fails here, clearly
+    if opts.top_k > len(loaded.vocab.chars):
+        raise ValueError(f"--top-k {opts.top_k:,} is more than the model's "
+                         f"{len(loaded.vocab.chars):,} characters: give at most that, or 0 "
+                         "to keep every character")
     return run_bulk(GenerateJob(opts, loaded, sampling), console)

@@ -8,6 +8,7 @@ with summary.json, a totals line and, with --report, report.html."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -16,6 +17,7 @@ from jobs.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
 from jobs.options import LabelOptions
 from jobs.redact import redact
 from pipelines import sources, storage
+from pipelines.fence import check_output
 from pipelines.label import LabelPredictor, LabelSettings, make_tasks
 from pipelines.sources import count_known
 
@@ -90,6 +92,7 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     console = console or connect.console()
     check_label_options(opts)
+    opts = replace(opts, output=check_output(opts.output, [*opts.inputs, opts.model]))
     prepare_process(opts)
     units = sources.plan(opts.inputs)  # a missing input fails here, before torch loads
     if not units:

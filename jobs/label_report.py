@@ -74,6 +74,12 @@ def chart(values, kind: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Class names are the user's text: "$" in one is a dollar, not matplotlib's math mode.
+    with plt.rc_context({"text.parse_math": False}):
+        return _chart(plt, values, kind)
+
+
+def _chart(plt, values, kind: str) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     if kind == "labels":
         names, counts = zip(*values, strict=True) if values else ((), ())

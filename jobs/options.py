@@ -46,6 +46,7 @@ class TrainOptions:
     dropout: float = 0.0
     seq_len: int = 100
     address: str | None = None
+    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
     debug: bool = False  # --debug: tracebacks and Ray's own output on the console
 
 
@@ -62,6 +63,7 @@ class LabelOptions:
     actors: int | None = None  # None: one per 1 CPU (or GPU) the cluster has
     address: str | None = None
     debug: bool = False
+    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
 
 
 @dataclass
@@ -83,6 +85,7 @@ class GenerateOptions:
     address: str | None = None
     debug: bool = False
     precision: str = "auto"  # the recurrent products: auto, fp32 or bf16 (SamplingSettings)
+    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
 
 
 @dataclass
@@ -94,6 +97,7 @@ class SubmitOptions:
     wait: bool = True
     working_dir: str = "."
     env: dict[str, str] = field(default_factory=dict)
+    forward_credentials: bool = False  # the job's processes get this shell's AWS variables
 
 
 @dataclass

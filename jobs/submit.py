@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from jobs.connect import aws_variables
+from jobs.connect import forwarded_credentials
 from jobs.options import SubmitOptions
 from jobs.redact import redact
 
@@ -160,13 +160,13 @@ def working_dir(path: str | None) -> str | None:
     return str(own) if _is_project(own) else None
 
 
-def runtime_env(opts: SubmitOptions) -> dict:
-    # The AWS variables set here, so that s3:// URIs work on the cluster as they do locally;
-    # they travel in the job's runtime_env, never printed (jobs/redact.py).
-    env = aws_variables()
-    env.update(opts.env)
+def runtime_env(opts: SubmitOptions, forwarded: dict | None = None) -> dict:
+    """The job's runtime_env: the project as its working_dir, and `forwarded`
+    (connect.forwarded_credentials: the AWS variables, where the user asks) as py_modules.
+    Its env_vars carry nothing secret: Ray logs and shows them."""
+    env = dict(opts.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that `kiln logs --follow` sees lines as printed
-    renv: dict = {"env_vars": env}
+    renv: dict = {"env_vars": env, **(forwarded or {})}
     folder = working_dir(opts.working_dir)
     if folder:
         renv.update(working_dir=folder, excludes=list(EXCLUDES))
@@ -179,8 +179,8 @@ def submit(opts: SubmitOptions) -> str:
     command = entrypoint(opts.entrypoint)
     jc = client(opts.address)
     address = _resolve_address(opts.address)
-    renv = runtime_env(opts)
-    with _clean_errors(address):
+    with forwarded_credentials(opts.forward_credentials) as forwarded, _clean_errors(address):
+        renv = runtime_env(opts, forwarded)
         job_id = jc.submit_job(
             entrypoint=command,
             runtime_env=renv,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import replace
 
 from rich.console import Console
@@ -20,7 +21,12 @@ from jobs.train_tasks import TASKS
 from models import CELLS, CNN_ARCHS
 from models.cnn import TORCHVISION_ARCHS
 from pipelines import storage
+from pipelines.fence import check_run_folder
+from pipelines.lease import Lease
 from pipelines.transforms import choose_augment
+
+# What a run folder holds: the model, its curves and metrics, Ray Train's checkpoints.
+RUN_FILES = ("model", "metrics.jsonl", "curves.png", CHECKPOINTS)
 
 
 def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
@@ -29,6 +35,8 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
     opts = replace(opts, out=storage.absolute(opts.out), data=storage.absolute(opts.data),
                    val=storage.absolute(opts.val) if opts.val else None,
                    init=storage.absolute(opts.init) if opts.init else None)
+    opts = replace(opts, out=check_run_folder(opts.out, [opts.data, opts.val, opts.init],
+                                              RUN_FILES))
     opts = resolve(opts)
     resuming = opts.resume and storage.exists(storage.join(opts.out, CHECKPOINTS))
     prior = resumed_init(opts) if resuming else None
@@ -47,7 +55,10 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
     early = task.check_data(opts)  # the data's mistakes fail here, before Ray starts
     # No dashboard for a training job's own local Ray: on 2 CPUs its processes cost the DDP
     # workers ~5% of their steps (a 2x256 LSTM: 12,200 vs 11,600 chars/s).
-    with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug)):
+    with Lease(opts.out, "train", uuid.uuid4().hex[:8]), \
+            ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug,
+                                   forward_credentials=opts.forward_credentials)):
+        # The lease: one run writes a run folder at a time.
         t0 = time.monotonic()
         data = task.prepare(opts, early)
         if prior:

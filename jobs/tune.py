@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 
 from ray import tune
@@ -33,6 +34,8 @@ from jobs.train_fit import epoch_line, make_trainer, worker_error
 from jobs.train_tasks import TASKS
 from jobs.tune_space import flag, parse_spaces, plan_trials, shown, trial_ids
 from pipelines import storage
+from pipelines.fence import check_run_folder
+from pipelines.lease import Lease
 
 SEARCH_STATE = "tune"  # Ray Tune's experiment folder under OUT
 PLAN_FILE = "tune.json"
@@ -62,10 +65,22 @@ class Setup:
 
 
 def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
-    from jobs.tune_report import finish
 
     console = CONSOLE["now"] = console or connect.console(highlight=False)
-    base, trials, spaces = plan(opts)
+    t = opts.train
+    out = check_run_folder(t.out, [t.data, t.val, t.init], SEARCH_FILES)
+    base, trials, spaces = plan(replace(opts, train=replace(t, out=out)))
+    return _tune(opts, base, trials, spaces, console)
+
+
+# What a search folder holds (jobs/tune_report.py writes the last three).
+SEARCH_FILES = (SEARCH_STATE, PLAN_FILE, "trials", "model", "trials.parquet", "tune.png")
+
+
+def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
+          console: Console) -> dict:
+    from jobs.tune_report import finish
+
     out = base.out
     if opts.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --scheduler {opts.scheduler!r}; choose one of "
@@ -83,7 +98,10 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
         layout(opts, trials, local_cpus(), local_gpus() if base.gpu else 0)
     groups = data_groups(trials, task)
     early = {key: task.check_data(rep) for key, rep in groups.items()}
-    with ray_session(RayOptions(address=base.address, log_to_driver=base.debug)):
+    # The lease: one search writes a search folder at a time.
+    with Lease(out, "tune", uuid.uuid4().hex[:8]), \
+            ray_session(RayOptions(address=base.address, log_to_driver=base.debug,
+                                   forward_credentials=base.forward_credentials)):
         import ray
 
         res = ray.cluster_resources()
@@ -146,7 +164,8 @@ def plan_state(opts: TuneOptions, base: TrainOptions, spaces: dict, trials: dict
     """What makes a search the same search: --resume must find it unchanged (Tuner.restore
     keeps the scheduler, concurrency and time budget it was started with)."""
     shared = {k: v for k, v in asdict(base).items()
-              if k not in ("out", "resume", "address", "debug") and k not in spaces}
+              if k not in ("out", "resume", "address", "debug", "forward_credentials")
+              and k not in spaces}
     shared.update(scheduler=opts.scheduler, concurrent=opts.concurrent,
                   search_time_limit=opts.search_time_limit)
     return {"kind": base.kind, "options": shared, "spaces": spaces,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -104,7 +105,11 @@ def parse_config(config_bytes: bytes, where: str = "config.json") -> dict:
         raise ModelFolderError(msg) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFolderError(f"{where} is not a kiln model config (no \"format\": \"{FORMAT}\")")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFolderError(f"{where}: format_version must be a whole number, got "
+                               f"{version!r}; the model folder is corrupt")
+    if version > FORMAT_VERSION:
         raise ModelFolderError(
             f"{where} has format version {config['format_version']}; this kiln reads up to "
             f"{FORMAT_VERSION}: upgrade kiln"
@@ -123,12 +128,15 @@ def model_from_bytes(config_bytes: bytes, weights_bytes: bytes, expect_kind: str
             f"{where} holds a {kind.upper()} model, but this command needs a "
             f"{expect_kind.upper()} model"
         )
+    spec = parse_spec(kind, config.get("spec"), f"{where}/{CONFIG_FILE}")
     try:
-        spec = SPECS[kind](**config["spec"])
-        model = build_model(kind, spec)
+        with torch.device("meta"):  # shapes alone: no memory is taken for the tensors
+            expected = build_model(kind, spec).state_dict()
     except (TypeError, KeyError, ValueError) as e:
         msg = f"{where}/{CONFIG_FILE} does not describe a buildable model: {e}"
         raise ModelFolderError(msg) from None
+    check_weights(weights_bytes, expected, f"{where}/{WEIGHTS_FILE}")
+    model = build_model(kind, spec)
     try:
         state = st_load(weights_bytes)
     except Exception as e:  # the Rust parser raises several kinds
@@ -141,6 +149,118 @@ def model_from_bytes(config_bytes: bytes, weights_bytes: bytes, expect_kind: str
         ) from None
     model.eval()
     return LoadedModel(kind, spec, model, config)
+
+
+# What a config.json may ask kiln to build: a hand-edited or hostile one must not take the
+# machine's memory before its weights are compared with it (layers: 10**6 would be ~34 GB of
+# modules). The sizes are far above what kiln trains.
+LIMITS = {"classes": 100_000, "image_size": 2048, "vocab": 100_000, "embed": 16_384,
+          "hidden": 16_384, "layers": 64}
+HEADER_LIMIT = 16 * 1024 * 1024  # a safetensors header (JSON) of at most this many bytes
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1}
+
+
+def parse_spec(kind: str, spec, where: str) -> CNNSpec | RNNSpec:
+    """The spec of a config.json, each field checked for its type and bounds (LIMITS)."""
+    def bad(why: str) -> ModelFolderError:
+        return ModelFolderError(f"{where}: {why}; the model folder is corrupt or hand-edited "
+                                "wrongly")
+
+    if not isinstance(spec, dict):
+        raise bad("\"spec\" must be an object")
+    fields = {f for f in SPECS[kind].__dataclass_fields__}
+    if set(spec) - fields:
+        raise bad(f"\"spec\" has unknown fields: {', '.join(sorted(set(spec) - fields))}")
+
+    def whole(name: str, low: int, high: int) -> None:
+        v = spec.get(name)
+        if name in spec and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high):
+            raise bad(f"{name} must be a whole number from {low} to {high:,}, got {v!r}")
+
+    def names(name: str, limit: int, low: int) -> list:
+        v = spec.get(name)
+        if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+            raise bad(f"{name} must be a list of strings")
+        if not low <= len(v) <= limit or len(set(v)) != len(v):
+            raise bad(f"{name} must hold {low} to {limit:,} distinct names, got {len(v):,}")
+        return v
+
+    if kind == "cnn":
+        names("classes", LIMITS["classes"], 2)
+        if not isinstance(spec.get("arch"), str):
+            raise bad("arch must be a string")
+        whole("channels", 1, 3)
+        whole("image_size", 1, LIMITS["image_size"])
+        channels = spec.get("channels", 1)
+        for name in ("mean", "std"):
+            v = spec.get(name, [0.5])
+            if not isinstance(v, list) or len(v) not in (1, channels) or not all(
+                    isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                    and (name == "mean" or x > 0) for x in v):
+                what = "positive" if name == "std" else "finite"
+                raise bad(f"{name} must be {channels} {what} number(s), got {v!r}")
+    else:
+        names("vocab", LIMITS["vocab"], 1)
+        if not isinstance(spec.get("cell", "lstm"), str):
+            raise bad("cell must be a string")
+        for name in ("embed", "hidden", "layers"):
+            whole(name, 1, LIMITS[name])
+        d = spec.get("dropout", 0.0)
+        if not isinstance(d, int | float) or isinstance(d, bool) or not 0 <= d < 1:
+            raise bad(f"dropout must be a number in [0, 1), got {d!r}")
+    try:
+        return SPECS[kind](**spec)
+    except TypeError as e:
+        raise bad(str(e)) from None
+
+
+def check_weights(data: bytes, expected: dict, where: str) -> None:
+    """The safetensors header of `data` against the tensors the config builds (`expected`, a
+    state dict of meta tensors): the same names and shapes, each tensor's bytes inside the
+    file. Before any tensor is made: a mismatch costs no memory."""
+    def bad(why: str) -> ModelFolderError:
+        return ModelFolderError(f"{where} does not match {CONFIG_FILE}: {why}")
+
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= min(HEADER_LIMIT, len(data) - 8):
+        raise ModelFolderError(f"{where} is corrupt or truncated: no safetensors header")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelFolderError(f"{where} is corrupt: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{where} is corrupt: its header is not a table of tensors")
+    header.pop("__metadata__", None)
+    missing = [k for k in expected if k not in header]
+    extra = [k for k in header if k not in expected]
+    if missing or extra:
+        raise bad("; ".join(p for p in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(extra[:3])}" if extra else "") if p))
+    body = len(data) - 8 - n
+    for name, t in expected.items():
+        entry = header[name]
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if shape != list(t.shape):
+            raise bad(f"{name} is {shape}, the config builds {list(t.shape)}")
+        start, end = (entry.get("data_offsets") or [0, -1])[:2]
+        size = math.prod(shape) * DTYPE_BYTES.get(dtype, 0)
+        if dtype not in DTYPE_BYTES or end - start != size or not 0 <= start <= end <= body:
+            raise ModelFolderError(f"{where} is corrupt or truncated at {name}")
+
+
+def weights_limit(config: dict) -> int | None:
+    """The most bytes a model folder's weights file may have for its config (its tensors in
+    float64, and the largest header); None where the config cannot say."""
+    try:
+        kind = config["kind"]
+        spec = parse_spec(kind, config.get("spec"), CONFIG_FILE)
+        with torch.device("meta"):
+            numel = sum(t.numel() for t in build_model(kind, spec).state_dict().values())
+    except (ModelFolderError, TypeError, KeyError, ValueError):
+        return None
+    return 8 + HEADER_LIMIT + 8 * numel
 
 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"

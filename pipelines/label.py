@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import sink, storage
+from . import names, sink, storage
 from .bulk import BulkActor, pack
 from .sources import Record, Unit, read_unit, unit_paths
 from .transforms import (
@@ -77,7 +77,7 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]]) -> list[dict]:
     written (`skip`)."""
     by_source: dict[str, set[str]] = {}
     for source, path in done:
-        by_source.setdefault(source, set()).add(path)
+        by_source.setdefault(names.parse(source)[0], set()).add(path)
     tasks = []
     for unit in units:
         done_here = by_source.get(unit.source, set())
@@ -93,7 +93,8 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]]) -> list[dict]:
 
 
 def part_name(unit: Unit, index: int) -> str:
-    return f"{hashlib.sha1(unit.key.encode()).hexdigest()[:16]}-{index:05d}"
+    key = unit.key.encode("utf-8", "surrogateescape")
+    return f"{hashlib.sha1(key).hexdigest()[:16]}-{index:05d}"
 
 
 class LabelPredictor(BulkActor):
@@ -229,17 +230,31 @@ class Thumbs:
 
     def render(self, classes: np.ndarray) -> list[dict]:
         kept = sorted(self.heap, key=lambda t: -t[0])
-        return [{"source": r.source, "path": r.path, "label": classes[c], "confidence": -s,
-                 "image": thumbnail(r.data)} for s, _, r, c in kept]
+        return [{"source": names.text(r.source), "path": r.path, "label": classes[c],
+                 "confidence": -s, "image": thumbnail(r.data)} for s, _, r, c in kept]
 
 
-def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+# The encoded bytes a batch holds at most (one member alone may hold more, up to
+# sources.MAX_MEMBER_BYTES): an archive of large or inflating members (a zip of zeros) is
+# cut into small batches, not read a whole --batch-size at a time. An actor (a thread, here)
+# holds at most decode_threads + 3 batches: queued, decoding, and the model's.
+BATCH_BYTES = 64 * 1024 * 1024
+
+
+def _batches(records: Iterable[Record], size: int, max_bytes: int = BATCH_BYTES
+             ) -> Iterator[list[Record]]:
     batch: list[Record] = []
+    held = 0
     for rec in records:
+        n = len(rec.data or b"")
+        if batch and held + n > max_bytes:
+            yield batch
+            batch, held = [], 0
         batch.append(rec)
+        held += n
         if len(batch) >= size:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
@@ -340,23 +355,28 @@ def label_table(part: list[Batch], classes: np.ndarray, model_id: str, truth: bo
     top1[good] = idx[:, 0]
     conf = np.zeros(n, np.float32)
     conf[good] = scores[:, 0]
-    names = pa.array(classes.tolist(), pa.string())
+    class_names = pa.array(classes.tolist(), pa.string())
     missing = pa.array(~labeled)
     list_offsets = pa.array(np.concatenate([[0], np.cumsum(np.where(labeled, k, 0))]),
                             pa.int32())
     return pa.Table.from_arrays([
-        pa.array([r.source for r in records], pa.string()),
+        pa.array([names.text(r.source) for r in records], pa.string()),
         pa.array([r.path for r in records], pa.string()),
-        names.take(pa.array(top1, mask=~labeled)),
+        class_names.take(pa.array(top1, mask=~labeled)),
         pa.array(conf, pa.float32(), mask=~labeled),
-        pa.ListArray.from_arrays(list_offsets, names.take(pa.array(idx.ravel())),
+        pa.ListArray.from_arrays(list_offsets, class_names.take(pa.array(idx.ravel())),
                                  mask=missing),
         pa.ListArray.from_arrays(list_offsets, pa.array(scores.ravel(), pa.float32()),
                                  mask=missing),
-        pa.array([r.error for r in records], pa.string()),
+        pa.array([r.error and clean_text(r.error) for r in records], pa.string()),
         pa.array([model_id] * n, pa.string()),
     ] + ([pa.array([truth_of(r) for r in records], pa.string())] if truth else []),
         schema=EVAL_SCHEMA if truth else SCHEMA)
+
+
+def clean_text(s: str) -> str:
+    """Text for a string column: a name's odd bytes that reached a message as \\udcNN."""
+    return s if names.is_text(s) else s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def truth_of(rec: Record) -> str | None:
@@ -389,7 +409,7 @@ def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str |
         wanted.setdefault(source, set()).add(path)
     found: dict[tuple[str, str], str | None] = {}
     for source, paths in wanted.items():
-        for unit in plan([source]):
+        for unit in plan([names.parse(source)[0]]):
             known = unit_paths(unit)
             if known is not None and not paths.intersection(known):
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import time
 import uuid
@@ -18,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
+from .lease import LEASE_FILE, Lease
 
 JOB_FILE, SUMMARY_FILE = "_kiln_job.json", "summary.json"
 
@@ -65,68 +67,102 @@ class Parts:
 
 
 class OutputDir:
-    """A job's output folder: what it holds, which rows are done, its summary."""
+    """A job's output folder: what it holds, which rows are done, its summary. kiln writes
+    only into a folder that is new, empty, or marked as a kiln output by JOB_FILE, holds its
+    lease (pipelines.lease) while it writes, and deletes only its own files there (OWN_FILES,
+    parts, its temporary files): never a folder, never a file it did not write."""
 
     def __init__(self, uri: str, job: dict | None = None, overwrite: bool = False):
         """`job`: the arguments that decide which rows the output holds (JSON-able); None to
         only read the output."""
-        self.uri, self.job, self.overwrite = str(uri).rstrip("/"), job, overwrite
+        uri = str(uri)
+        self.uri = uri.rstrip("/") if storage.is_s3(uri) else storage.local_path(uri)
+        self.job, self.overwrite = job, overwrite
         self.run_id = uuid.uuid4().hex[:8]
         self.parts_read: list[str] = []
+        self.lease: Lease | None = None
 
     def prepare(self, key_columns: list[str]) -> set[tuple]:
-        """Checks the output can take this job and returns the keys already written."""
+        """Checks the output can take this job, takes its lease (close() gives it back) and
+        returns the keys already written."""
         if self.job is None:
             raise ValueError("an OutputDir opened to read has no job to prepare")
         storage.check_reachable(self.uri)
-        if storage.info(self.uri).type == pafs.FileType.File:
+        kind = storage.info(self.uri).type
+        if kind not in (pafs.FileType.Directory, pafs.FileType.NotFound):
             raise OutputError(f"{self.uri} is a file; the output is a folder: choose another "
                               "--output")
+        self._check_is_kiln(storage.list_dir(self.uri))
+        self.lease = Lease(self.uri, self.job.get("job", "kiln"), self.run_id).acquire()
+        try:
+            return self._prepare(key_columns)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_is_kiln(self, held: list[str]) -> None:
+        # A run killed between taking the lease and writing JOB_FILE leaves only the lease.
+        held = [n for n in held if n != LEASE_FILE and not (_TMP.match(n) and is_own_file(n))]
+        if held and JOB_FILE not in held:
+            raise OutputError(
+                f"{self.uri} holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+                f" and is not a kiln output (no {JOB_FILE}); kiln writes only into a new or "
+                "empty folder or one of its own outputs, and deletes only what it wrote: choose "
+                "another --output")
+
+    def _prepare(self, key_columns: list[str]) -> set[tuple]:
         job_uri = storage.join(self.uri, JOB_FILE)
+        held = storage.list_dir(self.uri)  # again, under the lease
+        self._check_is_kiln(held)
         if self.overwrite:
-            storage.delete_dir(self.uri)
-        elif storage.exists(job_uri):
-            held = json.loads(storage.read_bytes(job_uri))
-            if held != self.job:
-                changed = sorted(k for k in set(held) | set(self.job)
-                                 if held.get(k) != self.job.get(k))
+            self._remove(n for n in held if is_own_file(n) and n != LEASE_FILE)
+        elif JOB_FILE in held:
+            try:
+                before = json.loads(storage.read_bytes(job_uri, MAX_JOB_FILE))
+            except (storage.StorageError, ValueError):
+                raise OutputError(f"{self.uri}/{JOB_FILE} is not readable; pass --overwrite "
+                                  "to start the output over, or choose another --output") \
+                    from None
+            if before != self.job:
+                changed = sorted(k for k in set(before) | set(self.job)
+                                 if before.get(k) != self.job.get(k))
                 raise OutputError(
                     f"{self.uri} holds the output of a different job (differs in: "
                     f"{', '.join(changed)}); pass --overwrite to replace it or choose another "
                     "--output"
                 )
-        elif storage.exists(self.uri) and storage.list_files(self.uri):
-            raise OutputError(
-                f"{self.uri} exists and is not a kiln output; pass --overwrite to replace it "
-                "or choose another --output"
-            )
         storage.write_bytes(job_uri, json.dumps(self.job, indent=2, sort_keys=True).encode())
-        self._remove_leftovers()
+        self._remove(n for n in held if n.endswith(".tmp") and is_own_file(n))
         return self.done_keys(key_columns)
 
-    def _remove_leftovers(self) -> None:
-        """Temporary files of writes that a killed run never finished (storage.write_bytes
-        renames them into place only once whole)."""
-        if storage.exists(self.uri):
-            for i in storage.list_files(self.uri):
-                if i.path.endswith(".tmp"):
-                    storage.delete_dir(storage.to_uri(self.uri, i.path))
+    def _remove(self, files) -> None:
+        for name in files:
+            storage.delete_file(storage.join(self.uri, name))
+
+    def check(self) -> None:
+        """Raises where this job lost its lease to another (pipelines.lease)."""
+        if self.lease is not None:
+            self.lease.check()
+
+    def close(self) -> None:
+        """Gives the lease back."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     def parts(self) -> list[str]:
-        if not storage.exists(self.uri):
-            return []
-        return [storage.to_uri(self.uri, i.path) for i in storage.list_files(self.uri)
-                if i.path.rsplit("/", 1)[-1].startswith("part-") and i.path.endswith(".parquet")]
+        return [storage.join(self.uri, n) for n in storage.list_dir(self.uri) if is_part(n)]
 
     def done_keys(self, key_columns: list[str]) -> set[tuple]:
-        """Keys of every row in a complete part; a part cut short by a crash is removed."""
+        """Keys of every row in the parts. A part is written whole or not at all; one that
+        cannot be read (a disk that lost its last write) is removed and its rows redone."""
         done: set[tuple] = set()
         self.parts_read = []  # what a later listing is compared with (late parts)
         for part in self.parts():
             try:
                 table = pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=key_columns)
             except (pa.ArrowInvalid, OSError):
-                storage.delete_dir(part)
+                storage.delete_file(part)
                 continue
             done.update(zip(*(table.column(c).to_pylist() for c in key_columns), strict=True))
             self.parts_read.append(part)
@@ -143,6 +179,26 @@ class OutputDir:
         """Every row written so far (for reports and tests)."""
         tables = [pq.read_table(io.BytesIO(storage.read_bytes(p))) for p in self.parts()]
         return pa.concat_tables(tables) if tables else pa.table({})
+
+
+# The files kiln writes into an output folder; its parts (part-*.parquet) and the temporary
+# files of its atomic writes (NAME.XXXXXXXX.tmp) besides. report.html is kiln label
+# --report's, eval.json and eval.html kiln eval's.
+OWN_FILES = (JOB_FILE, SUMMARY_FILE, LEASE_FILE, "report.html", "eval.json", "eval.html")
+MAX_JOB_FILE = 16 * 1024 * 1024
+_PART = re.compile(r"part-[0-9a-f-]+-[0-9a-z]{8}\.parquet\Z")  # Parts.uri_of's names
+_TMP = re.compile(r"(.+)\.[0-9a-f]{8}\.tmp\Z")
+
+
+def is_part(name: str) -> bool:
+    return bool(_PART.match(name))
+
+
+def is_own_file(name: str) -> bool:
+    """Whether a name in an output folder is one kiln writes."""
+    tmp = _TMP.match(name)
+    name = tmp.group(1) if tmp else name
+    return name in OWN_FILES or is_part(name)
 
 
 def write_part(uri: str, table: pa.Table) -> None:

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage
+from . import names, storage
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -31,7 +32,8 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a bigger single member is refused, never
 @dataclass
 class Record:
     source: str  # the input URI: archive, directory, Parquet file or lone image file
-    path: str  # member path, path under the directory, or the Parquet row's path/id
+    path: str  # member path, path under the directory, or the Parquet row's path/id, in
+    # pipelines.names' text form: unique in its source
     data: bytes | None  # encoded image; None where error is set
     error: str | None = None  # "kind: detail"
     label: str | None = None  # class name, for training data
@@ -40,9 +42,12 @@ class Record:
 @dataclass
 class Unit:
     source: str
-    kind: str  # files | tar | tarstream | zip | parquet
-    items: list = field(default_factory=list)
+    kind: str  # files | tar | tarstream | zip | parquet | broken
+    items: list = field(default_factory=list)  # files: (path, URI, size, error); tar: (path,
+    # data offset, size, error); zip: (path, entry index); parquet: row group numbers
     index: int = 0
+    repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
+    # that repeat in the file
 
     @property
     def key(self) -> str:
@@ -82,10 +87,8 @@ def plan(inputs: list[str], chunk: int = 1000) -> list[Unit]:
 
 def unit_paths(unit: Unit) -> list[str] | None:
     """Every path a unit yields when it is known without reading it, else None."""
-    if unit.kind in ("files", "tar"):
+    if unit.kind in ("files", "tar", "zip"):
         return [item[0] for item in unit.items]
-    if unit.kind == "zip":
-        return list(unit.items)
     if unit.kind == "broken":
         return [""]
     return None  # parquet and streamed tars only learn their paths as they read
@@ -112,39 +115,80 @@ def _plan_one(uri: str, chunk: int) -> list[Unit]:
     if kind == "dir":
         return _chunks(uri, "files", _dir_items(uri), chunk)
     if kind == "file":
-        return [Unit(uri, "files", [(posixpath.basename(uri), uri, storage.info(uri).size, None)])]
+        i = storage.info(uri)
+        error = None if i.type == pafs.FileType.File else \
+            "not_a_file: device, fifo, socket or other special file"
+        return [Unit(uri, "files", [(names.text(posixpath.basename(uri)), uri, i.size, error)])]
     if kind == "tarstream":
         return [Unit(uri, "tarstream")]
-    fs, path = storage.filesystem(uri)
     if kind == "parquet":
         return _plan_parquet(uri)
-    with fs.open_input_file(path) as f:
+    with storage.open_input(uri) as f:
         if kind == "tar":
             try:
                 tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo)
             except tarfile.TarError as e:
                 return [Unit(uri, "broken", [str(e)])]
-            return _chunks(uri, "tar", _scan_tar(tar, f), chunk)
+            return _chunks(uri, "tar", _scan_tar(tar), chunk)
         try:
             with zipfile.ZipFile(f) as zf:
-                names = [i.filename for i in zf.infolist() if not i.is_dir()]
+                count = names.Counter()
+                entries = [(count.key(zip_name(i)), n) for n, i in enumerate(zf.infolist())
+                           if not i.is_dir()]
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             return [Unit(uri, "broken", [str(e)])]
-        return _chunks(uri, "zip", names, chunk)
+        return _chunks(uri, "zip", entries, chunk)
+
+
+def zip_name(info: zipfile.ZipInfo) -> str:
+    """A zip entry's name as bytes would give it: zipfile reads a name without the UTF-8 flag
+    as cp437 (the format's old default), but most tools write UTF-8 there; so the bytes are
+    read as UTF-8, and where they are not, kept as they are (pipelines.names)."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    return names.from_bytes(info.filename.encode("cp437"))
 
 
 def _plan_parquet(uri: str) -> list[Unit]:
-    fs, path = storage.filesystem(uri)
     try:
-        with fs.open_input_file(path) as f:
+        with storage.open_input(uri) as f:
             pf = pq.ParquetFile(f)
-            groups, names = pf.num_row_groups, pf.schema_arrow.names
+            groups, cols = pf.num_row_groups, pf.schema_arrow.names
+            key = parquet_key(cols)
+            repeats = _repeated_keys(pf, key) if key else {}
     except (pa.ArrowException, OSError) as e:
         return [Unit(uri, "broken", [str(e)])]
-    if "image" not in names:
+    if "image" not in cols:
         raise storage.StorageError(f"{uri}: Parquet input needs an 'image' column (encoded "
-                                   f"image bytes); it has {', '.join(names)}")
-    return _chunks(uri, "parquet", list(range(groups)), 1)
+                                   f"image bytes); it has {', '.join(cols)}")
+    units = _chunks(uri, "parquet", list(range(groups)), 1)
+    for unit, before in zip(units, repeats.get("before", []), strict=False):
+        unit.repeats = before
+    return units
+
+
+def parquet_key(columns: list[str]) -> str | None:
+    return "path" if "path" in columns else "id" if "id" in columns else None
+
+
+def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
+    """{"before": for each row group, {key: its rows in earlier groups}} for the keys that
+    occur more than once in the file (none, mostly): the only column read whole."""
+    import pyarrow.compute as pc
+
+    col = pf.read(columns=[key]).column(key)
+    counts = pc.value_counts(col.cast(pa.string()))
+    repeated = {v["values"] for v in counts.to_pylist() if v["counts"] > 1}
+    if not repeated:
+        return {}
+    before, seen = [], {}
+    for g in range(pf.num_row_groups):
+        before.append({k: seen[k] for k in seen})
+        for v in pf.read_row_group(g, columns=[key]).column(key).to_pylist():
+            s = None if v is None else str(v)
+            if s in repeated:
+                seen[s] = seen.get(s, 0) + 1
+    return {"before": before}
 
 
 def _dir_items(uri: str) -> list[tuple]:
@@ -154,24 +198,25 @@ def _dir_items(uri: str) -> list[tuple]:
     forever) become error rows instead of vanishing or hanging a reader."""
     if storage.is_s3(uri):
         _, base = storage.filesystem(uri)
-        return [(posixpath.relpath(i.path, base), storage.to_uri(uri, i.path), i.size, None)
-                for i in storage.list_files(uri)]
-    _, base = storage.filesystem(uri)
+        return [(names.text(posixpath.relpath(i.path, base)), storage.to_uri(uri, i.path),
+                 i.size, None) for i in storage.list_files(uri)]
+    base = storage.local_path(uri)
     items = []
 
     def unlistable(e: OSError) -> None:
         rel = os.path.relpath(e.filename or base, base)
-        items.append((rel, e.filename or base, None, f"unreadable: cannot list directory: {e}"))
+        items.append((names.text(rel), e.filename or base, None,
+                      f"unreadable: cannot list directory: {e.strerror}"))
 
     for root, dirs, files in os.walk(base, onerror=unlistable):
         for name in dirs:
             if os.path.islink(os.path.join(root, name)):
                 full = os.path.join(root, name)
-                items.append((os.path.relpath(full, base), full, None,
+                items.append((names.text(os.path.relpath(full, base)), full, None,
                               "not_a_file: link to a directory (not followed)"))
         for name in files:
             full = os.path.join(root, name)
-            items.append((os.path.relpath(full, base), full, *_file_status(full)))
+            items.append((names.text(os.path.relpath(full, base)), full, *_file_status(full)))
     return sorted(items)
 
 
@@ -207,14 +252,14 @@ def _tar_end_error(tar: tarfile.TarFile, last: str | None) -> tuple | None:
         return None
     offset, e = bad
     kind = "truncated" if isinstance(e, tarfile.TruncatedHeaderError) else "corrupt"
-    after = f" after {last}" if last else ""
+    after = f" after {names.text(last)}" if last else ""
     return (f"<archive byte {offset}>", 0, 0, f"{kind}: bad member header{after}: {e}")
 
 
-def _scan_tar(tar: tarfile.TarFile, f) -> list[tuple]:
+def _scan_tar(tar: tarfile.TarFile) -> list[tuple]:
     """The members of a seekable tar from their headers (the data is skipped), and an error
     item where the archive turns out truncated or corrupt; members before it are kept."""
-    items, last = [], None
+    items, last, count = [], None, names.Counter()
     while True:
         try:
             m = tar.next()
@@ -231,25 +276,27 @@ def _scan_tar(tar: tarfile.TarFile, f) -> list[tuple]:
             break
         tar.members.clear()  # tarfile keeps every header otherwise: memory for huge archives
         last = m.name
-        item = _tar_item(m)
+        item = _tar_item(m, count)
         if item:
             items.append(item)
     return items
 
 
-def _tar_item(m: tarfile.TarInfo):
-    """(name, data offset, size, error) for a tar member; None for a directory."""
+def _tar_item(m: tarfile.TarInfo, count: names.Counter):
+    """(path, data offset, size, error) for a tar member; None for a directory. `count`: the
+    names of the archive so far (a tar appended to holds a name twice: two rows)."""
     if m.isdir():
         return None
+    path = count.key(m.name)
     if unsafe_name(m.name):
-        return (m.name, 0, 0, "unsafe_path: absolute or '..' member name")
+        return (path, 0, 0, "unsafe_path: absolute or '..' member name")
     if m.issym() or m.islnk():
-        return (m.name, 0, 0, "not_a_file: link member")
+        return (path, 0, 0, "not_a_file: link member")
     if not m.isfile():
-        return (m.name, 0, 0, "not_a_file: device, fifo or other special member")
+        return (path, 0, 0, "not_a_file: device, fifo or other special member")
     if m.size > MAX_MEMBER_BYTES:
-        return (m.name, 0, 0, f"too_large: {m.size} bytes")
-    return (m.name, m.offset_data, m.size, None)
+        return (path, 0, 0, f"too_large: {m.size} bytes")
+    return (path, m.offset_data, m.size, None)
 
 
 def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
@@ -259,7 +306,7 @@ def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
                "zip": _read_zip, "parquet": _read_parquet, "broken": _read_broken}
     for rec in readers[unit.kind](unit, skip):
         if with_labels and rec.label is None and unit.kind != "parquet":
-            rec.label = rec.path.split("/", 1)[0] if "/" in rec.path else None
+            rec.label = names.folder(rec.path)
         yield rec
 
 
@@ -276,15 +323,16 @@ def _read_files(unit: Unit, skip) -> Iterator[Record]:
         elif size is not None and size > MAX_MEMBER_BYTES:
             yield Record(unit.source, rel, None, f"too_large: {size} bytes")
         else:
-            try:
-                yield Record(unit.source, rel, storage.read_bytes(uri))
+            try:  # at most MAX_MEMBER_BYTES, and only a regular file: it may have changed
+                yield Record(unit.source, rel, storage.read_bytes(uri, MAX_MEMBER_BYTES))
+            except storage.TooLarge as e:
+                yield Record(unit.source, rel, None, f"too_large: {e}")
             except storage.StorageError as e:
                 yield Record(unit.source, rel, None, f"unreadable: {e}")
 
 
 def _read_tar(unit: Unit, skip) -> Iterator[Record]:
-    fs, path = storage.filesystem(unit.source)
-    with fs.open_input_file(path) as f:
+    with storage.open_input(unit.source) as f:
         for name, offset, size, error in unit.items:
             if name in skip:
                 continue
@@ -292,7 +340,8 @@ def _read_tar(unit: Unit, skip) -> Iterator[Record]:
                 yield Record(unit.source, name, None, error)
                 continue
             try:
-                data = f.read_at(size, offset)
+                f.seek(offset)
+                data = f.read(size)
             except OSError as e:
                 yield Record(unit.source, name, None, f"unreadable: {e}")
                 continue
@@ -303,25 +352,24 @@ def _read_tar(unit: Unit, skip) -> Iterator[Record]:
 
 
 def _read_tarstream(unit: Unit, skip) -> Iterator[Record]:
-    fs, path = storage.filesystem(unit.source)
-    name = None
+    name, count = None, names.Counter()
     try:
-        with fs.open_input_stream(path) as f, \
+        with storage.open_stream(unit.source) as f, \
                 tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
             for m in tar:
                 tar.members.clear()  # memory stays flat on a huge archive
                 name = m.name
-                item = _tar_item(m)
-                if item is None or m.name in skip:
+                item = _tar_item(m, count)
+                if item is None or item[0] in skip:
                     continue
                 if item[3]:
-                    yield Record(unit.source, m.name, None, item[3])
+                    yield Record(unit.source, item[0], None, item[3])
                     continue
-                yield Record(unit.source, m.name, tar.extractfile(m).read())
+                yield Record(unit.source, item[0], tar.extractfile(m).read())
             end = _tar_end_error(tar, name)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         # The stream cannot go past this point; what came before is kept.
-        where = f" after {name}" if name else ""
+        where = f" after {names.text(name)}" if name else ""
         end = (f"<archive{where}>", 0, 0, f"truncated: {e}")
     if end and end[0] not in skip:
         yield Record(unit.source, end[0], None, end[3])
@@ -338,12 +386,12 @@ def _zip_member_error(info: zipfile.ZipInfo) -> str | None:
 
 
 def _read_zip(unit: Unit, skip) -> Iterator[Record]:
-    fs, path = storage.filesystem(unit.source)
-    with fs.open_input_file(path) as f, zipfile.ZipFile(f) as zf:
-        for name in unit.items:
+    with storage.open_input(unit.source) as f, zipfile.ZipFile(f) as zf:
+        entries = zf.infolist()
+        for name, index in unit.items:
             if name in skip:
                 continue
-            info = zf.getinfo(name)
+            info = entries[index]  # by place: two entries of one name are two members
             error = _zip_member_error(info)
             if error:
                 yield Record(unit.source, name, None, error)
@@ -360,12 +408,11 @@ def _read_zip(unit: Unit, skip) -> Iterator[Record]:
 
 
 def _read_parquet(unit: Unit, skip) -> Iterator[Record]:
-    fs, path = storage.filesystem(unit.source)
-    with fs.open_input_file(path) as f:
+    with storage.open_input(unit.source) as f:
         pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        key = "path" if "path" in names else "id" if "id" in names else None
-        cols = ["image"] + [c for c in (key, "label") if c and c in names]
+        cols = pf.schema_arrow.names
+        key = parquet_key(cols)
+        cols = ["image"] + [c for c in (key, "label") if c and c in cols]
         for group in unit.items:
             try:
                 table = pf.read_row_group(group, columns=cols)
@@ -374,17 +421,25 @@ def _read_parquet(unit: Unit, skip) -> Iterator[Record]:
                 if where not in skip:
                     yield Record(unit.source, where, None, f"unreadable: {e}")
                 continue
-            yield from _parquet_records(unit.source, pf, group, table, key, skip)
+            yield from _parquet_records(unit, pf, group, table, key, skip)
 
 
-def _parquet_records(source, pf, group, table, key, skip) -> Iterator[Record]:
+def _parquet_records(unit, pf, group, table, key, skip) -> Iterator[Record]:
+    """A row's path is its `path` or `id` (a repeated one: names' `#N` form; a null one: its
+    row number), else `row-N`."""
+    source, seen = unit.source, dict(unit.repeats or {})
     images = table.column("image").to_pylist()
     keys = table.column(key).to_pylist() if key else [None] * len(images)
     labels = (table.column("label").to_pylist() if "label" in table.column_names
               else [None] * len(images))
     base = sum(pf.metadata.row_group(g).num_rows for g in range(group))
     for i, (img, k, lab) in enumerate(zip(images, keys, labels, strict=True)):
-        path_ = str(k) if k is not None else f"row-{base + i}"
+        if k is None:
+            path_ = f"row-{base + i}"
+        else:
+            k = str(k)
+            seen[k] = n = seen.get(k, 0) + 1 if unit.repeats is not None else 1
+            path_ = names.text(k, n)
         if path_ in skip:
             continue
         if img is None:

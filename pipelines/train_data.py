@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 
-from . import sources, storage
+from . import names, sources, storage
 
 if TYPE_CHECKING:
     import ray.data
@@ -42,19 +42,20 @@ def _decode_unit(unit, preset: ImagePreset, val_fraction: float, held_out: bool)
             except ImageError as e:
                 error = str(e)
         if error:
-            skipped.append(f"{rec.source}:{rec.path}: {error}")
+            skipped.append(f"{storage.shown(rec.source)}:{rec.path}: {error}")
             continue
-        val = held_out or zlib.crc32(f"{rec.source}:{rec.path}".encode()) / 2**32 < val_fraction
+        where = f"{rec.source}:{rec.path}".encode("utf-8", "surrogateescape")
+        val = held_out or zlib.crc32(where) / 2**32 < val_fraction
         rows[val][0].append(x)
         rows[val][1].append(str(rec.label))
     blocks, labels = {}, set()
-    for val, (xs, names) in rows.items():
+    for val, (xs, classes) in rows.items():
         # An empty block is a one-row block cut to none: it keeps the tensor column's type.
         x = np.stack(xs) if xs else np.zeros((1, c, s, s), np.uint8)  # (N, C, S, S)
-        block = BlockAccessor.batch_to_block({"x": x, "label": np.array(names or [""],
+        block = BlockAccessor.batch_to_block({"x": x, "label": np.array(classes or [""],
                                                                         dtype=object)})
         blocks[val] = block if xs else block.slice(0, 0)
-        labels.update(names)
+        labels.update(classes)
     flat = (np.stack(rows[False][0]) if rows[False][0] else np.zeros((0, c, s, s), np.uint8)
             ).reshape(-1, c, s * s).astype(np.int64)  # (N, C, S*S)
     meta = {"skipped": skipped, "labels": labels, "n": len(flat),
@@ -77,15 +78,14 @@ def check_image_source(uri: str, chunk: int = 500, min_classes: int = 2
     if units and all(u.kind == "broken" for u in units):
         raise ValueError(f"{uri}: cannot be opened: {units[0].items[0]}")
     for source in dict.fromkeys(u.source for u in units if u.kind == "parquet"):
-        fs, path = storage.filesystem(source)
-        with fs.open_input_file(path) as f:
+        with storage.open_input(source) as f:
             if "label" not in pq.ParquetFile(f).schema_arrow.names:
                 raise ValueError(f"{source}: labeled Parquet image data needs a `label` column; "
                                  + layout)
     paths = [p for u in units for p in (sources.unit_paths(u) or []) if u.kind != "broken"]
     if any(u.kind in ("parquet", "tarstream") for u in units):
         return units, None
-    classes = {p.split("/", 1)[0] for p in paths if "/" in p}
+    classes = {c for c in map(names.folder, paths) if c is not None}
     if not classes:
         raise ValueError(f"{uri}: no class folders found; {layout}")
     if len(classes) < min_classes:

@@ -152,13 +152,15 @@ def test_resume_after_partial_output(ray_local, trained, digits_data, tmp_path):
     assert len(parts) == 2
     os.remove(out / "summary.json")
     os.remove(sorted(parts)[1])
-    (out / "part-x.parquet.1234abcd.tmp").write_bytes(b"half a part")  # a killed write
+    killed = out / "part-0123456789abcdef-00001-1234abcd.parquet.89abcdef.tmp"
+    killed.write_bytes(b"half a part")  # a write that a killed run never finished
+    (out / "notes.tmp").write_bytes(b"the user's")  # not kiln's: it stays
     summary = run_label(dataclasses.replace(opts, report=True))
     rows = read_rows(out)
     assert len(rows) == len({(r["source"], r["path"]) for r in rows}) == len(pngs)
     assert summary["rows_resumed"] + summary["rows_written"] == summary["rows_in"] == len(pngs)
     assert 0 < summary["rows_written"] < len(pngs)
-    assert not list(out.glob("*.tmp"))
+    assert [p.name for p in out.glob("*.tmp")] == ["notes.tmp"]
     page = (out / "report.html").read_text()  # its thumbnails come from both runs
     assert page.count("<img src='data:image/png") == 48 and "(unavailable)" not in page
     with pytest.raises(OutputError, match="differs in: top_k"):
@@ -166,6 +168,7 @@ def test_resume_after_partial_output(ray_local, trained, digits_data, tmp_path):
     summary = run_label(LabelOptions(str(trained), [str(tar)], str(out), top_k=2,
                                      overwrite=True))
     assert summary["rows_written"] == len(pngs) and summary["rows_resumed"] == 0
+    assert (out / "notes.tmp").read_bytes() == b"the user's"  # --overwrite: kiln's files only
 
 
 def ray_start_failed(stderr: str) -> bool:

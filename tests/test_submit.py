@@ -36,10 +36,12 @@ from jobs.submit import (
 )
 from models import CNNSpec, build_model, model_to_bytes
 from pipelines import storage
+from pipelines.storage import FORWARD_MODULE
 from tests.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
 SECRET = "kiln-test-secret-" + uuid.uuid4().hex[:12]
+HEAD: dict = {}  # the head's temp dir (its session logs)
 
 
 def kiln(*args, env=None, timeout=180):
@@ -102,7 +104,8 @@ def ray_head():
     ensure_token_auth()  # `ray start` with token auth needs ~/.ray/auth_token to exist
     temp = tempfile.mkdtemp(prefix="ksub-", dir="/tmp")  # short: Ray's socket paths are capped
     gcs, client_server, agent, dash = _free_ports(4)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    # The cluster's own credentials are none: what a job sees of AWS is what it is given.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
     env.update(RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
                # Idle workers started ahead of time are never used here (each job's driver needs
                # a worker with its runtime_env) and cost seconds of CPU on a shared machine.
@@ -121,6 +124,7 @@ def ray_head():
         proc = subprocess.Popen(cmd, env=env, cwd=temp, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
+    HEAD["temp"] = temp
     try:
         _wait_for_dashboard(address, proc, log)
         yield address
@@ -174,18 +178,28 @@ def test_a_leading_kiln_runs_as_python_m_jobs():
         entrypoint([])
 
 
-def test_runtime_env_uploads_the_project_and_passes_aws_variables(monkeypatch):
+def test_runtime_env_uploads_the_project_and_no_aws_variable(monkeypatch):
+    """The job's env_vars carry nothing of this shell's AWS settings, asked or not: Ray logs
+    and shows env_vars. Forwarded, they travel as a private package, gone once uploaded."""
+    from jobs.connect import forwarded_credentials
+
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    renv = runtime_env(SubmitOptions(["kiln", "info", "x"], env={"EXTRA": "1"}))
+    opts = SubmitOptions(["kiln", "info", "x"], env={"EXTRA": "1"})
+    renv = runtime_env(opts)
     assert renv["working_dir"] == str(ROOT)
     assert {".venv", ".git", "/demo-output", "/bench/out", "*.parquet"} <= set(renv["excludes"])
-    assert renv["env_vars"]["AWS_SECRET_ACCESS_KEY"] == SECRET
-    assert renv["env_vars"]["AWS_DEFAULT_REGION"] == "eu-west-1"
-    assert renv["env_vars"]["EXTRA"] == "1"
-    assert "AWS_SESSION_TOKEN" not in renv["env_vars"]
+    assert renv["env_vars"] == {"EXTRA": "1", "PYTHONUNBUFFERED": "1"}
+    assert "py_modules" not in renv
     assert EXCLUDES == renv["excludes"]
+    with forwarded_credentials(False) as none:
+        assert none == {}
+    with forwarded_credentials(True) as forwarded:
+        renv = runtime_env(opts, forwarded)
+        package = Path(renv["py_modules"][0])
+        assert (package / "env.json").stat().st_mode & 0o077 == 0  # the user's alone
+        assert SECRET in (package / "env.json").read_text() and SECRET not in str(renv)
+    assert not package.exists()
 
 
 def test_working_dir_falls_back_to_this_kiln_checkout(tmp_path):
@@ -234,27 +248,62 @@ def test_submit_runs_a_job_to_succeeded_with_status_logs_and_list(ray_head, smal
     assert job_id in [row["id"] for row in list_jobs(ray_head)]
 
 
-def test_a_failing_job_fails_submit_and_no_output_shows_the_aws_secret(ray_head, monkeypatch,
-                                                                        capfd):
-    """One job for two checks (each job costs seconds here): it proves it received the AWS
-    variables without printing them and lists its working_dir, then exits 3."""
+# A job that reports, from its driver and from a Ray task on the cluster, a hash of the S3
+# secret that kiln's storage sees there; then lists its working_dir and exits 3.
+SEES = ("import os, sys, hashlib, ray; from pipelines import storage\n"
+        "def seen():\n"
+        "    s = storage._s3_settings()[5] or ''\n"
+        "    return hashlib.sha256(s.encode()).hexdigest()[:16]\n"
+        "ray.init()\n"
+        "print('driver-sees', seen()); print('task-sees', ray.get(ray.remote(seen).remote()))\n"
+        "print('cwd-has', sorted(os.listdir('.'))); sys.exit(3)")
+
+
+def _sees(out: str, who: str) -> str:
+    return next(line.split()[1] for line in out.splitlines() if line.startswith(who))
+
+
+def test_secrets_reach_a_cluster_only_when_asked_and_never_its_logs(ray_head, monkeypatch,
+                                                                    capfd):
+    """On a real cluster: a job gets this shell's AWS secret only with --forward-credentials,
+    in its driver and its tasks alike; and then no log file of the cluster's session, no
+    job table entry (runtime_env, entrypoint, message) and no kiln output shows it. Each job
+    also fails (exit 3): submit says so."""
+    from jobs.submit import client
+
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kiln-test-key-id")
-    code = ("import os, sys, hashlib; s = os.environ.get('AWS_SECRET_ACCESS_KEY', '');"
-            "print('secret-sha', hashlib.sha256(s.encode()).hexdigest()[:16]);"
-            "print('cwd-has', sorted(os.listdir('.'))); sys.exit(3)")
-    with pytest.raises(JobFailed, match="FAILED") as failed:
-        submit(SubmitOptions(["python", "-c", code], ray_head, cpus=0))
-    job_id = str(failed.value).split()[1]
-    assert status(job_id, ray_head) == "FAILED"
-    logs(job_id, ray_head)
-    list_jobs(ray_head)
-    shown = capfd.readouterr()
-    assert hashlib.sha256(SECRET.encode()).hexdigest()[:16] in shown.out
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()[:16]
+    seen = {}
+    for forward in (False, True):
+        with pytest.raises(JobFailed, match="FAILED") as failed:
+            submit(SubmitOptions(["python", "-c", SEES], ray_head, cpus=0,
+                                 forward_credentials=forward))
+        job_id = str(failed.value).split()[1]
+        assert status(job_id, ray_head) == "FAILED"
+        logs(job_id, ray_head)
+        list_jobs(ray_head)
+        shown = capfd.readouterr()
+        seen[forward] = (_sees(shown.out, "driver-sees"), _sees(shown.out, "task-sees"))
+        assert SECRET not in shown.out + shown.err + str(failed.value)
+        info = client(ray_head).get_job_info(job_id)
+        assert SECRET not in repr(info) and SECRET not in str(info.runtime_env)
+    assert seen[True] == (digest, digest)
+    assert digest not in seen[False]
     listing = next(line for line in shown.out.splitlines() if line.startswith("cwd-has"))
     assert "'jobs'" in listing and "'pyproject.toml'" in listing
     assert "'.venv'" not in listing and "'.git'" not in listing
-    assert SECRET not in shown.out + shown.err + str(failed.value)
+    found = []
+    for root, _, files in os.walk(HEAD["temp"]):
+        for name in files:
+            try:
+                if SECRET.encode() in Path(root, name).read_bytes():
+                    found.append(os.path.join(root, name))
+            except OSError:
+                continue
+    # Ray keeps the uploaded package itself (its store and its unpacked copy on the node):
+    # the one place the secret is meant to be, a file no log or page shows.
+    assert [f for f in found if f"/{FORWARD_MODULE}/" not in f and "_ray_pkg_" not in f] == []
 
 
 def test_stop_stops_a_long_job(ray_head, capsys):
