@@ -170,10 +170,11 @@ def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: 
     elif done:
         console.print("nothing left to do: every row is in the output (--overwrite redoes "
                       "the job)", highlight=False)
-    out.check()
+    out.confirm()  # this job still holds the output: then what it deletes is no one's
     remove_late_parts(out, before, console)
     summary = make_summary(job, done, parts, time.monotonic() - start)
     job.finish(out, summary, parts, console)
+    out.confirm()
     out.write_summary(summary)
     console.print(job.totals(summary), highlight=False)
     return summary

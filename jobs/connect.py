@@ -176,9 +176,12 @@ def ray_session(opts: RayOptions | None = None):
     quiet_ray_data_logs()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from pipelines.storage import secrets_in_a_file
+
     if ray.is_initialized():  # tests and notebooks bring their own
         _quiet_data_context()
-        yield
+        with secrets_in_a_file():
+            yield
         return
     with contextlib.ExitStack() as stack:
         if not opts.log_to_driver:
@@ -187,6 +190,7 @@ def ray_session(opts: RayOptions | None = None):
             stack.enter_context(local_train_env())
         _init(ray, opts)
         stack.callback(ray.shutdown)
+        stack.enter_context(secrets_in_a_file())  # out of what Ray logs or pickles from here
         _quiet_data_context()
         yield
 

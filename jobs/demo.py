@@ -60,9 +60,11 @@ def run_demo(out: str = "demo-output", small: bool = False, debug: bool = False)
     from jobs.generate import run_generate
     from jobs.label import run_label
     from jobs.train import run_train
+    from pipelines.fence import check_run_folder, mark_run_folder
 
-    root = Path(out).absolute()
+    root = Path(check_run_folder(out, [], "demo"))
     root.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(str(root), "demo")
     start, times = time.monotonic(), {}
     t = step(1, "building the data sets from scikit-learn's digits and the stdlib source")
     data = build_data(root, small)

@@ -31,7 +31,7 @@ BF16_SPEEDUP = 2.0
 # (256 lanes x 100,000 characters: 205 MB a worker), and logits times 1/temperature must stay
 # finite in float64 and tell characters apart.
 MAX_CHARS = 100_000
-MAX_SAMPLES = 100_000_000  # their ids alone are 800 MB
+MAX_SAMPLES = 10_000_000  # a plan's blocks are held in memory: ~0.4 GB at this many
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 
 
@@ -161,7 +161,8 @@ def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     console = console or connect.console()
     sampling = sampling_of(opts)
-    opts = replace(opts, output=check_output(opts.output, [opts.prompts, opts.model]))
+    opts = replace(opts, output=check_output(opts.output, [opts.prompts, opts.model]),
+                   prompts=storage.absolute(opts.prompts) if opts.prompts else None)
     prepare_process(opts)  # before the prompts are read into Arrow
     loaded = storage.load_model(opts.model, expect_kind="rnn")  # a CNN fails here, clearly
     if opts.top_k > len(loaded.vocab.chars):

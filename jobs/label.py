@@ -92,7 +92,8 @@ def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     console = console or connect.console()
     check_label_options(opts)
-    opts = replace(opts, output=check_output(opts.output, [*opts.inputs, opts.model]))
+    opts = replace(opts, output=check_output(opts.output, [*opts.inputs, opts.model]),
+                   inputs=[storage.absolute(i) for i in opts.inputs])  # the job's identity
     prepare_process(opts)
     units = sources.plan(opts.inputs)  # a missing input fails here, before torch loads
     if not units:

@@ -21,12 +21,9 @@ from jobs.train_tasks import TASKS
 from models import CELLS, CNN_ARCHS
 from models.cnn import TORCHVISION_ARCHS
 from pipelines import storage
-from pipelines.fence import check_run_folder
+from pipelines.fence import check_run_folder, mark_run_folder
 from pipelines.lease import Lease
 from pipelines.transforms import choose_augment
-
-# What a run folder holds: the model, its curves and metrics, Ray Train's checkpoints.
-RUN_FILES = ("model", "metrics.jsonl", "curves.png", CHECKPOINTS)
 
 
 def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
@@ -36,7 +33,7 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
                    val=storage.absolute(opts.val) if opts.val else None,
                    init=storage.absolute(opts.init) if opts.init else None)
     opts = replace(opts, out=check_run_folder(opts.out, [opts.data, opts.val, opts.init],
-                                              RUN_FILES))
+                                              "train", legacy=[CHECKPOINTS]))
     opts = resolve(opts)
     resuming = opts.resume and storage.exists(storage.join(opts.out, CHECKPOINTS))
     prior = resumed_init(opts) if resuming else None
@@ -59,6 +56,7 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
             ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug,
                                    forward_credentials=opts.forward_credentials)):
         # The lease: one run writes a run folder at a time.
+        mark_run_folder(opts.out, "train")
         t0 = time.monotonic()
         data = task.prepare(opts, early)
         if prior:

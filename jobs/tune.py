@@ -34,7 +34,7 @@ from jobs.train_fit import epoch_line, make_trainer, worker_error
 from jobs.train_tasks import TASKS
 from jobs.tune_space import flag, parse_spaces, plan_trials, shown, trial_ids
 from pipelines import storage
-from pipelines.fence import check_run_folder
+from pipelines.fence import check_run_folder, mark_run_folder
 from pipelines.lease import Lease
 
 SEARCH_STATE = "tune"  # Ray Tune's experiment folder under OUT
@@ -68,13 +68,9 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
 
     console = CONSOLE["now"] = console or connect.console(highlight=False)
     t = opts.train
-    out = check_run_folder(t.out, [t.data, t.val, t.init], SEARCH_FILES)
+    out = check_run_folder(t.out, [t.data, t.val, t.init], "tune", legacy=[PLAN_FILE])
     base, trials, spaces = plan(replace(opts, train=replace(t, out=out)))
     return _tune(opts, base, trials, spaces, console)
-
-
-# What a search folder holds (jobs/tune_report.py writes the last three).
-SEARCH_FILES = (SEARCH_STATE, PLAN_FILE, "trials", "model", "trials.parquet", "tune.png")
 
 
 def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
@@ -103,6 +99,8 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
             ray_session(RayOptions(address=base.address, log_to_driver=base.debug,
                                    forward_credentials=base.forward_credentials)):
         import ray
+
+        mark_run_folder(out, "tune")
 
         res = ray.cluster_resources()
         lay = layout(opts, trials, res.get("CPU", 1), res.get("GPU", 0))

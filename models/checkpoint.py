@@ -100,8 +100,8 @@ def model_to_bytes(model: torch.nn.Module, kind: str, spec, extra: dict | None =
 def parse_config(config_bytes: bytes, where: str = "config.json") -> dict:
     try:
         config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = f"{where} is not valid JSON ({e}); the model folder is corrupt"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        msg = f"{where} is not valid JSON ({str(e)[:200]}); the model folder is corrupt"
         raise ModelFolderError(msg) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFolderError(f"{where} is not a kiln model config (no \"format\": \"{FORMAT}\")")
@@ -115,7 +115,12 @@ def parse_config(config_bytes: bytes, where: str = "config.json") -> dict:
             f"{FORMAT_VERSION}: upgrade kiln"
         )
     if config.get("kind") not in KINDS:
-        raise ModelFolderError(f"{where} names kind {config.get('kind')!r}; expected {KINDS}")
+        raise ModelFolderError(f"{where} names kind {config.get('kind')!r:.100}; expected "
+                               f"{KINDS}")
+    model_id = config.get("id")
+    if not isinstance(model_id, str) or not 0 < len(model_id) <= 200:
+        raise ModelFolderError(f"{where}: \"id\" must be text of 1 to 200 characters (every "
+                               "output row carries it); the model folder is corrupt")
     return config
 
 
@@ -193,13 +198,15 @@ def parse_spec(kind: str, spec, where: str) -> CNNSpec | RNNSpec:
         whole("channels", 1, 3)
         whole("image_size", 1, LIMITS["image_size"])
         channels = spec.get("channels", 1)
-        for name in ("mean", "std"):
+        # Pixels are 0..1: a mean or std far outside it is a mistake, and (x - mean) / std
+        # must stay finite in float32 (std 1e-308 gave NaN confidences).
+        for name, low, high in (("mean", -100.0, 100.0), ("std", 1e-4, 100.0)):
             v = spec.get(name, [0.5])
             if not isinstance(v, list) or len(v) not in (1, channels) or not all(
-                    isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-                    and (name == "mean" or x > 0) for x in v):
-                what = "positive" if name == "std" else "finite"
-                raise bad(f"{name} must be {channels} {what} number(s), got {v!r}")
+                    isinstance(x, int | float) and not isinstance(x, bool)
+                    and low <= x <= high for x in v):
+                raise bad(f"{name} must be {channels} number(s) from {low:g} to {high:g}, "
+                          f"got {str(v)[:100]}")
     else:
         names("vocab", LIMITS["vocab"], 1)
         if not isinstance(spec.get("cell", "lstm"), str):
@@ -232,6 +239,8 @@ def check_weights(data: bytes, expected: dict, where: str) -> None:
     if not isinstance(header, dict):
         raise ModelFolderError(f"{where} is corrupt: its header is not a table of tensors")
     header.pop("__metadata__", None)
+    if not all(isinstance(v, dict) for v in header.values()):
+        raise ModelFolderError(f"{where} is corrupt: its header is not a table of tensors")
     missing = [k for k in expected if k not in header]
     extra = [k for k in header if k not in expected]
     if missing or extra:
@@ -244,22 +253,26 @@ def check_weights(data: bytes, expected: dict, where: str) -> None:
         shape, dtype = entry.get("shape"), entry.get("dtype")
         if shape != list(t.shape):
             raise bad(f"{name} is {shape}, the config builds {list(t.shape)}")
-        start, end = (entry.get("data_offsets") or [0, -1])[:2]
-        size = math.prod(shape) * DTYPE_BYTES.get(dtype, 0)
-        if dtype not in DTYPE_BYTES or end - start != size or not 0 <= start <= end <= body:
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(x, int) for x in offsets)) or dtype not in DTYPE_BYTES:
+            raise ModelFolderError(f"{where} is corrupt at {name}")
+        start, end = offsets
+        if end - start != math.prod(shape) * DTYPE_BYTES[dtype] or not 0 <= start <= end <= body:
             raise ModelFolderError(f"{where} is corrupt or truncated at {name}")
 
 
-def weights_limit(config: dict) -> int | None:
+def weights_limit(config: dict, where: str = CONFIG_FILE) -> int:
     """The most bytes a model folder's weights file may have for its config (its tensors in
-    float64, and the largest header); None where the config cannot say."""
+    float64, and the largest header); a config that builds nothing is its error here, before
+    the weights are read."""
+    kind = config["kind"]
+    spec = parse_spec(kind, config.get("spec"), where)
     try:
-        kind = config["kind"]
-        spec = parse_spec(kind, config.get("spec"), CONFIG_FILE)
         with torch.device("meta"):
             numel = sum(t.numel() for t in build_model(kind, spec).state_dict().values())
-    except (ModelFolderError, TypeError, KeyError, ValueError):
-        return None
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelFolderError(f"{where} does not describe a buildable model: {e}") from None
     return 8 + HEADER_LIMIT + 8 * numel
 
 

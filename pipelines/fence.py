@@ -7,6 +7,7 @@ the input's files among its own."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from collections.abc import Iterable
 
@@ -48,12 +49,12 @@ def check_output(output: str, inputs: Iterable[str | None], flag: str = "--outpu
         raise FenceError(f"{flag} {storage.shown(output)}: the output's name must be UTF-8 "
                          "text; choose another name")
     out = _real(output)
-    home = _real(os.path.expanduser("~"))
     cwd = _real(os.getcwd())
     if out == "/":
         raise FenceError(f"{flag} {output} is the root folder; kiln writes its output into a "
                          "folder of its own: name one, e.g. --output labels/")
-    for place, what in ((home, "the home folder"), (cwd, "the working directory")):
+    for place, what in [*((h, "the home folder") for h in _homes()),
+                        (cwd, "the working directory")]:
         if _within(place, out):
             which = what if place == out else f"a folder above {what} ({place})"
             raise FenceError(f"{flag} {output} is {which}; kiln writes its output into a "
@@ -64,6 +65,21 @@ def check_output(output: str, inputs: Iterable[str | None], flag: str = "--outpu
             continue
         _check_local_input(output, out, str(given), flag)
     return storage.local_path(output)
+
+
+def _homes() -> list[str]:
+    """The home folder as $HOME says and as the user database says (HOME may be unset,
+    empty or elsewhere)."""
+    homes = []
+    if os.environ.get("HOME"):
+        homes.append(_real(os.environ["HOME"]))
+    try:
+        import pwd
+
+        homes.append(_real(pwd.getpwuid(os.getuid()).pw_dir))
+    except (ImportError, KeyError):
+        pass
+    return [h for h in dict.fromkeys(homes) if h != "/"]
 
 
 def _check_local_input(output: str, out: str, given: str, flag: str) -> None:
@@ -81,18 +97,25 @@ def _check_local_input(output: str, out: str, given: str, flag: str) -> None:
                              "keeps its output apart from its inputs; choose an --output "
                              "that does not contain them")
     if pattern:
-        # A later run's glob must not match the output (or a folder above it) either.
-        full = storage.local_path(given)
-        depth = len(full.split("/"))
-        probe = storage.local_path(output).split("/")
-        if len(probe) >= depth and fnmatch.fnmatchcase("/".join(probe[:depth]), full):
-            raise FenceError(f"{flag} {output} is matched by the input pattern {given}: a "
-                             "later run would read the output as input; choose an --output "
-                             "the pattern does not match")
-        base = _real(_glob_base(full))
-        if _within(base, out) and base != out:
-            raise FenceError(f"{flag} {output} holds the inputs {given}; choose an --output "
-                             "that does not contain them")
+        _check_pattern(output, out, storage.local_path(given), given, _real, flag)
+
+
+def _check_pattern(output: str, out: str, full: str, given: str, real, flag: str) -> None:
+    """An output at or below a glob's literal folder is refused where the pattern could match
+    it, a folder above it or anything in it (a later run would read kiln's own files as
+    input); an output above the literal folder holds the inputs."""
+    literal = _glob_base(full)
+    base = real(literal)
+    segments = full[len(literal):].strip("/").split("/")
+    if _within(out, base):
+        below = [] if out == base else out[len(base):].strip("/").split("/")
+        if all(fnmatch.fnmatchcase(o, p) for o, p in zip(below, segments, strict=False)):
+            raise FenceError(f"{flag} {output} is matched by the input pattern {given}, or "
+                             "holds what it matches: a later run would read the output as "
+                             "input; choose an --output the pattern does not reach")
+    elif _within(base, out):
+        raise FenceError(f"{flag} {output} holds the inputs {given}; choose an --output "
+                         "that does not contain them")
 
 
 def _check_s3(output: str, inputs: list[str], flag: str) -> str:
@@ -104,12 +127,7 @@ def _check_s3(output: str, inputs: list[str], flag: str) -> str:
         if not storage.is_s3(given):
             continue
         if storage.GLOB_CHARS & set(given):
-            full, probe = _s3_path(given), out.split("/")
-            depth = len(full.split("/"))
-            if _within(_s3_path(_glob_base(given)), out) or (
-                    len(probe) >= depth and fnmatch.fnmatchcase("/".join(probe[:depth]), full)):
-                raise FenceError(f"{flag} {output} holds or is matched by the input pattern "
-                                 f"{given}; choose an --output apart from the inputs")
+            _check_pattern(output, out, _s3_path(given), given, lambda p: p.strip("/"), flag)
             continue
         src = _s3_path(given)
         if _within(out, src) or _within(src, out):
@@ -119,19 +137,38 @@ def _check_s3(output: str, inputs: list[str], flag: str) -> str:
     return output
 
 
-def check_run_folder(out: str, inputs: Iterable[str | None], own: Iterable[str],
-                     flag: str = "--out") -> str:
-    """A training run's or a search's folder: check_output's rules, and a folder that exists
-    holds only what such a run writes (`own`, the lease), so that a run never writes over
-    files it did not write."""
+RUN_MARKER = "_kiln_run.json"  # what kind of kiln folder a run folder is (train, tune, demo)
+
+
+def check_run_folder(out: str, inputs: Iterable[str | None], kind: str,
+                     legacy: Iterable[str] = (), flag: str = "--out") -> str:
+    """A training run's, a search's or the demo's folder: check_output's rules, and a folder
+    that exists is empty or marked as a kiln folder of this kind by RUN_MARKER (or holds
+    `legacy`: what a kind's folder held before kiln wrote the marker), so that a run never
+    writes over files it did not write."""
     from .lease import LEASE_FILE
 
     out = check_output(out, inputs, flag)
-    foreign = [n for n in storage.list_dir(out) if n not in {*own, LEASE_FILE}]
-    if foreign:
-        shown = ", ".join(storage.shown(n) for n in foreign[:3])
-        more = ", ..." if len(foreign) > 3 else ""
-        raise FenceError(f"{flag} {out} holds files that kiln did not write ({shown}{more}); "
-                         "a run folder is new, empty or a kiln run of its own: choose "
-                         f"another {flag}")
-    return out
+    held = [n for n in storage.list_dir(out) if n != LEASE_FILE]
+    if not held or any(n in held for n in legacy) and RUN_MARKER not in held:
+        return out
+    if RUN_MARKER in held:
+        try:
+            marked = json.loads(storage.read_bytes(storage.join(out, RUN_MARKER), 1 << 20))
+            marked = marked.get("kind") if isinstance(marked, dict) else None
+        except (storage.StorageError, ValueError):
+            marked = None
+        if marked == kind:
+            return out
+        what = f"a kiln {marked} folder" if isinstance(marked, str) else "an unreadable marker"
+        raise FenceError(f"{flag} {out} holds {what}, not a {kind} one: choose another {flag}")
+    shown = ", ".join(storage.shown(n) for n in held[:3])
+    more = ", ..." if len(held) > 3 else ""
+    raise FenceError(f"{flag} {out} holds files that kiln did not write ({shown}{more}); a "
+                     f"{kind} folder is new, empty or one of its own: choose another {flag}")
+
+
+def mark_run_folder(out: str, kind: str) -> None:
+    """Marks a folder as a kiln folder of this kind (check_run_folder), once it holds its
+    lease."""
+    storage.write_bytes(storage.join(out, RUN_MARKER), json.dumps({"kind": kind}).encode())

@@ -183,9 +183,14 @@ def plan_blocks(table: pa.Table, done: set[tuple], batch_size: int) -> list[pa.T
         table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=held)))
     lengths = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy()
     order = np.argsort(-lengths, kind="stable")
-    table = table.take(pa.array(order))
-    table = table.append_column("_seq", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    return [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
+    blocks = []
+    for i in range(0, len(order), batch_size):
+        # take(): a block of its own buffers. A slice would pickle (as a task) with the whole
+        # table's, and a million prompts' plan would grow with its square.
+        block = table.take(pa.array(order[i : i + batch_size]))
+        seq = pa.array(np.arange(i, i + block.num_rows, dtype=np.int64))
+        blocks.append(block.append_column("_seq", seq))
+    return blocks
 
 
 def characters_to_step(blocks: list[pa.Table], s: SamplingSettings) -> int:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import threading
 from datetime import datetime
 
@@ -55,10 +56,21 @@ def _start_time(pid: int) -> str | None:
         return ""
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace: two containers on one host (host network) share a
+    hostname and a boot, but not their pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _runs_here(holder: dict) -> bool | None:
-    """Whether the holder's process runs: True or False where it was on this machine since
-    its last boot, None where that cannot be told from here."""
-    if holder.get("host") != socket.gethostname() or holder.get("boot") != _boot_id():
+    """Whether the holder's process runs: True or False where it was on this machine, since
+    its last boot and in this pid namespace; None where that cannot be told from here."""
+    ns = _pid_namespace()
+    if (holder.get("host") != socket.gethostname() or holder.get("boot") != _boot_id()
+            or not ns or holder.get("pidns") != ns):
         return None
     pid = holder.get("pid")
     if not isinstance(pid, int):
@@ -85,6 +97,7 @@ class Lease:
         self._fd: int | None = None
         self._etag: str | None = None
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # one renewal at a time: the beat's or confirm()'s
         self._thread: threading.Thread | None = None
         self.lost: str | None = None  # why the lease was lost (S3), else None
         self.taken_from: dict | None = None  # the dead holder this run took over from
@@ -93,6 +106,7 @@ class Lease:
         pid = os.getpid()
         return {"job": self.job, "run": self.run_id, "host": socket.gethostname(),
                 "pid": pid, "pid_start": _start_time(pid), "boot": _boot_id(),
+                "pidns": _pid_namespace(),
                 "started": datetime.now().astimezone().isoformat(timespec="seconds")}
 
     def acquire(self) -> Lease:
@@ -117,16 +131,28 @@ class Lease:
         path = storage.local_path(self.uri)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a link planted under the lease's name is not followed (the lease is
+            # written to: it would overwrite whatever the link names).
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise storage.StorageError(f"{storage.shown(self.folder)}: cannot write there: "
                                        f"{e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise storage.StorageError(f"{storage.shown(self.uri)} is not a file kiln wrote; "
+                                       "choose another --output")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = _parse(os.pread(fd, 65536, 0))
             os.close(fd)
             raise self.busy(holder) from None
+        except OSError as e:
+            os.close(fd)
+            raise storage.StorageError(
+                f"{storage.shown(self.folder)}: this filesystem cannot lock files ({e.strerror}),"
+                " so kiln cannot make sure it is the only job writing there; choose an output "
+                "on a local disk or on S3") from None
         before = _parse(os.pread(fd, 65536, 0))
         if before.get("run"):
             self.taken_from = before
@@ -176,16 +202,44 @@ class Lease:
         body = json.dumps(self.record(), indent=1).encode()
         while not self._stop.wait(RENEW_S):
             try:
+                self._renew_once(client, bucket, key, body)
+            except LeaseError:
+                return
+            except Exception:
+                continue  # the store is unreachable for now: try again at the next beat
+
+    def _renew_once(self, client, bucket: str, key: str, body: bytes) -> None:
+        with self._writing:
+            if self.lost:
+                raise LeaseError(self.lost)
+            try:
                 self._etag = client.put_object(Bucket=bucket, Key=key, Body=body,
                                                IfMatch=self._etag)["ETag"]
             except Exception as e:
                 if not _conflict(e):
-                    continue  # the store is unreachable for now: try again at the next beat
+                    raise
                 held = _get(client, bucket, key)
                 self.lost = (f"{self.folder}: {describe(held[0] if held else {})} took this "
                              "output over (this job's lease was not renewed in time); this "
                              "job stops: run it again once that one ends")
-                return
+                raise LeaseError(self.lost) from None
+
+    def confirm(self) -> None:
+        """Renews the lease now, or raises: before a step that deletes or finishes (a late
+        part's removal, the summary), so that it is taken only by the lease's holder. On a
+        local disk the lock is held for as long as the process lives."""
+        self.check()
+        if self._etag is None or self._fd is not None:
+            return
+        bucket, key = storage.s3_bucket_key(self.uri)
+        body = json.dumps(self.record(), indent=1).encode()
+        try:
+            self._renew_once(storage.s3_client(), bucket, key, body)
+        except LeaseError:
+            raise
+        except Exception as e:
+            raise storage.StorageError(f"{self.uri}: cannot renew this job's lease ({e}); "
+                                       "run the same command again to finish") from None
 
     # --- both -----------------------------------------------------------------------------
 

@@ -114,15 +114,22 @@ class OutputDir:
         job_uri = storage.join(self.uri, JOB_FILE)
         held = storage.list_dir(self.uri)  # again, under the lease
         self._check_is_kiln(held)
-        if self.overwrite:
-            self._remove(n for n in held if is_own_file(n) and n != LEASE_FILE)
-        elif JOB_FILE in held:
+        before = None
+        if JOB_FILE in held:
             try:
                 before = json.loads(storage.read_bytes(job_uri, MAX_JOB_FILE))
             except (storage.StorageError, ValueError):
-                raise OutputError(f"{self.uri}/{JOB_FILE} is not readable; pass --overwrite "
-                                  "to start the output over, or choose another --output") \
-                    from None
+                if not self.overwrite:
+                    raise OutputError(f"{self.uri}/{JOB_FILE} is not readable; pass "
+                                      "--overwrite to start the output over, or choose "
+                                      "another --output") from None
+        was = before.get("job") if isinstance(before, dict) else None
+        if self.overwrite:
+            # Its files first, the marker last (rewritten below): a kill midway leaves an
+            # output that is still the old job's, which --overwrite takes again.
+            self._remove(n for n in held if is_own_file(n, was) and n not in (JOB_FILE,
+                                                                             LEASE_FILE))
+        elif before is not None:
             if before != self.job:
                 changed = sorted(k for k in set(before) | set(self.job)
                                  if before.get(k) != self.job.get(k))
@@ -132,7 +139,7 @@ class OutputDir:
                     "--output"
                 )
         storage.write_bytes(job_uri, json.dumps(self.job, indent=2, sort_keys=True).encode())
-        self._remove(n for n in held if n.endswith(".tmp") and is_own_file(n))
+        self._remove(n for n in held if _TMP.match(n) and is_own_file(n, was))
         return self.done_keys(key_columns)
 
     def _remove(self, files) -> None:
@@ -143,6 +150,11 @@ class OutputDir:
         """Raises where this job lost its lease to another (pipelines.lease)."""
         if self.lease is not None:
             self.lease.check()
+
+    def confirm(self) -> None:
+        """Renews the lease now, or raises: before this job deletes or finishes anything."""
+        if self.lease is not None:
+            self.lease.confirm()
 
     def close(self) -> None:
         """Gives the lease back."""
@@ -155,14 +167,15 @@ class OutputDir:
 
     def done_keys(self, key_columns: list[str]) -> set[tuple]:
         """Keys of every row in the parts. A part is written whole or not at all; one that
-        cannot be read (a disk that lost its last write) is removed and its rows redone."""
+        cannot be read (a disk that lost its last write) is set aside as NAME.unreadable,
+        not deleted, and its rows are done again."""
         done: set[tuple] = set()
         self.parts_read = []  # what a later listing is compared with (late parts)
         for part in self.parts():
             try:
                 table = pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=key_columns)
             except (pa.ArrowInvalid, OSError):
-                storage.delete_file(part)
+                storage.move(part, part + ".unreadable")
                 continue
             done.update(zip(*(table.column(c).to_pylist() for c in key_columns), strict=True))
             self.parts_read.append(part)
@@ -182,9 +195,10 @@ class OutputDir:
 
 
 # The files kiln writes into an output folder; its parts (part-*.parquet) and the temporary
-# files of its atomic writes (NAME.XXXXXXXX.tmp) besides. report.html is kiln label
-# --report's, eval.json and eval.html kiln eval's.
-OWN_FILES = (JOB_FILE, SUMMARY_FILE, LEASE_FILE, "report.html", "eval.json", "eval.html")
+# files of its atomic writes (NAME.XXXXXXXX.tmp) besides; and a job's own: kiln label
+# --report's page, kiln eval's figures and page.
+OWN_FILES = (JOB_FILE, SUMMARY_FILE, LEASE_FILE)
+JOB_FILES = {"label": ("report.html",), "eval": ("eval.json", "eval.html")}
 MAX_JOB_FILE = 16 * 1024 * 1024
 _PART = re.compile(r"part-[0-9a-f-]+-[0-9a-z]{8}\.parquet\Z")  # Parts.uri_of's names
 _TMP = re.compile(r"(.+)\.[0-9a-f]{8}\.tmp\Z")
@@ -194,11 +208,11 @@ def is_part(name: str) -> bool:
     return bool(_PART.match(name))
 
 
-def is_own_file(name: str) -> bool:
-    """Whether a name in an output folder is one kiln writes."""
+def is_own_file(name: str, job: str | None = None) -> bool:
+    """Whether a name in an output folder is one kiln writes (for `job`, its own too)."""
     tmp = _TMP.match(name)
     name = tmp.group(1) if tmp else name
-    return name in OWN_FILES or is_part(name)
+    return name in OWN_FILES or is_part(name) or name in JOB_FILES.get(job, ())
 
 
 def write_part(uri: str, table: pa.Table) -> None:

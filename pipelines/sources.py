@@ -9,9 +9,11 @@ members a few at a time. read_unit() yields Records; nothing is ever extracted o
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -131,13 +133,80 @@ def _plan_one(uri: str, chunk: int) -> list[Unit]:
                 return [Unit(uri, "broken", [str(e)])]
             return _chunks(uri, "tar", _scan_tar(tar), chunk)
         try:
-            with zipfile.ZipFile(f) as zf:
+            with open_zip(f) as zf:
                 count = names.Counter()
                 entries = [(count.key(zip_name(i)), n) for n, i in enumerate(zf.infolist())
                            if not i.is_dir()]
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             return [Unit(uri, "broken", [str(e)])]
         return _chunks(uri, "zip", entries, chunk)
+
+
+def open_zip(f) -> zipfile.ZipFile:
+    """A zip archive, also where an entry's name is flagged UTF-8 but is not (zipfile then
+    refuses the whole archive): such names are read as the bytes they are."""
+    try:
+        return zipfile.ZipFile(f)
+    except UnicodeDecodeError:
+        return zipfile.ZipFile(_Unflagged(f))
+
+
+class _Unflagged(io.RawIOBase):
+    """A zip file as it is, but for the UTF-8 flag cleared on the entries whose names are not
+    UTF-8, in the central directory and their local headers: zipfile reads those names as
+    cp437, from which zip_name takes the bytes back. A zip64 archive is left as it is."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.patches = f, 0, {}
+        size = f.seek(0, io.SEEK_END)
+        f.seek(max(0, size - 65_557))
+        tail = f.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) < end + 22:
+            return
+        cd_size, cd_offset = struct.unpack("<II", tail[end + 12 : end + 20])
+        f.seek(cd_offset)
+        cd, at = f.read(cd_size), 0
+        while at + 46 <= len(cd) and cd[at : at + 4] == b"PK\x01\x02":
+            flags, = struct.unpack("<H", cd[at + 8 : at + 10])
+            n, extra, comment = struct.unpack("<HHH", cd[at + 28 : at + 34])
+            if flags & 0x800 and not _utf8(cd[at + 46 : at + 46 + n]):
+                self.patches[cd_offset + at + 8] = struct.pack("<H", flags & ~0x800)
+                local, = struct.unpack("<I", cd[at + 42 : at + 46])  # its local header's
+                f.seek(local + 6)
+                self.patches[local + 6] = struct.pack("<H", struct.unpack(
+                    "<H", f.read(2))[0] & ~0x800)
+            at += 46 + n + extra + comment
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = self.f.seek(offset, whence)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        self.f.seek(self.pos)
+        data = bytearray(self.f.read(n))
+        for where, patch in self.patches.items():
+            if self.pos <= where and where + 2 <= self.pos + len(data):
+                data[where - self.pos : where - self.pos + 2] = patch
+        self.pos += len(data)
+        return bytes(data)
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def zip_name(info: zipfile.ZipInfo) -> str:
@@ -172,22 +241,33 @@ def parquet_key(columns: list[str]) -> str | None:
 
 
 def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
-    """{"before": for each row group, {key: its rows in earlier groups}} for the keys that
-    occur more than once in the file (none, mostly): the only column read whole."""
+    """{"before": for each row group, {key: its rows in earlier groups} for the keys of the
+    group that occur more than once in the file} (empty, mostly: then {}). Only the key
+    column is read; the dicts hold at most the rows of repeated keys."""
     import pyarrow.compute as pc
 
     col = pf.read(columns=[key]).column(key)
-    counts = pc.value_counts(col.cast(pa.string()))
-    repeated = {v["values"] for v in counts.to_pylist() if v["counts"] > 1}
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or \
+            pa.types.is_integer(col.type):  # their text is Arrow's and Python's alike
+        counts = pc.value_counts(col.drop_null()).to_pylist()
+        repeated = {key_text(v["values"]) for v in counts if v["counts"] > 1}
+    else:
+        seen: set[str] = set()
+        repeated = set()
+        for v in col.to_pylist():
+            if v is not None:
+                k = key_text(v)
+                (repeated if k in seen else seen).add(k)
+    del col
     if not repeated:
         return {}
-    before, seen = [], {}
+    before, total = [], {}
     for g in range(pf.num_row_groups):
-        before.append({k: seen[k] for k in seen})
-        for v in pf.read_row_group(g, columns=[key]).column(key).to_pylist():
-            s = None if v is None else str(v)
-            if s in repeated:
-                seen[s] = seen.get(s, 0) + 1
+        here = [k for k in map(key_text, pf.read_row_group(g, columns=[key]).column(key)
+                               .drop_null().to_pylist()) if k in repeated]
+        before.append({k: total.get(k, 0) for k in set(here)})
+        for k in here:
+            total[k] = total.get(k, 0) + 1
     return {"before": before}
 
 
@@ -386,7 +466,7 @@ def _zip_member_error(info: zipfile.ZipInfo) -> str | None:
 
 
 def _read_zip(unit: Unit, skip) -> Iterator[Record]:
-    with storage.open_input(unit.source) as f, zipfile.ZipFile(f) as zf:
+    with storage.open_input(unit.source) as f, open_zip(f) as zf:
         entries = zf.infolist()
         for name, index in unit.items:
             if name in skip:
@@ -408,40 +488,76 @@ def _read_zip(unit: Unit, skip) -> Iterator[Record]:
 
 
 def _read_parquet(unit: Unit, skip) -> Iterator[Record]:
+    """A row group in batches of about READ_BYTES by its average row. pyarrow decodes a
+    column chunk whole (about twice its size at the peak), so a group of more than
+    MAX_GROUP_BYTES (uncompressed, the columns read) is an error row: a 4 KB file of zeros
+    would otherwise inflate to gigabytes."""
     with storage.open_input(unit.source) as f:
-        pf = pq.ParquetFile(f)
+        # The images as a dictionary array, each row made bytes only as it is read: a value
+        # repeated a thousand times is not a thousand copies at once.
+        pf = pq.ParquetFile(f, read_dictionary=["image"])
         cols = pf.schema_arrow.names
         key = parquet_key(cols)
         cols = ["image"] + [c for c in (key, "label") if c and c in cols]
         for group in unit.items:
+            meta = pf.metadata.row_group(group)
+            size = sum(meta.column(i).total_uncompressed_size for i in range(meta.num_columns)
+                       if meta.column(i).path_in_schema in cols)
+            if size > MAX_GROUP_BYTES:
+                where = f"<row group {group}>"
+                if where not in skip:
+                    yield Record(unit.source, where, None, (
+                        f"too_large: a row group of {size:,} bytes uncompressed (at most "
+                        f"{MAX_GROUP_BYTES:,}): write the file with smaller row groups"))
+                continue
+            rows = int(max(1, min(1024, READ_BYTES * meta.num_rows // max(1, size))))
+            row = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+            seen = dict(unit.repeats or {})
             try:
-                table = pf.read_row_group(group, columns=cols)
+                for batch in pf.iter_batches(batch_size=rows, row_groups=[group], columns=cols):
+                    yield from _parquet_records(unit, batch, row, key, skip, seen)
+                    row += batch.num_rows
             except (pa.ArrowException, OSError) as e:
                 where = f"<row group {group}>"
                 if where not in skip:
                     yield Record(unit.source, where, None, f"unreadable: {e}")
-                continue
-            yield from _parquet_records(unit, pf, group, table, key, skip)
 
 
-def _parquet_records(unit, pf, group, table, key, skip) -> Iterator[Record]:
-    """A row's path is its `path` or `id` (a repeated one: names' `#N` form; a null one: its
-    row number), else `row-N`."""
-    source, seen = unit.source, dict(unit.repeats or {})
-    images = table.column("image").to_pylist()
-    keys = table.column(key).to_pylist() if key else [None] * len(images)
-    labels = (table.column("label").to_pylist() if "label" in table.column_names
+READ_BYTES = 64 * 1024 * 1024
+MAX_GROUP_BYTES = 1024 * 1024 * 1024
+
+
+def key_text(value) -> str:
+    """A Parquet `path` or `id` value as a name: text as it is, bytes as a file name's bytes,
+    anything else as Python writes it."""
+    if isinstance(value, bytes):
+        return names.from_bytes(value)
+    return value if isinstance(value, str) else str(value)
+
+
+def _parquet_records(unit, batch, base, key, skip, seen) -> Iterator[Record]:
+    """A row's path is its `path` or `id` (a repeated one: names' `#N` form; a null one:
+    `"row-N"`, quoted, which no key of the file can be), else `row-N`. `seen`: the rows of
+    each repeated key so far."""
+    source = unit.source
+    images = batch.column("image")
+    keys = batch.column(key).to_pylist() if key else None
+    labels = (batch.column("label").to_pylist() if "label" in batch.schema.names
               else [None] * len(images))
-    base = sum(pf.metadata.row_group(g).num_rows for g in range(group))
-    for i, (img, k, lab) in enumerate(zip(images, keys, labels, strict=True)):
-        if k is None:
+    for i, lab in enumerate(labels):
+        if keys is None:
             path_ = f"row-{base + i}"
+        elif keys[i] is None:
+            path_ = f'"row-{base + i}"'
         else:
-            k = str(k)
-            seen[k] = n = seen.get(k, 0) + 1 if unit.repeats is not None else 1
+            k = key_text(keys[i])
+            n = 1
+            if unit.repeats is not None and k in seen:
+                seen[k] = n = seen[k] + 1
             path_ = names.text(k, n)
         if path_ in skip:
             continue
+        img = images[i].as_py()
         if img is None:
             yield Record(source, path_, None, "empty: null image", lab)
         elif not isinstance(img, bytes | bytearray):

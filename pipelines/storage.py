@@ -3,11 +3,13 @@ the standard AWS variables; AWS_ENDPOINT_URL points it at an S3-compatible store
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import os
 import posixpath
 import stat
+import tempfile
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,7 +43,47 @@ def _s3_settings() -> tuple:
     --forward-credentials: apply_forwarded); part of the cache key, so a changed environment
     is seen."""
     apply_forwarded()
-    return tuple(os.environ.get(k) for k in AWS_VARS)
+    return tuple(os.environ.get(k) for k in (*AWS_VARS, *PROFILE_VARS))
+
+
+# Where the SDKs look for credentials when none are in the environment: secrets_in_a_file
+# points them at a private file.
+PROFILE_VARS = ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE")
+
+
+@contextlib.contextmanager
+def secrets_in_a_file():
+    """For the duration: this process's AWS secrets move from its environment into a private
+    credentials file (mode 0600) that the S3 clients read instead (AWS_SHARED_CREDENTIALS_FILE,
+    AWS_PROFILE). While a Ray session runs, Ray Tune copies AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN from the driver's environment into each
+    trial's runtime_env, whose env_vars Ray's runtime-env agent logs (and sends to a
+    cluster's nodes), and a filesystem built with explicit keys is pickled with them into
+    Ray's state files; with the secrets in a file, neither holds them. A local Ray started
+    before keeps them in its own processes' environment."""
+    secrets = {k: os.environ[k] for k in AWS_SECRETS if os.environ.get(k)}
+    if "AWS_ACCESS_KEY_ID" not in secrets or "AWS_SECRET_ACCESS_KEY" not in secrets:
+        yield
+        return
+    names = {"AWS_ACCESS_KEY_ID": "aws_access_key_id",
+             "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+             "AWS_SESSION_TOKEN": "aws_session_token"}
+    fd, path = tempfile.mkstemp(prefix="kiln-aws-", suffix=".ini")  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        f.write("[kiln]\n" + "".join(f"{names[k]} = {v}\n" for k, v in secrets.items()))
+    saved = {k: os.environ.get(k) for k in (*AWS_SECRETS, *PROFILE_VARS)}
+    for k in AWS_SECRETS:
+        os.environ.pop(k, None)
+    os.environ.update(AWS_SHARED_CREDENTIALS_FILE=path, AWS_PROFILE="kiln")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.unlink(path)
 
 
 # The package that carries a user's AWS variables to a cluster's processes when they ask for
@@ -62,7 +104,9 @@ def apply_forwarded() -> None:
     import json
 
     spec = importlib.util.find_spec(FORWARD_MODULE)
-    if spec is None or not spec.origin:
+    # Only the package Ray unpacked (its runtime_resources), never a folder of that name that
+    # happens to be on the path here.
+    if spec is None or not spec.origin or "runtime_resources" not in spec.origin:
         return
     with open(os.path.join(os.path.dirname(spec.origin), "env.json")) as f:
         os.environ.update(json.load(f))
@@ -70,7 +114,7 @@ def apply_forwarded() -> None:
 
 @lru_cache(maxsize=8)
 def _s3(settings: tuple) -> pafs.S3FileSystem:
-    endpoint, endpoint_s3, region, region2, key, secret, token = settings
+    endpoint, endpoint_s3, region, region2, key, secret, token, *_ = settings
     endpoint = endpoint_s3 or endpoint
     kwargs = dict(
         region=region or region2 or "us-east-1",
@@ -92,7 +136,7 @@ def _s3_client(settings: tuple):
     import boto3
     from botocore.config import Config
 
-    endpoint, endpoint_s3, region, region2, key, secret, token = settings
+    endpoint, endpoint_s3, region, region2, key, secret, token, *_ = settings
     return boto3.client(
         "s3", endpoint_url=endpoint_s3 or endpoint or None,
         region_name=region or region2 or "us-east-1",
@@ -298,6 +342,14 @@ def delete_file(uri: str) -> None:
         raise _wrap(uri, e) from None
 
 
+def move(src: str, dst: str) -> None:
+    fs, path = filesystem(src)
+    try:
+        fs.move(path, filesystem(dst)[1])
+    except OSError as e:
+        raise _wrap(src, e) from None
+
+
 def list_files(uri: str) -> list[Info]:
     """Every file under a directory URI, recursively, sorted by path. A local walk follows no
     link to a directory (they can loop)."""
@@ -345,7 +397,7 @@ def to_uri(uri_like: str, path: str) -> str:
 def expand(pattern: str) -> list[str]:
     """A URI, or a glob of URIs (*, ?, [..] in the last parts), as a sorted list of URIs."""
     pattern = str(pattern)
-    if not GLOB_CHARS & set(pattern):
+    if not GLOB_CHARS & set(pattern) or exists(pattern):  # a name that holds "[" is itself
         return [pattern]
     if not is_s3(pattern):
         return sorted(glob.glob(local_path(pattern)))
@@ -415,8 +467,9 @@ def load_model(uri: str, expect_kind: str | None = None):
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         # config.json first: it bounds what the weights file may hold, so a weights file
         # of the wrong size (a link to /dev/zero, say) is refused before it is read.
+        where = join(folder, CONFIG_FILE)
         limit = MAX_CONFIG_BYTES if name == CONFIG_FILE else weights_limit(
-            parse_config(files[CONFIG_FILE], join(folder, CONFIG_FILE)))
+            parse_config(files[CONFIG_FILE], where), where)
         try:
             files[name] = read_bytes(join(folder, name), limit)
         except TooLarge as e:
@@ -453,3 +506,6 @@ def read_files(uri: str, names: tuple[str, ...]) -> dict[str, bytes]:
             if "no such file" not in str(e):
                 raise
     return files
+
+
+apply_forwarded()  # a cluster's process: before any S3 client is made

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import connect
 from jobs.options import TrainOptions, TuneOptions
 from jobs.tune import run_tune
 from jobs.tune_space import Choice, Range, parse_space, plan_trials, trial_ids
@@ -172,3 +174,14 @@ def test_a_killed_search_on_s3_resumes_only_its_unfinished_trials(s3_bucket, dig
     table = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/trials.parquet"))).to_pylist()
     assert [r["status"] for r in table] == ["finished", "finished"]
     assert storage.exists(f"{out}/model/weights.safetensors")
+    # The S3 secret is in no object of the search (Tune pickles its filesystem into its
+    # state) and in no log of the search's Ray session (Tune copies AWS variables into each
+    # trial's runtime_env, which Ray's runtime-env agent logs).
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    bucket, _ = storage.s3_bucket_key(out)
+    s3 = storage.s3_client()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.endswith("tuner.pkl") for k in keys)
+    assert [k for k in keys if secret in s3.get_object(Bucket=bucket, Key=k)["Body"].read()] == []
+    logs = Path(connect.TEMP_DIR, "session_latest", "logs")
+    assert [f for f in logs.rglob("*") if f.is_file() and secret in f.read_bytes()] == []
