@@ -38,6 +38,10 @@ OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision 
                   "for mnist_cnn and char-RNNs), sgd or adamw.")
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
+TTA = typer.Option("none", "--tta", help="flip: each image's scores averaged with its "
+                   "mirror image's (one row an image; twice the model's work; +0.5 points "
+                   "on the team's photos); auto: flip where the model trained on mirrored "
+                   "images (colour photos); none.")
 FORWARD = typer.Option(False, "--forward-credentials",
                        help="Give the cluster's processes this shell's AWS_* variables (in a "
                        "package Ray uploads but never logs or shows); by default a cluster "
@@ -113,6 +117,9 @@ def train_cnn(
     optimizer: str = typer.Option("auto", help=OPTIMIZER_HELP),
     augment: str = typer.Option("auto", help="auto (pad-and-crop plus horizontal flips for "
                                 "3 channels, shifts for 1), flip, shift or none."),
+    label_smoothing: float = typer.Option(None, help="The target's share spread evenly over "
+                                          "the classes; default 0.1 for ResNets and "
+                                          "torchvision networks, 0 for mnist_cnn."),
     workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
     image_size: int = typer.Option(28, help="Images are resized to SIZE x SIZE."),
@@ -256,13 +263,14 @@ def label(
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
     address: str = ADDRESS,
     forward_credentials: bool = FORWARD,
+    tta: str = TTA,
 ):
     """Label every image of the inputs with a trained CNN."""
     from jobs.label import run_label
 
     opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
                         actors, address, debug=DEBUG["on"],
-                        forward_credentials=forward_credentials)
+                        forward_credentials=forward_credentials, tta=tta)
     run_job(run_label, opts)
 
 
@@ -320,6 +328,7 @@ def eval_(
     actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
     address: str = ADDRESS,
     forward_credentials: bool = FORWARD,
+    tta: str = TTA,
 ):
     """Measure a trained model on labeled images (accuracy, per-class F1, confusion,
     calibration) or on text (nats and bits per character)."""
@@ -327,7 +336,7 @@ def eval_(
 
     run_job(run_eval, EvalOptions(model, data, output, batch_size, gpu, overwrite, actors,
                                   address, debug=DEBUG["on"],
-                                  forward_credentials=forward_credentials))
+                                  forward_credentials=forward_credentials, tta=tta))
 
 
 @app.command(epilog="Example: kiln info runs/digits")

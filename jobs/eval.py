@@ -28,7 +28,7 @@ from jobs.label import LabelJob
 from jobs.redact import redact
 from pipelines import storage
 from pipelines.fence import check_output
-from pipelines.label import LabelSettings
+from pipelines.label import LabelSettings, flip_tta
 from pipelines.sink import OutputDir
 
 EVAL_FILE, PAGE_FILE = "eval.json", "eval.html"
@@ -49,19 +49,20 @@ class EvalOptions:
     address: str | None = None
     debug: bool = False
     forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
+    tta: str = "none"  # none | flip | auto (flip where the model trained on mirrored images)
 
 
 class EvalJob(LabelJob):
     name, verb, done_word = "eval", "scoring", "scored"
 
     def identity(self) -> dict:
-        return {"model": self.loaded.id, "data": self.opts.data}
+        return {"model": self.loaded.id, "data": self.opts.data, "tta": self.tta}
 
     def settings(self, out, layout) -> LabelSettings:
         o = self.opts
         return LabelSettings(o.model, out.uri, out.run_id, 5, o.batch_size, o.gpu,
                              threads=layout.threads, decode_threads=layout.decode_threads,
-                             truth=True)
+                             truth=True, tta=self.tta)
 
     def finish(self, out: OutputDir, summary: dict, parts: dict, console: Console) -> None:
         from jobs.eval_report import image_metrics, render
@@ -142,6 +143,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     OUTPUT/eval.json)."""
     console = console or connect.console()
     check_options(opts)
+    flip_tta(opts.tta, {})  # a known value, before anything is read
     opts = replace(opts, data=storage.absolute(opts.data),  # actors read it from elsewhere
                    output=check_output(opts.output, [opts.data, opts.model]))
     kind = storage.read_model_config(opts.model)["kind"]

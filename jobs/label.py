@@ -18,7 +18,7 @@ from jobs.options import LabelOptions
 from jobs.redact import redact
 from pipelines import sources, storage
 from pipelines.fence import check_output
-from pipelines.label import LabelPredictor, LabelSettings, make_tasks
+from pipelines.label import LabelPredictor, LabelSettings, flip_tta, make_tasks
 from pipelines.sources import count_known
 
 # One core labels ~1,300 28x28 digits a second with the MNIST net (bench/label.py); a job
@@ -36,10 +36,11 @@ class LabelJob(BulkJob):
     def __init__(self, opts: LabelOptions, loaded, units: list):
         super().__init__(opts, loaded)
         self.units = units
+        self.tta = flip_tta(opts.tta, loaded.config)
 
     def identity(self) -> dict:
         return {"model": self.loaded.id, "inputs": list(self.opts.inputs),
-                "top_k": self.opts.top_k}
+                "top_k": self.opts.top_k, "tta": self.tta}
 
     def plan(self, done: set[tuple]) -> Plan:
         tasks = make_tasks(self.units, {(s, p) for s, p, _, _ in done})
@@ -51,7 +52,7 @@ class LabelJob(BulkJob):
         o = self.opts
         return LabelSettings(o.model, out.uri, out.run_id, o.top_k, o.batch_size, o.gpu,
                              threads=layout.threads, decode_threads=layout.decode_threads,
-                             thumbs=16 if o.report else 0)
+                             thumbs=16 if o.report else 0, tta=self.tta)
 
     def done_errors(self, done: set[tuple]) -> Counter:
         return Counter(e.split(":", 1)[0] for _, _, _, e in done if e)
@@ -84,6 +85,7 @@ def check_label_options(opts: LabelOptions) -> None:
     check_options(opts)
     if opts.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {opts.top_k}")
+    flip_tta(opts.tta, {})  # a known value, before anything is read
     if not opts.inputs:
         raise ValueError("give at least one --input")
 

@@ -38,6 +38,8 @@ class TrainOptions:
     image_size: int = 28
     channels: int = 1
     augment: str = "auto"  # auto | flip | shift | none (auto: flip for 3 channels)
+    label_smoothing: float | None = None  # the target's share spread evenly over the classes;
+    # None: 0.1 for the ResNets and torchvision networks (bench/recipe.py), 0 for mnist_cnn
     # RNN
     cell: str = "lstm"
     layers: int = 2
@@ -64,6 +66,7 @@ class LabelOptions:
     address: str | None = None
     debug: bool = False
     forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
+    tta: str = "none"  # none | flip | auto (flip where the model trained on mirrored images)
 
 
 @dataclass

@@ -11,15 +11,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-WARMUP_STEPS = 20
+WARMUP_STEPS, WARMUP_SHARE = 20, 0.02
+# SGD's warm-up (the ResNets'): the standard ResNet recipe's 200 steps, at most a tenth of the
+# run (a short run would spend itself warming up).
+SGD_WARMUP = (200, 0.1)
 RATE_FROM_STEP = 5  # the first steps pay for allocations and kernel selection
 VAL_SHARE = 0.1  # of a time budget, at most, spent validating
 MAX_EVALS = 12
 
 
-def warmup_steps(max_steps: int | None) -> int:
-    """Linear warm-up over the first 2% of a known step count, at most 20 steps."""
-    return max(1, min(WARMUP_STEPS, max_steps // 50)) if max_steps else WARMUP_STEPS
+def warmup_steps(total: float | None, most: int = WARMUP_STEPS,
+                 share: float = WARMUP_SHARE) -> int:
+    """Linear warm-up over `most` steps, and at most `share` of a run whose length is known
+    (a time-limited run's as it is estimated): by default 20 steps, at most 2%."""
+    if not total or not math.isfinite(total):
+        return most
+    return max(1, min(most, int(total * share)))
 
 
 def lr_at(step: int, total: float, peak: float, warm: int = WARMUP_STEPS,
@@ -45,7 +52,6 @@ class Budget:
 
     def __post_init__(self):
         self.total = float(self.max_steps) if self.max_steps else math.inf
-        self.warm = warmup_steps(self.max_steps)
         self.rate_from: tuple[int, float] | None = None  # (step, train seconds) then
         self.val_s: float | None = None  # mean seconds of one validation
         self.evals = 0  # validations done in this attempt

@@ -91,7 +91,11 @@ def resolve(opts: TrainOptions) -> TrainOptions:
     epochs = opts.epochs
     if epochs is None and opts.max_steps is None and opts.time_limit is None:
         epochs = 10
-    return replace(opts, batch_size=batch, optimizer=optimizer, lr=lr, epochs=epochs)
+    smoothing = opts.label_smoothing
+    if smoothing is None:
+        smoothing = LABEL_SMOOTHING if opts.kind == "cnn" and opts.arch != "mnist_cnn" else 0.0
+    return replace(opts, batch_size=batch, optimizer=optimizer, lr=lr, epochs=epochs,
+                   label_smoothing=smoothing)
 
 
 def validate(opts: TrainOptions) -> None:
@@ -131,6 +135,8 @@ def validate(opts: TrainOptions) -> None:
             raise ValueError(f"--arch {opts.arch} needs --image-size of at least 32, got "
                              f"{opts.image_size}")
         choose_augment(opts.augment, opts.channels)
+        if not 0 <= opts.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {opts.label_smoothing}")
     else:
         if opts.cell not in CELLS:
             raise ValueError(f"unknown --cell {opts.cell!r}; choose one of "
@@ -145,6 +151,9 @@ def validate(opts: TrainOptions) -> None:
 
 
 OPTIMIZERS = ("sgd", "adamw")
+# The ResNets' label smoothing: +5.3 points of test accuracy on the team's photos at 120 s
+# over the same recipe without it, both seeds (bench/recipe.py, BENCHMARKS.md).
+LABEL_SMOOTHING = 0.1
 MAX_IMAGE_SIZE = 2048  # beyond it one decoded image alone would take tens of megabytes
 
 

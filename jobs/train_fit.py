@@ -12,6 +12,7 @@ from rich.console import Console
 
 from jobs.connect import local_gpus, logs_dir
 from jobs.options import TrainOptions
+from jobs.schedule import SGD_WARMUP, WARMUP_SHARE, WARMUP_STEPS
 from jobs.train_tasks import WorkerConfig
 from pipelines import storage
 from pipelines.train_data import HeldShard
@@ -34,7 +35,7 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
         max_steps = min(max_steps or per_epoch * opts.epochs, per_epoch * opts.epochs)
     settings = {k: getattr(opts, k) for k in (
         "epochs", "max_steps", "time_limit", "batch_size", "lr", "optimizer", "workers",
-        "seed", "augment" if opts.kind == "cnn" else "seq_len")}
+        "seed", *(("augment", "label_smoothing") if opts.kind == "cnn" else ("seq_len",)))}
     augment = choose_augment(opts.augment, opts.channels) if opts.kind == "cnn" else "none"
     if opts.kind == "cnn":
         settings["augment"] = augment
@@ -55,12 +56,14 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
         kind=opts.kind, spec=spec, out=opts.out, data=opts.data,
         batch=opts.batch_size, lr=opts.lr, optimizer=opts.optimizer,
         cooldown=1.0 if opts.optimizer == "sgd" else ADAM_COOLDOWN,
+        warmup=SGD_WARMUP if opts.optimizer == "sgd" else (WARMUP_STEPS, WARMUP_SHARE),
         epochs=opts.epochs, max_steps=max_steps,
         time_limit_s=opts.time_limit * 60 if opts.time_limit else None, seed=opts.seed,
         # A lone worker on a small machine takes every core as torch threads; Ray's own
         # reservation stays below the CPUs so that Ray Data's tasks always find room.
         threads=1 if opts.gpu else max(1, int(cpus // opts.workers)),
-        augment=augment, seq_len=opts.seq_len, whole_train=data.get("whole_train", True),
+        augment=augment, label_smoothing=opts.label_smoothing, seq_len=opts.seq_len,
+        whole_train=data.get("whole_train", True),
         train_rows=data["train_rows"],
         cache_val=data["val"].size_bytes() / opts.workers <= VAL_CACHE_BYTES,
         settings=settings, lines=lines,

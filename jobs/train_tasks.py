@@ -39,8 +39,10 @@ class WorkerConfig:
     max_steps: int | None  # from --epochs or --max-steps, whichever is smaller
     time_limit_s: float | None
     seed: int = 0
+    warmup: tuple = (20, 0.02)  # warm-up steps at most, and at most this share of the run
     threads: int = 1  # torch threads per worker
     augment: str = "none"  # CNN: shift | flip | none
+    label_smoothing: float = 0.0  # CNN: the target's share spread over every class
     seq_len: int = 100  # RNN: characters per chunk (truncated BPTT length)
     whole_train: bool = True  # every worker holds the whole training set (else a split)
     train_rows: int = 0
@@ -128,6 +130,18 @@ class ImageBatches:
         return image_steps(self.cfg.train_rows, self.cfg.batch, self.workers,
                            self.cfg.whole_train)
 
+    def unaugmented(self, images: int):
+        """Up to `images` of this worker's training images in batches of its size, as they
+        are (not augmented): the same images on every call (precise_bn). None where the set
+        is streamed rather than held."""
+        if not self.cfg.whole_train or self.rows is None:
+            return None
+        n = len(self.rows["y"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))
+        mine = order[self.rank::self.workers][:max(self.b, images // self.workers)]
+        return [{k: v[mine[i:i + self.b]] for k, v in self.rows.items()}
+                for i in range(0, len(mine) - self.b + 1, self.b)] or None
+
     def epoch(self, epoch: int):
         if not self.cfg.whole_train:
             yield from self.shard.iter_torch_batches(
@@ -161,6 +175,13 @@ class CNNTask:
         """Accuracy, then loss: on a small validation set epochs often tie on accuracy, and
         the first of them is seldom the best model."""
         return rec["val_accuracy"], -rec["val_loss"]
+
+    @staticmethod
+    def noise(rec: dict) -> float:
+        """One standard error of the validation accuracy (binomial, over its images): two
+        validations closer than a few of these are not told apart by it."""
+        p, n = rec["val_accuracy"], rec.get("val_images", 0)
+        return math.sqrt(p * (1 - p) / n) if n else 0.0
 
     @staticmethod
     def check_data(opts) -> dict:
@@ -215,7 +236,7 @@ class CNNTask:
     def __init__(self, spec, cfg: WorkerConfig):
         self.index = {c: i for i, c in enumerate(spec.classes)}
         self.scale, self.shift = scale_shift(ImagePreset.from_spec(spec))
-        self.augment = cfg.augment
+        self.augment, self.smoothing = cfg.augment, cfg.label_smoothing
 
     def collate(self, batch: dict) -> dict:
         """numpy rows -> tensors (x stays uint8); class names -> indices (-1: a class
@@ -245,7 +266,7 @@ class CNNTask:
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         x = augment_batch(batch["x"], self.augment)  # (B, C, S, S)
-        return F.cross_entropy(model(x), batch["y"]), len(x)
+        return F.cross_entropy(model(x), batch["y"], label_smoothing=self.smoothing), len(x)
 
     def val_sums(self, model, val, device, layout, autocast) -> torch.Tensor:
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -262,7 +283,8 @@ class CNNTask:
 
     def metrics(self, sums: list[float]) -> dict:
         loss, correct, n = sums
-        return {"val_loss": loss / max(n, 1), "val_accuracy": correct / max(n, 1)}
+        return {"val_loss": loss / max(n, 1), "val_accuracy": correct / max(n, 1),
+                "val_images": int(n)}
 
 
 class ValBatches:
@@ -331,6 +353,12 @@ class RNNTask:
     @staticmethod
     def rank(rec: dict) -> tuple[float]:
         return (-rec["val_loss"],)
+
+    @staticmethod
+    def noise(rec: dict) -> float:
+        """A mean over every character of the validation text: its noise is not measured,
+        and is small next to a char-RNN's overfitting (the best validation is kept)."""
+        return 0.0
 
     @staticmethod
     def check_data(opts) -> dict:

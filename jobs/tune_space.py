@@ -23,7 +23,7 @@ DEFAULT_TRIALS = 8
 # The options a search may vary, and their types; each model kind takes its own.
 TUNABLE = {
     "cnn": {"lr": float, "batch_size": int, "image_size": int, "arch": str, "optimizer": str,
-            "augment": str},
+            "augment": str, "label_smoothing": float},
     "rnn": {"lr": float, "batch_size": int, "hidden": int, "layers": int, "embed": int,
             "dropout": float, "seq_len": int, "cell": str, "optimizer": str},
 }

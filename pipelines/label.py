@@ -66,6 +66,21 @@ class LabelSettings:
     part_rows: int = 1000  # rows per Parquet part at most
     thumbs: int = 0  # least-confident thumbnails returned per part, for the report
     truth: bool = False  # kiln eval: each row's true class (its folder, or Parquet `label`)
+    tta: bool = False  # each image's scores averaged with its mirror image's (flip_tta)
+
+
+TTA = ("auto", "flip", "none")
+
+
+def flip_tta(tta: str, config: dict) -> bool:
+    """Whether labeling averages each image's scores with its mirror image's: `flip`, or
+    `auto` where the model trained on mirrored images (a photo and its mirror are the same
+    class; a digit and its mirror are not)."""
+    if tta not in TTA:
+        raise ValueError(f"unknown --tta {tta!r}; choose one of {', '.join(TTA)}")
+    if tta == "auto":
+        return (config.get("train") or {}).get("augment") == "flip"
+    return tta == "flip"
 
 
 def error_kind(error: str) -> str:
@@ -173,7 +188,11 @@ class LabelPredictor(BulkActor):
             x = (x * self.scale + self.shift).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.gpu):
                 logits = self.model(x)  # (B, classes)
+                if self.s.tta:  # the mirror image's too: (B, classes)
+                    mirrored = self.model(x.flip(3))
             probs = torch.softmax(logits.float(), dim=1)
+            if self.s.tta:  # the mean of the two probabilities: still one row an image
+                probs = (probs + torch.softmax(mirrored.float(), dim=1)) / 2
             scores, idx = probs.topk(self.k, dim=1)  # (B, k) each
         return idx.cpu().numpy(), scores.cpu().numpy()
 

@@ -395,9 +395,10 @@ def choose_augment(augment: str, channels: int) -> str:
 def augment_batch(x, mode: str = "shift"):
     """Training augmentation on a normalized (B, C, S, S) tensor batch.
     shift: each image moved by up to 1/14 of its size (a random crop of an edge-padded copy);
-    flip: a random crop of a copy padded by 1/8 of its size with zeros (the mean colour: 4
-    pixels at 32, as in the ResNet paper), then a horizontal flip of every other image;
-    none: as it is."""
+    flip: a random crop of a copy padded by 1/8 of its size (4 pixels at 32) with its own
+    pixels mirrored at the border (reflect: the standard recipe's, and 4.2 points of test
+    accuracy over zeros on the team's photos, bench/recipe.py), then a horizontal flip of
+    every other image; none: as it is."""
     import torch
     import torch.nn.functional as F
 
@@ -406,7 +407,7 @@ def augment_batch(x, mode: str = "shift"):
     b, c, s, _ = x.shape
     if mode == "flip":
         pad = max(1, s // 8)
-        padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, S+2p, S+2p), zeros
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, C, S+2p, S+2p)
     else:
         pad = max(1, s // 14)
         padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
