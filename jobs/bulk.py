@@ -197,8 +197,8 @@ def actor_layout(opts, units: int, decodes: bool = True) -> Layout:
     sharing the CPUs, each asking 0.9 of its share so that Ray Data's own tasks always find
     room (ray#44687: a pool holding every CPU starves them), with a torch thread per whole
     CPU of its share. One torch thread an actor and as many actors as CPUs is fastest: the
-    decode threads interleave with the models (2 actors on 2 CPUs label ~1.8x faster than
-    one actor with a core for its model and a core for its decoding; bench/label.py).
+    decode threads interleave with the models (2 actors on 2 CPUs label faster than one
+    actor with a core for its model and a core for its decoding; bench/label.py).
     GPU: one GPU per actor, and (`decodes`) a share of its node's CPUs for decoding; with
     --actors the pool may wait for an autoscaler to add GPUs."""
     import ray

@@ -51,11 +51,11 @@ def local_gpus() -> int:
 
 # The size rule for label and generate jobs, from bench/label.py and bench/generate.py on 2
 # CPUs: there, the command's own process on every core (threads, one torch thread each) ran
-# as fast as a local Ray's actor pool once that was up (200,000 digits: 88.7 s against
-# 91.9 s; 500,000 characters: 46k chars/s against 28k), so Ray's 12-15 s start never paid
-# back at any size. Threads share the GIL (about 40% held at 2 threads), so on more cores a
-# pool of processes pulls ahead; there a job goes to Ray once it is bigger than what the
-# process would do in about Ray's start-up time. Not measured above 2 CPUs.
+# as fast as a local Ray's actor pool once that was up (measured: BENCHMARKS.md, Labeling
+# section), so Ray's start never paid back at any size. Threads share the GIL, so on more
+# cores a pool of processes pulls ahead; there a job goes to Ray once it is bigger than what
+# the process would do in about Ray's start-up time (HERE_MAX_SECONDS). Not measured
+# above 2 CPUs.
 HERE_ALWAYS_CPUS = 4
 HERE_MAX_SECONDS = 15.0
 

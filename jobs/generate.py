@@ -22,9 +22,9 @@ from pipelines import storage
 from pipelines.bulk import can_fork, pack, run_in_processes
 from pipelines.fence import check_output
 
-# One core steps a 2x256 char-LSTM ~22,000 characters a second in fp32 (bench/generate.py,
-# the slowest machine measured), about twice as many with bf16 products on AMX (a step at 256
-# lanes 2.95 -> 1.37 ms on one Xeon core).
+# How many characters a second one core steps with a 2x256 char-LSTM in fp32 (the slowest
+# machine measured), and the gain from bf16 products on AMX (BENCHMARKS.md, Generation
+# section).
 CHARS_PER_CPU_S = 22_000
 BF16_SPEEDUP = 2.0
 # Bounds where a larger value cannot work: a lane's buffer holds its prompt and text as int64

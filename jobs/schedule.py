@@ -33,9 +33,9 @@ def lr_at(step: int, total: float, peak: float, warm: int = WARMUP_STEPS,
           cooldown: float = 1.0) -> float:
     """Linear warm-up, the peak held, then a straight line to zero at step `total` over its
     last `cooldown` share (warm-up, stable, decay). cooldown 1.0 is the ResNet recipe's linear
-    decay from the start; Adam on a char-RNN wants its rate high for longer (at 120 s of a
-    2x256 LSTM: 1.19 nats/char with a linear decay from 2e-3, 0.98 held constant, 0.93 with
-    4e-3 and the last 30% decayed; BENCHMARKS.md)."""
+    decay from the start; Adam on a char-RNN wants its rate high for longer (a 2x256 LSTM
+    ended worse with a linear decay from 2e-3 than with 2e-3 held constant, and better still
+    with 4e-3 and the last 30% decayed; measured: BENCHMARKS.md, Training section)."""
     if step < warm:
         return peak * (step + 1) / warm
     if not math.isfinite(total):

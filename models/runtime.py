@@ -15,9 +15,9 @@ def keep_freed_memory() -> bool:
     """Has glibc keep freed blocks of up to 1 GiB for reuse instead of handing them back to
     the OS. By default it maps every large block afresh and unmaps it when freed (and trims
     the heap), so a CNN's activation buffers are page-faulted in again on every batch: the
-    MNIST net labels ~1.7x faster on one thread without that (measured, bench/label.py).
-    The cost is that a process keeps the memory of its largest batch. Returns whether the
-    setting took (False off glibc)."""
+    MNIST net labels faster on one thread without that (measured: BENCHMARKS.md, Labeling
+    section). The cost is that a process keeps the memory of its largest batch. Returns
+    whether the setting took (False off glibc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

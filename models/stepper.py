@@ -15,14 +15,14 @@ from .rnn import CharRNN
 # Sequences advanced together each step, at most (fewer sequences step narrower where a row's
 # bits do not change with the width: Stepper.width_for).
 # On a CPU core a 2x256 LSTM samples fastest at about 256 lanes (bench/generate.py sweeps 64
-# to 512; 128 is within 5%): wider steps amortize each step's Python and numpy overhead,
-# until the step's buffers outgrow the caches. On a GPU the step costs about the same at any
-# width up to thousands of lanes (bench/gpu.py).
+# to 512: BENCHMARKS.md, Generation section): wider steps amortize each step's Python and
+# numpy overhead, until the step's buffers outgrow the caches. On a GPU the step costs about
+# the same at any width up to thousands of lanes (bench/gpu.py).
 LANES = 256
 GPU_LANES = 1024
 # Narrower widths a step may take when fewer sequences are left to step (a small job, a
 # block's tail), where the kernels give each row the same bits at that width as at the lanes
-# (`Stepper.agrees`, probed once per shape): 8 sequences step ~8x cheaper than 256 lanes.
+# (`Stepper.agrees`, probed once per shape): 8 sequences step far more cheaply than 256 lanes.
 WIDTHS = (8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 384, 512, 640, 768, 896)
 
 
@@ -30,20 +30,20 @@ WIDTHS = (8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 384, 512, 640, 768, 896)
 def tanh_faster(device: torch.device) -> bool:
     """Whether an LSTM step takes its gates through tanh alone (`Stepper._lstm_tanh`) rather
     than through sigmoid (`Stepper._lstm`): on CPUs where torch runs AVX-512 kernels its tanh
-    is the cheaper of the two (a 2x256 LSTM's step at 256 lanes, one thread of an Intel Xeon:
-    4.7 ms through sigmoid, 3.9 ms through tanh). With AVX2 kernels an earlier machine ran
-    torch's sigmoid several times faster than its tanh (the same Xeon, AVX2 kernels forced:
-    tanh still ahead, 3.7 against 4.1 ms), so those keep sigmoid; bench/generate.py times
-    both. Fixed by the instruction set, so a machine always takes the same one."""
+    is the cheaper of the two (a 2x256 LSTM's step at 256 lanes, one thread of an Intel
+    Xeon). With AVX2 kernels an earlier machine ran torch's sigmoid several times faster
+    than its tanh (the same Xeon, AVX2 kernels forced: tanh still ahead), so those keep
+    sigmoid (measured: BENCHMARKS.md, Generation section); bench/generate.py times both.
+    Fixed by the instruction set, so a machine always takes the same one."""
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def bf16_faster(device: torch.device) -> bool:
     """Whether a CPU step takes its LSTM/RNN matrix products in bfloat16 (`Linear(bf16=True)`):
     where the CPU has AMX, the matrix units that run oneDNN's bf16 products (a 2x256 LSTM's
-    (256, 512) @ (512, 1024) on one thread of a Sapphire Rapids-class Xeon: 0.22 ms against
-    fp32's 1.58 ms). Without AMX, bf16 products are slower than fp32 (3.3 against 1.8 ms on
-    an AVX-512 Xeon without it), so fp32 stays. As on a GPU under autocast, the state, the
+    (256, 512) @ (512, 1024) on one thread of a Sapphire Rapids-class Xeon). Without AMX,
+    bf16 products are slower than fp32 (an AVX-512 Xeon without it), so fp32 stays (both
+    measured: BENCHMARKS.md, Generation section). As on a GPU under autocast, the state, the
     gates' pointwise work and the output head stay float32. Fixed by the instruction set,
     so a machine always takes the same one; `SamplingSettings.precision` overrides it."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -77,9 +77,9 @@ def onednn_linear() -> bool:
     """Whether this process's CPU matrix products in sampling go through oneDNN's linear
     (`torch.ops.mkldnn._linear_pointwise`, on a weight packed once) rather than addmm.
     oneDNN picks its kernel by instruction set; the MKL behind addmm takes its AVX2 path on
-    AMD's AVX-512 CPUs, where oneDNN runs a sampling step's products 2.2x faster
-    (bench/generate.py). x86-64 only, where it was measured; and only where it agrees with
-    addmm on a trial product."""
+    AMD's AVX-512 CPUs, where oneDNN runs a sampling step's products faster (measured:
+    BENCHMARKS.md, Generation section). x86-64 only, where it was measured; and only where
+    it agrees with addmm on a trial product."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:

@@ -140,8 +140,9 @@ def run_in_processes(compute: Callable[[object], object],
     next task as it finishes one; `finish(task, result)` here, in this process, in the order
     the results come: yields the stats of each part it writes. For work whose kernels are
     too short to leave the GIL to threads (sampling steps: two threads of one process step
-    ~1.5x slower than two processes on bf16 matrix units), with its I/O kept in this process
-    (the workers only compute: they touch no file, socket or thread pool of this one).
+    slower than two processes on bf16 matrix units; BENCHMARKS.md, Generation section), with
+    its I/O kept in this process (the workers only compute: they touch no file, socket or
+    thread pool of this one).
     One task, one worker or no fork: this process's threads instead. An error in a worker
     is raised here; a worker that dies (killed, out of memory) is an error; the workers end
     with this generator, and with this process if it is killed."""

@@ -132,8 +132,8 @@ class LabelPredictor(BulkActor):
         self.device = torch.device("cuda" if settings.gpu else "cpu")
         # On a GPU, JPEG batches decode there (nvJPEG); on a CPU, file by file in threads.
         self.decode_device = self.device if settings.gpu else None
-        # Channels-last runs this family's convolutions and pooling ~1.5x faster on CPU (oneDNN
-        # picks blocked NHWC kernels; NCHW max-pooling alone was a quarter of the time).
+        # Channels-last runs this family's convolutions and pooling faster on CPU (oneDNN
+        # picks blocked NHWC kernels; NCHW max-pooling alone took much of the time).
         self.model = loaded.model.to(self.device, memory_format=torch.channels_last).eval()
         self.model_id, self.preset = loaded.id, ImagePreset.from_spec(loaded.spec)
         self.classes = np.asarray(loaded.spec.classes, dtype=object)

@@ -38,7 +38,7 @@ class _NoPandas:
 
 
 def skip_pandas_probe() -> None:
-    """pyarrow imports pandas (~0.45 s) the first time it builds an array, only to ask whether
+    """pyarrow imports pandas (slow) the first time it builds an array, only to ask whether
     the input is a pandas object; kiln's writers never hand it one. In a process that has not
     imported pandas, this lets that first probe find no pandas, which pyarrow remembers for
     the probe alone: an explicit pandas conversion later (Ray Data's, say) still imports it

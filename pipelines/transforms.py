@@ -291,7 +291,7 @@ def fast_decode(data: bytes, preset: ImagePreset) -> np.ndarray | None:
         img = _pillow_grey(img)
     elif preset.channels == 3 and img.shape[0] == 1:
         img = img.expand(3, -1, -1)
-    if (height, width) != (s, s):  # channels-last: torch's uint8 AVX2 kernel, 3x faster
+    if (height, width) != (s, s):  # channels-last: torch's uint8 AVX2 kernel, much faster
         img = img[None].contiguous(memory_format=torch.channels_last)
         img = F.interpolate(img, size=(s, s), mode="bilinear", antialias=True,
                             align_corners=False)[0]
@@ -396,9 +396,9 @@ def augment_batch(x, mode: str = "shift"):
     """Training augmentation on a normalized (B, C, S, S) tensor batch.
     shift: each image moved by up to 1/14 of its size (a random crop of an edge-padded copy);
     flip: a random crop of a copy padded by 1/8 of its size (4 pixels at 32) with its own
-    pixels mirrored at the border (reflect: the standard recipe's, and 4.2 points of test
-    accuracy over zeros on the team's photos, bench/recipe.py), then a horizontal flip of
-    every other image; none: as it is."""
+    pixels mirrored at the border (reflect: the standard recipe's, and better test accuracy
+    than zeros on the team's photos; BENCHMARKS.md, Photo recipe section), then a horizontal
+    flip of a random half of the images; none: as it is."""
     import torch
     import torch.nn.functional as F
 
