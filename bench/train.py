@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -101,37 +102,74 @@ def digits(tmp: Path, budget: float) -> tuple[list[str], list[str]]:
         [f"digits: kiln {startup_text(k)}; plain loading {p['load_s']:.1f} s"]
 
 
-def photos(tmp: Path, budget: float, per_class: int) -> tuple[list[str], list[str]]:
+def photos(tmp: Path, budget: float, per_class: int, seeds: list[int],
+           one_worker: bool) -> tuple[list[str], list[str]]:
+    """Each seed: kiln (2 workers; with `one_worker` also 1 worker of 2 threads, the first
+    seed only), then the plain recipe, one after the other (A B A B). Runs of one seed
+    differ by a point or two on these test crops (a shifted test set: parts of each photo no
+    training crop shows), so the headline is the mean over the seeds."""
     t0 = time.monotonic()
     tr_img, tr_lab = embedded.photos(per_class, 32, seed=0)
     te_img, te_lab = embedded.photos(max(100, per_class // 10), 32, seed=0, part="test")
     gen_s = time.monotonic() - t0
     train = archive(tmp / "photos.tar", tr_img, tr_lab, "jpg")
     test = archive(tmp / "photos-test.tar", te_img, te_lab, "jpg")
-    run = tmp / "photos-run"
-    k = kiln_train("cnn", "--data", str(train), "--val", str(test), "--out", str(run),
-                   "--arch", "resnet20", "--channels", "3", "--image-size", "32",
-                   "--time-limit", str(budget / 60), "--workers", "2")
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "jobs", "eval", "--model", str(run), "--data",
-                    str(test), "--output", str(tmp / "photos-eval")], check=True, cwd=ROOT,
-                   capture_output=True)
-    eval_s = time.monotonic() - t0
-    scored = json.loads((tmp / "photos-eval" / "eval.json").read_text())
-    p = plain("resnet.py", "--train", str(train), "--test", str(test), "--budget", str(budget))
-    acc, ref = scored["accuracy"], p["test_accuracy"]
-    return [f"| ResNet-20, colour photos ({len(tr_img):,} train / {len(te_img):,} test JPEGs, "
-            f"10 classes), test accuracy at {budget:.0f} s (kiln: `kiln eval` of its "
-            f"`model/`) | {acc:.4f} | {ref:.4f} (standard recipe: reflect padding, 200 "
-            f"warm-up steps, final weights) | {acc - ref:+.4f} |",
-            f"| the same, kiln's last validation (its final weights, no flip averaging) | "
-            f"{k['last']['val_accuracy']:.4f} | | "
-            f"{k['last']['val_accuracy'] - ref:+.4f} |",
-            f"| ResNet-20 training throughput, images/s | "
-            f"{k['last']['samples_per_s']:,.0f} | {p['samples_per_s']:,.0f} | "
-            f"{k['last']['samples_per_s'] / p['samples_per_s']:.2f}x |"], \
-        [f"photos (generated in {gen_s:.1f} s): kiln {startup_text(k)}, `kiln eval` "
-         f"{eval_s:.1f} s; plain decoding the tar {p['load_s']:.1f} s"]
+
+    def kiln(seed: int, workers: int) -> dict:
+        run = tmp / f"photos-run-{seed}-{workers}"
+        k = kiln_train("cnn", "--data", str(train), "--val", str(test), "--out", str(run),
+                       "--arch", "resnet20", "--channels", "3", "--image-size", "32",
+                       "--time-limit", str(budget / 60), "--workers", str(workers),
+                       "--seed", str(seed))
+        k["eval"], k["eval_s"] = {}, {}
+        for tta in ("none", "flip"):
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-m", "jobs", "eval", "--model", str(run),
+                            "--data", str(test), "--output", str(run) + f"-eval-{tta}",
+                            "--tta", tta], check=True, cwd=ROOT, capture_output=True)
+            k["eval_s"][tta] = time.monotonic() - t0
+            k["eval"][tta] = json.loads(Path(str(run) + f"-eval-{tta}", "eval.json")
+                                        .read_text())["accuracy"]
+        return k
+
+    ks, ps, one = [], [], None
+    for seed in seeds:
+        ks.append(kiln(seed, 2))
+        if one_worker and seed == seeds[0]:
+            one = kiln(seed, 1)
+        ps.append(plain("resnet.py", "--train", str(train), "--test", str(test), "--budget",
+                        str(budget), "--seed", str(seed)))
+        print(f"seed {seed}: kiln {ks[-1]['eval']['none']:.4f} (flip "
+              f"{ks[-1]['eval']['flip']:.4f}), plain {ps[-1]['test_accuracy']:.4f}", flush=True)
+
+    def cell(values: list[float]) -> str:
+        each = " / ".join(f"{v:.4f}" for v in values)
+        return f"{statistics.mean(values):.4f} ({each})" if len(values) > 1 else each
+
+    acc = [k["eval"]["none"] for k in ks]
+    flip = [k["eval"]["flip"] for k in ks]
+    ref = [p["test_accuracy"] for p in ps]
+    mean_ref = statistics.mean(ref)
+    what = (f"ResNet-20, colour photos ({len(tr_img):,} train / {len(te_img):,} test JPEGs, 10 "
+            f"classes), test accuracy at {budget:.0f} s, mean over seeds "
+            f"{', '.join(map(str, seeds))} (kiln: `kiln eval` of its `model/`)")
+    rows = [f"| {what} | {cell(acc)} | {cell(ref)} (standard recipe: reflect padding, 200 "
+            f"warm-up steps, final weights) | {statistics.mean(acc) - mean_ref:+.4f} |",
+            f"| the same, `kiln eval --tta flip` (each image's scores averaged with its "
+            f"mirror's) | {cell(flip)} | | {statistics.mean(flip) - mean_ref:+.4f} |"]
+    if one is not None:
+        rows.append(f"| the same, kiln with 1 worker of 2 threads (seed {seeds[0]}: batch "
+                    f"norm over the whole batch) | {one['eval']['none']:.4f} | {ref[0]:.4f} | "
+                    f"{one['eval']['none'] - ref[0]:+.4f} |")
+    speed = [k["last"]["samples_per_s"] for k in ks]
+    plain_speed = [p["samples_per_s"] for p in ps]
+    rows.append(f"| ResNet-20 training throughput, images/s | {statistics.mean(speed):,.0f} | "
+                f"{statistics.mean(plain_speed):,.0f} | "
+                f"{statistics.mean(speed) / statistics.mean(plain_speed):.2f}x |")
+    k = ks[0]
+    return rows, [f"photos (generated in {gen_s:.1f} s): kiln {startup_text(k)}, `kiln eval` "
+                  f"{k['eval_s']['none']:.1f} s ({k['eval_s']['flip']:.1f} s with --tta flip); "
+                  f"plain decoding the tar {ps[0]['load_s']:.1f} s"]
 
 
 def lstm(tmp: Path, budget: float) -> tuple[list[str], list[str]]:
@@ -162,13 +200,17 @@ def main() -> None:
     ap.add_argument("--photos-s", type=float, default=300)
     ap.add_argument("--lstm-s", type=float, default=480)
     ap.add_argument("--photos-per-class", type=int, default=2000)
+    ap.add_argument("--photos-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--one-worker", action="store_true",
+                    help="photos: also kiln with 1 worker of 2 threads, first seed")
     ap.add_argument("--only", default="digits,photos,lstm")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     rows, notes = [], []
     for name in a.only.split(","):
         r, n = {"digits": lambda: digits(tmp, a.digits_s),
-                "photos": lambda: photos(tmp, a.photos_s, a.photos_per_class),
+                "photos": lambda: photos(tmp, a.photos_s, a.photos_per_class, a.photos_seeds,
+                                          a.one_worker),
                 "lstm": lambda: lstm(tmp, a.lstm_s)}[name]()
         rows += r
         notes += n

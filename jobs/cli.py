@@ -39,9 +39,9 @@ OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision 
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
 TTA = typer.Option("none", "--tta", help="flip: each image's scores averaged with its "
-                   "mirror image's (one row an image; twice the model's work; +0.5 points "
-                   "on the team's photos); auto: flip where the model trained on mirrored "
-                   "images (colour photos); none.")
+                   "mirror image's (one row an image; twice the model's work); auto: flip "
+                   "where the model trained with flips (--augment flip, colour images' "
+                   "default); none.")
 FORWARD = typer.Option(False, "--forward-credentials",
                        help="Give the cluster's processes this shell's AWS_* variables (in a "
                        "package Ray uploads but never logs or shows); by default a cluster "
@@ -87,7 +87,7 @@ def run_job(fn, *args):
     from pipelines.sink import OutputError
     from pipelines.storage import StorageError
 
-    try:  # models.ModelFolderError is a ValueError (and importing models costs torch's 2.5 s)
+    try:  # models.ModelFolderError is a ValueError (and importing models imports torch: slow)
         return fn(*args)
     except (StorageError, OutputError, FileNotFoundError, ValueError) as e:
         if DEBUG["on"]:
@@ -459,8 +459,8 @@ def main() -> None:  # pragma: no cover
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         # The work is done, every output closed and any Ray shut down; tearing down torch's
-        # (and Ray's) native modules at interpreter exit takes another 0.8-2 s that nobody
-        # waits on gladly.
+        # (and Ray's) native modules at interpreter exit takes more time that nobody waits
+        # on gladly.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

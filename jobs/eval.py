@@ -56,7 +56,8 @@ class EvalJob(LabelJob):
     name, verb, done_word = "eval", "scoring", "scored"
 
     def identity(self) -> dict:
-        return {"model": self.loaded.id, "data": self.opts.data, "tta": self.tta}
+        return {"model": self.loaded.id, "data": self.opts.data,
+                **({"tta": True} if self.tta else {})}
 
     def settings(self, out, layout) -> LabelSettings:
         o = self.opts
@@ -83,7 +84,8 @@ class EvalJob(LabelJob):
         for r in sheet:
             r["image"] = thumbs.get((r["source"], r["path"]))
         record = {"kind": "cnn", "model": self.loaded.id, "data": redact(self.opts.data),
-                  "error_rows": summary["error_rows"], **figures}
+                  "tta": "flip" if self.tta else "none", "error_rows": summary["error_rows"],
+                  **figures}
         storage.write_bytes(storage.join(out.uri, EVAL_FILE), json.dumps(record, indent=1).encode())
         storage.write_bytes(storage.join(out.uri, PAGE_FILE),
                             render(summary, figures, sheet).encode())
@@ -148,6 +150,9 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
                    output=check_output(opts.output, [opts.data, opts.model]))
     kind = storage.read_model_config(opts.model)["kind"]
     if kind == "rnn":
+        if opts.tta == "flip":
+            raise ValueError("--tta flip averages an image with its mirror image: a text "
+                             "model has none (leave --tta out)")
         return eval_text(opts, console)
     from pipelines.train_data import check_image_source
 

@@ -21,8 +21,9 @@ from pipelines.fence import check_output
 from pipelines.label import LabelPredictor, LabelSettings, flip_tta, make_tasks
 from pipelines.sources import count_known
 
-# One core labels ~1,300 28x28 digits a second with the MNIST net (bench/label.py); a job
-# whose size is unknown before reading (Parquet, streamed tars) counts as big.
+# How many 28x28 digits one core labels a second with the MNIST net (bench/label.py;
+# BENCHMARKS.md, Labeling section); a job whose size is unknown before reading (Parquet,
+# streamed tars) counts as big.
 IMAGES_PER_CPU_S = 1300
 
 
@@ -39,8 +40,9 @@ class LabelJob(BulkJob):
         self.tta = flip_tta(opts.tta, loaded.config)
 
     def identity(self) -> dict:
+        # tta only where it is on: an output of a kiln before --tta still resumes.
         return {"model": self.loaded.id, "inputs": list(self.opts.inputs),
-                "top_k": self.opts.top_k, "tta": self.tta}
+                "top_k": self.opts.top_k, **({"tta": True} if self.tta else {})}
 
     def plan(self, done: set[tuple]) -> Plan:
         tasks = make_tasks(self.units, {(s, p) for s, p, _, _ in done})

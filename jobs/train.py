@@ -50,8 +50,8 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
                          "it, or choose another --out")
     task = TASKS[opts.kind]
     early = task.check_data(opts)  # the data's mistakes fail here, before Ray starts
-    # No dashboard for a training job's own local Ray: on 2 CPUs its processes cost the DDP
-    # workers ~5% of their steps (a 2x256 LSTM: 12,200 vs 11,600 chars/s).
+    # No dashboard for a training job's own local Ray: on 2 CPUs its processes take CPU time
+    # from the DDP workers' steps.
     with Lease(opts.out, "train", uuid.uuid4().hex[:8]), \
             ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug,
                                    forward_credentials=opts.forward_credentials)):
@@ -78,8 +78,9 @@ def resolve(opts: TrainOptions) -> TrainOptions:
     """Fills the defaults that depend on the model kind and architecture. --batch-size is
     global (all workers together). ResNets and torchvision networks train with SGD + Nesterov
     at lr 0.1 per 128 images, decayed linearly to zero (the standard recipe); the Keras MNIST
-    net with AdamW at 2e-3 and char-RNNs at 4e-3, held for 70% of the run, then decayed (at
-    480 s of a 2x256 LSTM, 0.768 nats/char against char-rnn's constant 2e-3's 0.819).
+    net with AdamW at 2e-3 and char-RNNs at 4e-3, held for 70% of the run, then decayed (a
+    2x256 LSTM's loss ends lower than with char-rnn's constant 2e-3; measured: BENCHMARKS.md,
+    Training section).
     Without --epochs, --max-steps or --time-limit a run is 10 epochs."""
     batch = opts.batch_size if opts.batch_size is not None else (
         128 if opts.kind == "cnn" else 64)  # 0 stays 0, for validate() to refuse
@@ -151,8 +152,8 @@ def validate(opts: TrainOptions) -> None:
 
 
 OPTIMIZERS = ("sgd", "adamw")
-# The ResNets' label smoothing: +5.3 points of test accuracy on the team's photos at 120 s
-# over the same recipe without it, both seeds (bench/recipe.py, BENCHMARKS.md).
+# The ResNets' label smoothing: far better test accuracy on the team's photos after a short
+# run, both seeds, and no worse after a longer one (BENCHMARKS.md, Photo recipe section).
 LABEL_SMOOTHING = 0.1
 MAX_IMAGE_SIZE = 2048  # beyond it one decoded image alone would take tens of megabytes
 

@@ -158,6 +158,9 @@ def run(w: Worker, train, val, prog: Progress) -> None:
         raise ValueError("the training data holds less than one batch: lower --batch-size")
     start, before, train_s = time.monotonic(), prog.elapsed_s, 0.0
     rnd, batches, done = Round(), None, 0  # done: steps into the current epoch
+    # The warm-up's length is fixed once the run's length is first known (every worker
+    # agrees on it): one that followed each new estimate would jump the rate, or fall back.
+    warm = None
     if complete(cfg, prog):  # restored from the last checkpoint of a run that has ended
         return
     while True:
@@ -180,8 +183,9 @@ def run(w: Worker, train, val, prog: Progress) -> None:
             if finished:
                 return
             continue
-        warm = warmup_steps(budget.total, *cfg.warmup)
-        lr = lr_at(prog.step, budget.total, cfg.lr, warm, cfg.cooldown)
+        if warm is None and math.isfinite(budget.total):
+            warm = warmup_steps(budget.total, *cfg.warmup)
+        lr = lr_at(prog.step, budget.total, cfg.lr, warm or cfg.warmup[0], cfg.cooldown)
         for group in w.opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         loss, n = train_step(task, w.model, w.opt, task.to_device(batch, w.device, w.layout),
@@ -199,10 +203,13 @@ def run(w: Worker, train, val, prog: Progress) -> None:
         if last or budget.eval_due(prog.step):
             validate(w, val, prog, rnd, budget, prog.epoch + done % per_epoch / per_epoch,
                      before + time.monotonic() - start, train if last else None)
-            rnd = Round()
             # The validation moved the clock: the next step's rate must already see it.
-            last = settle(budget, prog.step, train_s, before + time.monotonic() - start, cfg) \
-                or last
+            if settle(budget, prog.step, train_s, before + time.monotonic() - start, cfg) \
+                    and not last:  # and it spent the budget: the final validation follows
+                prog.ended, last = [cfg.max_steps, cfg.time_limit_s], True
+                validate(w, val, prog, rnd, budget, prog.epoch + done % per_epoch / per_epoch,
+                         before + time.monotonic() - start, train)
+            rnd = Round()
         if last:
             return
 
@@ -233,7 +240,8 @@ def agree(total: float, late: bool) -> tuple[float, bool]:
     return -float(both[0]), bool(both[1] > 0)
 
 
-PRECISE_BN_IMAGES = 4096  # over every worker: 64 batches of 64 on 1 of 2 workers
+PRECISE_BN_IMAGES = 4096  # over every worker: 32 batches of 64 on each of 2 workers
+PRECISE_BN_MIN_S = 2.0  # ... and at most a validation's time, or this where that is shorter
 
 
 def norms(model) -> list:
@@ -242,13 +250,15 @@ def norms(model) -> list:
             and m.track_running_stats]
 
 
-def precise_bn(w: Worker, train) -> None:
+def precise_bn(w: Worker, train, seconds: float) -> None:
     """Batch norm's running statistics recomputed before the final validation, as the mean
     over PRECISE_BN_IMAGES training images of the final weights, every worker's averaged.
     Training leaves them an exponential average of rank 0's last ~10 batches of 64 (DDP
     broadcasts rank 0's buffers), taken while the weights still moved: noisy enough that
-    two validations 7 steps apart differed by 0.7 points on 2,000 photos. A frozen
-    backbone's norms keep the loaded statistics (they are in eval mode)."""
+    two validations 7 steps apart differed noticeably on 2,000 photos. A frozen
+    backbone's norms keep the loaded statistics (they are in eval mode). A worker stops
+    after `seconds` (a big network on a CPU), with what it has seen; the batch norms run
+    locally, and only the averaging at the end is collective."""
     layers = norms(w.raw)
     unaugmented = getattr(train, "unaugmented", None)
     batches = unaugmented(PRECISE_BN_IMAGES) if layers and unaugmented else None
@@ -259,10 +269,13 @@ def precise_bn(w: Worker, train) -> None:
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # a cumulative mean over the batches below, not an EMA
+    t0 = time.monotonic()
     with torch.no_grad():
         for batch in batches:
             with w.autocast:
                 w.raw(w.task.to_device(batch, w.device, w.layout)["x"])  # (b, C, S, S)
+            if time.monotonic() - t0 > seconds:
+                break
     for m, momentum in zip(layers, momenta, strict=True):
         m.momentum = momentum
         for stat in (m.running_mean, m.running_var):
@@ -275,7 +288,7 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
     run's end (`train` given) batch norm's statistics are made precise first."""
     t0 = time.monotonic()
     if train is not None:
-        precise_bn(w, train)
+        precise_bn(w, train, max(PRECISE_BN_MIN_S, budget.val_s or 0.0))
     w.raw.eval()
     with torch.no_grad():
         metrics = w.task.metrics(all_sum(w.task.val_sums(w.raw, val, w.device, w.layout,
@@ -292,7 +305,9 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
               "lr": w.opt.param_groups[-1]["lr"]}  # the head's, with --init
     prog.history.append(record)
     is_best = better(w.task, record, prog.best)
-    keep = is_best or (prog.ended is not None and within_noise(w.task, record, prog.history))
+    # The final weights where they are as good as the best within noise; only at the end:
+    # a resumed run that trains on also holds an `ended` from its first budget.
+    keep = is_best or (train is not None and within_noise(w.task, record, prog.history))
     if is_best:
         prog.best = list(w.task.rank(record))
     report(w, prog, record, keep)
@@ -312,7 +327,7 @@ def within_noise(task, record: dict, history: list[dict]) -> bool:
     is better beyond noise (an overfitting run). On 2% of 50,000 images one standard error
     of accuracy is 1.3 points: the best of eight validations is often the luckiest."""
     best = max(history, key=task.rank)
-    return task.rank(record)[0] >= task.rank(best)[0] - NOISE_ERRORS * task.noise(best)
+    return task.rank(record)[0] >= task.rank(best)[0] - NOISE_ERRORS * task.noise(best, record)
 
 
 def train_step(task, model, opt, batch: dict, autocast) -> tuple[torch.Tensor, int]:

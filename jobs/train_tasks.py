@@ -131,16 +131,18 @@ class ImageBatches:
                            self.cfg.whole_train)
 
     def unaugmented(self, images: int):
-        """Up to `images` of this worker's training images in batches of its size, as they
-        are (not augmented): the same images on every call (precise_bn). None where the set
-        is streamed rather than held."""
+        """Up to `images` (over every worker) of this worker's training images, in batches
+        of its size as they are (not augmented), read one at a time: the same images on
+        every call (precise_bn). None where the set is streamed rather than held."""
         if not self.cfg.whole_train or self.rows is None:
             return None
         n = len(self.rows["y"])
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))
         mine = order[self.rank::self.workers][:max(self.b, images // self.workers)]
-        return [{k: v[mine[i:i + self.b]] for k, v in self.rows.items()}
-                for i in range(0, len(mine) - self.b + 1, self.b)] or None
+        if len(mine) < self.b:
+            return None
+        return ({k: v[mine[i:i + self.b]] for k, v in self.rows.items()}
+                for i in range(0, len(mine) - self.b + 1, self.b))
 
     def epoch(self, epoch: int):
         if not self.cfg.whole_train:
@@ -160,8 +162,8 @@ class ImageBatches:
 
 
 class CNNTask:
-    # bf16 autocast and channels-last on CUDA: 1.56x (resnet20) and 2.1x (resnet18 at 224)
-    # the fp32 step on an H200 (BENCHMARKS.md, GPU section).
+    # bf16 autocast and channels-last on CUDA: faster than the fp32 step for resnet20 and
+    # resnet18 at 224 (measured: BENCHMARKS.md, GPU section).
     metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
     weight_decay = {"sgd": 5e-4, "adamw": 1e-4}  # the ResNet recipe's; Keras' MNIST net's
     metric_key = "val_accuracy"  # the curve beside the loss
@@ -177,11 +179,16 @@ class CNNTask:
         return rec["val_accuracy"], -rec["val_loss"]
 
     @staticmethod
-    def noise(rec: dict) -> float:
-        """One standard error of the validation accuracy (binomial, over its images): two
-        validations closer than a few of these are not told apart by it."""
-        p, n = rec["val_accuracy"], rec.get("val_images", 0)
-        return math.sqrt(p * (1 - p) / n) if n else 0.0
+    def noise(rec: dict, now: dict) -> float:
+        """One standard error of the validation accuracy `rec` (binomial, over its images;
+        a line of an older kiln has no count, the run's current line gives it): two
+        validations closer than a few of these are not told apart by it. The accuracy is
+        taken as (correct + 1) / (images + 2), so that a perfect score is not noiseless."""
+        n = rec.get("val_images") or now.get("val_images") or 0
+        if not n:
+            return 0.0
+        p = (rec["val_accuracy"] * n + 1) / (n + 2)
+        return math.sqrt(p * (1 - p) / n)
 
     @staticmethod
     def check_data(opts) -> dict:
@@ -339,8 +346,8 @@ def detach(state):
 
 
 class RNNTask:
-    # char-rnn clips gradients at 5. No bf16 autocast: cuDNN's LSTM ran 7-19% slower under it
-    # than in fp32 on an H200 (BENCHMARKS.md, GPU section).
+    # char-rnn clips gradients at 5. No bf16 autocast: cuDNN's LSTM ran slower under it than
+    # in fp32 (measured: BENCHMARKS.md, GPU section).
     metric, mode, clip, bf16, channels_last = "val_loss", "min", 5.0, False, False
     weight_decay = {"sgd": 5e-4, "adamw": 0.0}  # char-rnn trains without
     metric_key = "bits_per_char"
@@ -355,7 +362,7 @@ class RNNTask:
         return (-rec["val_loss"],)
 
     @staticmethod
-    def noise(rec: dict) -> float:
+    def noise(rec: dict, now: dict) -> float:
         """A mean over every character of the validation text: its noise is not measured,
         and is small next to a char-RNN's overfitting (the best validation is kept)."""
         return 0.0
