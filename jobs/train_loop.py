@@ -121,7 +121,9 @@ def train_loop_per_worker(config: dict) -> None:
             prog = Progress(**training_state_from_bytes(state, opt, d))
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    layout = torch.channels_last if on_gpu and task.channels_last else torch.preserve_format
+    # Channels-last convolutions run faster on GPUs (tensor cores) and on CPUs (oneDNN's
+    # NHWC kernels) alike, as labeling takes them (BENCHMARKS.md, Photo recipe section).
+    layout = torch.channels_last if task.channels_last else torch.preserve_format
     if layout is torch.channels_last:
         model = model.to(memory_format=layout)
     model = ray.train.torch.prepare_model(model)

@@ -162,8 +162,9 @@ class ImageBatches:
 
 
 class CNNTask:
-    # bf16 autocast and channels-last on CUDA: faster than the fp32 step for resnet20 and
-    # resnet18 at 224 (measured: BENCHMARKS.md, GPU section).
+    # bf16 autocast on CUDA and channels-last everywhere: faster than the fp32 NCHW step for
+    # resnet20 and resnet18 at 224 on an H200, and for every family on a CPU (measured:
+    # BENCHMARKS.md, GPU and Photo recipe sections).
     metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
     weight_decay = {"sgd": 5e-4, "adamw": 1e-4}  # the ResNet recipe's; Keras' MNIST net's
     metric_key = "val_accuracy"  # the curve beside the loss
@@ -272,7 +273,10 @@ class CNNTask:
         pass
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
-        x = augment_batch(batch["x"], self.augment)  # (B, C, S, S)
+        x = batch["x"]  # (B, C, S, S), in the worker's memory format
+        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+               else torch.contiguous_format)
+        x = augment_batch(x, self.augment).contiguous(memory_format=fmt)  # its gathers: NCHW
         return F.cross_entropy(model(x), batch["y"], label_smoothing=self.smoothing), len(x)
 
     def val_sums(self, model, val, device, layout, autocast) -> torch.Tensor:
