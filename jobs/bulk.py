@@ -20,6 +20,7 @@ from rich.console import Console
 
 from jobs.connect import (
     RayOptions,
+    check_address,
     check_gpu,
     has_cluster,
     local_cpus,
@@ -105,6 +106,7 @@ def check_options(opts) -> None:
         raise ValueError(f"--batch-size must be from 1 to {MAX_BATCH:,}, got {opts.batch_size:,}")
     if opts.actors is not None and opts.actors < 1:
         raise ValueError(f"--actors must be at least 1, got {opts.actors}")
+    check_address(opts.address)
     check_gpu(opts)
 
 

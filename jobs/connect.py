@@ -216,7 +216,20 @@ def local_train_env():
             os.environ.pop(k, None)
 
 
+def check_address(address: str | None) -> None:
+    """A Ray Jobs (dashboard) URL is what `kiln submit --address` takes, and what Ray's own
+    job CLI reads from RAY_ADDRESS; a command that joins the cluster itself needs the GCS
+    address (Ray answered such a URL with `ValueError: 2`)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.split("://", 1)[0].lower() in ("http", "https"):
+        raise ValueError(
+            f"--address {address} (or RAY_ADDRESS) is a Ray Jobs URL, which kiln submit "
+            "takes; this command joins the cluster itself and needs its GCS address "
+            "(HEAD:6379). Or run it there: kiln submit --address URL -- kiln ...")
+
+
 def _init(ray, opts: RayOptions) -> None:
+    check_address(opts.address)
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster's workers do not have this shell's S3 settings: hand them over (a Ray Job's

@@ -166,6 +166,9 @@ MISTAKES = {
     "a text model scored with mirror images": (["eval", "--model", "{t}/lm", "--data",
                                                 "{t}/notes.txt", "--output", "{t}/gen",
                                                 "--tta", "flip"], "a text model has none"),
+    "a Ray Jobs URL where the cluster's own address belongs": (
+        ["label", "--model", "{t}/cnn", "--input", "{t}/one-class.tar", "--output", "{t}/gen",
+         "--address", "http://127.0.0.1:8265"], "is a Ray Jobs URL, which kiln submit takes"),
     "a range on a choice": (["tune", "rnn", "--data", "{t}/notes.txt", "--out", "{t}/run",
                              "--cell", "lstm:gru"], "--cell takes a value or a list"),
 }
