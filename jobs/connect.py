@@ -219,7 +219,11 @@ def local_train_env():
 def check_address(address: str | None) -> None:
     """A Ray Jobs (dashboard) URL is what `kiln submit --address` takes, and what Ray's own
     job CLI reads from RAY_ADDRESS; a command that joins the cluster itself needs the GCS
-    address (Ray answered such a URL with `ValueError: 2`)."""
+    address (Ray answered such a URL with `ValueError: 2`). A Ray the caller started itself
+    (a notebook, a test) is used as it is, whatever the address says."""
+    ray = sys.modules.get("ray")  # not imported here for this: in-process jobs never need it
+    if ray is not None and ray.is_initialized():
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.split("://", 1)[0].lower() in ("http", "https"):
         raise ValueError(

@@ -163,8 +163,8 @@ class ImageBatches:
 
 class CNNTask:
     # bf16 autocast on CUDA and channels-last everywhere: faster than the fp32 NCHW step for
-    # resnet20 and resnet18 at 224 on an H200, and for every family on a CPU (measured:
-    # BENCHMARKS.md, GPU and Photo recipe sections).
+    # resnet20 and resnet18 at 224 on an H200, and for resnet20, resnet8 and mnist_cnn on a
+    # CPU (measured: BENCHMARKS.md, GPU and Photo recipe sections).
     metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
     weight_decay = {"sgd": 5e-4, "adamw": 1e-4}  # the ResNet recipe's; Keras' MNIST net's
     metric_key = "val_accuracy"  # the curve beside the loss
