@@ -73,6 +73,19 @@ def run(train: Path, test: Path, budget: float, seed: int, options: list[str],
     return json.loads(out.strip().splitlines()[-1])
 
 
+def ablate(variants: dict, measure, row) -> list[str]:
+    """Each variant over the seeds (`measure(options)`: one result a seed), as a table row
+    `row(name, what, results, base)`, printed as it comes; `base` is the first variant's
+    results, which the others are read against."""
+    rows, base = [], None
+    for name, (what, options) in variants.items():
+        res = measure(options)
+        base = res if base is None else base
+        rows.append(row(name, what, res, base))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def lm(budget: float, seeds: list[int]) -> None:
     import sysconfig
 
@@ -83,18 +96,18 @@ def lm(budget: float, seeds: list[int]) -> None:
     train, val = tmp / "train.txt", tmp / "val.txt"
     train.write_text(text[:cut], encoding="utf-8")
     val.write_text(text[cut:], encoding="utf-8")
-    rows, base = [], None
-    for name, (what, options) in LM_VARIANTS.items():
-        res = [run(train, val, budget, s, [*options, "--eval-every", str(budget / 4)],
-                   "charrnn.py") for s in seeds]
+
+    def row(name, what, res, base):
         last = [r["val_nats_per_char"] for r in res]
-        best = [r["best_val_nats_per_char"] for r in res]
         mean = statistics.mean(last)
-        base = mean if base is None else base
-        line = (f"| {name} | {what} | {' / '.join(f'{x:.3f}' for x in last)} | {mean:.3f} | "
-                f"{mean / base:.3f}x | {statistics.mean(best):.3f} |")
-        rows.append(line)
-        print(line, flush=True)
+        ref = statistics.mean(r["val_nats_per_char"] for r in base)
+        return (f"| {name} | {what} | {' / '.join(f'{x:.3f}' for x in last)} | {mean:.3f} | "
+                f"{mean / ref:.3f}x | "
+                f"{statistics.mean(r['best_val_nats_per_char'] for r in res):.3f} |")
+
+    rows = ablate(LM_VARIANTS, lambda options: [
+        run(train, val, budget, s, [*options, "--eval-every", str(budget / 4)], "charrnn.py")
+        for s in seeds], row)
     body = "\n".join([
         f"2x256 LSTM, English prose ({cut / 1e3:,.0f} kB train / {(len(text) - cut) / 1e3:,.0f} "
         f"kB validation), {budget:.0f} s of training a run, seeds "
@@ -124,19 +137,18 @@ def main() -> None:
     te_img, te_lab = embedded.photos(max(100, a.per_class // 10), 32, seed=0, part="test")
     train = archive(tmp / "photos.tar", tr_img, tr_lab, "jpg")
     test = archive(tmp / "photos-test.tar", te_img, te_lab, "jpg")
-    rows = []
-    base = None
-    for name, (what, options) in VARIANTS.items():
-        if a.only and name not in a.only and name != "kiln before":  # the column's base
-            continue
-        res = [run(train, test, a.budget, s, options) for s in a.seeds]
+
+    def row(name, what, res, base):
         accs = [r["test_accuracy"] for r in res]
         mean = statistics.mean(accs)
-        base = mean if base is None else base
-        line = (f"| {name} | {what} | {' / '.join(f'{x:.4f}' for x in accs)} | {mean:.4f} | "
-                f"{100 * (mean - base):+.2f} | {statistics.mean(r['epochs'] for r in res):.1f} |")
-        rows.append(line)
-        print(line, flush=True)
+        ref = statistics.mean(r["test_accuracy"] for r in base)
+        return (f"| {name} | {what} | {' / '.join(f'{x:.4f}' for x in accs)} | {mean:.4f} | "
+                f"{100 * (mean - ref):+.2f} | {statistics.mean(r['epochs'] for r in res):.1f} |")
+
+    chosen = {name: v for name, v in VARIANTS.items()  # "kiln before": the column's base
+              if not a.only or name in a.only or name == "kiln before"}
+    rows = ablate(chosen, lambda options: [run(train, test, a.budget, s, options)
+                                           for s in a.seeds], row)
     body = "\n".join([
         f"ResNet-20, {len(tr_img):,} train / {len(te_img):,} test photos, {a.budget:.0f} s of "
         f"training a run, seeds {', '.join(map(str, a.seeds))}; one process, 2 threads "

@@ -280,8 +280,11 @@ def precise_bn(w: Worker, train, seconds: float) -> None:
                 break
     for m, momentum in zip(layers, momenta, strict=True):
         m.momentum = momentum
-        for stat in (m.running_mean, m.running_var):
-            stat.copy_(_all_reduce(stat.detach().clone()) / w.workers)
+    # Every norm's mean and variance in one all-reduce, not two a layer.
+    stats = [s for m in layers for s in (m.running_mean, m.running_var)]
+    mean = _all_reduce(torch.cat([s.detach().flatten().float() for s in stats])) / w.workers
+    for s, part in zip(stats, mean.split([s.numel() for s in stats]), strict=True):
+        s.copy_(part.view_as(s))
 
 
 def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: float,
