@@ -41,15 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from jobs import embedded  # noqa: E402
 from jobs.schedule import lr_at  # noqa: E402
+from jobs.train_batches import TextStreams, ValBatches  # noqa: E402
 from jobs.train_loop import train_step  # noqa: E402
-from jobs.train_tasks import (  # noqa: E402
-    CNNTask,
-    RNNTask,
-    TextStreams,
-    ValBatches,
-    WorkerConfig,
-    make_optimizer,
-)
+from jobs.train_tasks import CNNTask, RNNTask, WorkerConfig, make_optimizer  # noqa: E402
 from models import CharVocab, SamplingSettings, build_model, row_seed, sample  # noqa: E402
 from models.checkpoint import CNNSpec, RNNSpec, model_to_bytes  # noqa: E402
 from pipelines import sources, storage  # noqa: E402

@@ -226,8 +226,9 @@ def test_precise_bn_makes_batch_norm_statistics_the_mean_over_training_images():
     import contextlib
     from types import SimpleNamespace
 
+    from jobs.train_batches import ImageBatches
     from jobs.train_loop import PRECISE_BN_IMAGES, precise_bn
-    from jobs.train_tasks import CNNTask, ImageBatches, WorkerConfig
+    from jobs.train_tasks import CNNTask, WorkerConfig
     from models import CNNSpec
 
     spec = CNNSpec("resnet20", list("ab"), channels=3, image_size=8, mean=[0.5] * 3,

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from jobs.train_batches import ImageBatches, TextStreams, ValBatches
 from jobs.train_loop import agree, all_sum
-from jobs.train_tasks import CNNTask, ImageBatches, RNNTask, TextStreams, ValBatches, WorkerConfig
+from jobs.train_tasks import CNNTask, RNNTask, WorkerConfig
 from models import build_model
 from models.checkpoint import CNNSpec, RNNSpec
 from pipelines.train_data import HeldShard
