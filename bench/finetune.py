@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
-from jobs import embedded  # noqa: E402
+from kiln import embedded  # noqa: E402
 
 COMMON = ["--arch", "resnet8", "--channels", "3", "--image-size", "32", "--workers", "2"]
 
@@ -35,7 +35,7 @@ COMMON = ["--arch", "resnet8", "--channels", "3", "--image-size", "32", "--worke
 def kiln_train(*args: str) -> dict:
     out = args[args.index("--out") + 1]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "jobs", "train", "cnn", *args],
+    proc = subprocess.run([sys.executable, "-m", "kiln", "train", "cnn", *args],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"kiln train failed:\n{proc.stderr[-3000:]}")

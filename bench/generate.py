@@ -54,9 +54,9 @@ NAIVE_KERNELS = {"oneDNN on, default threads": [],
 def make_model(folder: Path) -> Path:
     import torch
 
-    from jobs import embedded
-    from models import CharRNN, CharVocab, RNNSpec, model_to_bytes
-    from pipelines import storage
+    from kiln import embedded
+    from kiln.models import CharRNN, CharVocab, RNNSpec, model_to_bytes
+    from kiln.pipelines import storage
 
     torch.manual_seed(0)
     vocab = CharVocab.build(embedded.stdlib_corpus(1_000_000))
@@ -67,7 +67,7 @@ def make_model(folder: Path) -> Path:
 
 
 def make_prompts(n: int) -> list[str]:
-    from jobs import embedded
+    from kiln import embedded
 
     lines = [s.strip() for s in embedded.stdlib_corpus(2_000_000).splitlines()]
     lines = [s[:80] for s in lines if len(s) >= 8]
@@ -93,7 +93,7 @@ def plain(model: Path, prompts: Path, max_chars: int, *extra: str) -> dict:
 
 
 def kiln(model: Path, prompts: Path, out: Path, max_chars: int, *extra: str) -> dict:
-    seconds, log = run([sys.executable, "-m", "jobs", "generate", "--model", str(model),
+    seconds, log = run([sys.executable, "-m", "kiln", "generate", "--model", str(model),
                         "--prompts", str(prompts), "--output", str(out), "--max-chars",
                         str(max_chars), "--overwrite", *extra])
     summary = json.loads((out / "summary.json").read_text())
@@ -129,9 +129,9 @@ def one_torch_thread():
 
 
 def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, float]:
-    from models import SamplingSettings, row_seed, sample
-    from models.runtime import keep_freed_memory
-    from pipelines import storage
+    from kiln.models import SamplingSettings, row_seed, sample
+    from kiln.models.runtime import keep_freed_memory
+    from kiln.pipelines import storage
 
     keep_freed_memory()  # as kiln's generator does
     loaded = storage.load_model(str(model))
@@ -154,8 +154,8 @@ def step_forms(model: Path, lanes: int = 256, rounds: int = 5) -> dict[str, floa
 
     import torch
 
-    from models.stepper import Stepper, bf16_linear
-    from pipelines import storage
+    from kiln.models.stepper import Stepper, bf16_linear
+    from kiln.pipelines import storage
 
     net = storage.load_model(str(model)).model
     g = torch.Generator().manual_seed(0)
@@ -189,7 +189,7 @@ def matmul_rates(lanes: int = 256, hidden: int = 256) -> dict[str, float]:
     `onednn_linear()`, else addmm again)."""
     import torch
 
-    from models.stepper import Linear, bf16_linear
+    from kiln.models.stepper import Linear, bf16_linear
 
     a, w = torch.randn(lanes, 2 * hidden), torch.randn(4 * hidden, 2 * hidden)
     b, wt = torch.randn(4 * hidden), w.T.contiguous()
@@ -235,7 +235,7 @@ def main() -> None:
     # Alternating rounds of the naive kernels, the plain batched loop and kiln; medians.
     import torch
 
-    from models.stepper import bf16_faster
+    from kiln.models.stepper import bf16_faster
 
     bf16 = bf16_faster(torch.device("cpu"))  # then kiln at --precision fp32 runs too
     strong = {"batched, all prompts": ["--batch", str(args.prompts)],
@@ -276,7 +276,7 @@ def main() -> None:
     print(f"lanes: {lanes}", flush=True)
     forms = step_forms(model)
     print(f"an LSTM step, ms: {forms}", flush=True)
-    from models.stepper import LANES, onednn_linear, tanh_faster
+    from kiln.models.stepper import LANES, onednn_linear, tanh_faster
 
     taken = "tanh" if tanh_faster(torch.device("cpu")) else "sigmoid"
     taken += ", with bf16 products" if bf16 else ""
@@ -285,7 +285,7 @@ def main() -> None:
     gemm = matmul_rates()
     print(f"matmul GFLOP/s on one thread: {gemm}", flush=True)
     kernel = "oneDNN's linear" if onednn_linear() else "addmm"
-    from pipelines import storage
+    from kiln.pipelines import storage
 
     vocab = len(storage.load_model(str(model)).vocab)
     flops = 2 * (256 * 1024 + 512 * 1024 + 256 * vocab)  # a character: two layers and the head

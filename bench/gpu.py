@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -37,18 +38,34 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from jobs import embedded  # noqa: E402
-from jobs.schedule import lr_at  # noqa: E402
-from jobs.train_batches import TextStreams, ValBatches  # noqa: E402
-from jobs.train_loop import train_step  # noqa: E402
-from jobs.train_tasks import CNNTask, RNNTask, WorkerConfig, make_optimizer  # noqa: E402
-from models import CharVocab, SamplingSettings, build_model, row_seed, sample  # noqa: E402
-from models.checkpoint import CNNSpec, RNNSpec, model_to_bytes  # noqa: E402
-from pipelines import sources, storage  # noqa: E402
-from pipelines.label import LabelPredictor, LabelSettings  # noqa: E402
-from pipelines.transforms import ImagePreset, choose_augment, decode_uint8  # noqa: E402
+
+def _import_kiln_from_checkout() -> None:
+    """The GPU machine has PyTorch but no kiln installed: the import name kiln maps to this
+    checkout as pyproject.toml's package-dir does (jobs/ is kiln; models/ and pipelines/, its
+    sub-packages, sit beside jobs/ in the checkout's root)."""
+    try:
+        import kiln  # noqa: F401
+    except ModuleNotFoundError:
+        spec = importlib.util.spec_from_file_location(
+            "kiln", ROOT / "jobs" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "jobs"), str(ROOT)])
+        sys.modules["kiln"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+_import_kiln_from_checkout()
+
+from kiln import embedded  # noqa: E402
+from kiln.models import CharVocab, SamplingSettings, build_model, row_seed, sample  # noqa: E402
+from kiln.models.checkpoint import CNNSpec, RNNSpec, model_to_bytes  # noqa: E402
+from kiln.pipelines import sources, storage  # noqa: E402
+from kiln.pipelines.label import LabelPredictor, LabelSettings  # noqa: E402
+from kiln.pipelines.transforms import ImagePreset, choose_augment, decode_uint8  # noqa: E402
+from kiln.schedule import lr_at  # noqa: E402
+from kiln.train_batches import TextStreams, ValBatches  # noqa: E402
+from kiln.train_loop import train_step  # noqa: E402
+from kiln.train_tasks import CNNTask, RNNTask, WorkerConfig, make_optimizer  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RESULTS: dict = {}
@@ -311,7 +328,7 @@ def collectives() -> None:
     gets (NCCL, which refuses CPU tensors), with a DDP-wrapped model: world size 1."""
     import torch.distributed as dist
 
-    from jobs.train_loop import agree, all_sum
+    from kiln.train_loop import agree, all_sum
 
     if DEV.type != "cuda":
         LINES.append("\n- Collectives: skipped (no CUDA).")
@@ -421,7 +438,7 @@ def model_alone(model: Path, size: int, channels: int, batch: int, reps: int) ->
 def decode_alone(jpgs: list[bytes], n: int, batch: int = 128) -> tuple[float, float]:
     """Images/s of 224-px decoding alone: a label actor's batched device decode
     (decode_jpegs_on: nvJPEG on CUDA) and one CPU thread file by file (decode_uint8)."""
-    from pipelines.transforms import decode_jpegs_on
+    from kiln.pipelines.transforms import decode_jpegs_on
 
     preset = ImagePreset(224, 3)
     blobs = [jpgs[i % len(jpgs)] for i in range(n)]
@@ -492,8 +509,8 @@ def step_times(net, lanes: int, bf16: bool, steps: int) -> dict[str, float]:
     """Milliseconds of one sampling step (models.stepper.Stepper) at `lanes`: run eagerly,
     and (on CUDA) captured once in a CUDA graph and replayed, the state copied back inside
     the graph; and the CPU side of a step that sample() adds (logits to the host, pick)."""
-    from models.sampling import pick
-    from models.stepper import Stepper
+    from kiln.models.sampling import pick
+    from kiln.models.stepper import Stepper
 
     st = Stepper(net, DEV)
     x = torch.randint(1, net.head.out_features, (lanes,), device=DEV)

@@ -39,8 +39,8 @@ def save_untrained(folder: Path, spec) -> Path:
     does not depend on the weights."""
     import torch
 
-    from models import build_model, model_to_bytes
-    from pipelines import storage
+    from kiln.models import build_model, model_to_bytes
+    from kiln.pipelines import storage
 
     torch.manual_seed(0)
     storage.save_model(str(folder), model_to_bytes(build_model("cnn", spec).eval(), "cnn", spec))
@@ -49,8 +49,8 @@ def save_untrained(folder: Path, spec) -> Path:
 
 def make_data(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
     """Tars of n digit PNGs (the 1,797 digits over and over) and an untrained mnist_cnn."""
-    from jobs import embedded
-    from models import CNNSpec
+    from kiln import embedded
+    from kiln.models import CNNSpec
 
     pngs, labels = embedded.digits(28)
     tars = {}
@@ -68,8 +68,8 @@ def make_photos(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
     import skimage.data
     from PIL import Image
 
-    from jobs import embedded
-    from models import CNNSpec
+    from kiln import embedded
+    from kiln.models import CNNSpec
 
     sources = [getattr(skimage.data, name)() for name in
                ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
@@ -113,7 +113,7 @@ def run_plain(tar: Path, model: Path, work: Path) -> float:
 
 def run_kiln(tar: Path, model: Path, work: Path, *extra: str) -> tuple[float, dict, str]:
     out = work / "kiln-out"
-    cmd = [sys.executable, "-m", "jobs", "label", "--model", str(model), "--input", str(tar),
+    cmd = [sys.executable, "-m", "kiln", "label", "--model", str(model), "--input", str(tar),
            "--output", str(out), "--overwrite", "--batch-size", str(BATCH), *extra]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     seconds, res = timed(cmd, env)
@@ -128,8 +128,8 @@ def decode_rates() -> list[tuple[str, str, float, float]]:
     import skimage.data
     from PIL import Image
 
-    from jobs import embedded
-    from pipelines.transforms import ImagePreset, decode_uint8, fast_decode
+    from kiln import embedded
+    from kiln.pipelines.transforms import ImagePreset, decode_uint8, fast_decode
 
     digits, _ = embedded.digits(28)
     photos = []
@@ -177,8 +177,8 @@ def model_only(keep: bool) -> float:
     process (the allocator setting is per process)."""
     code = f"""
 import time, torch
-from models import build_cnn
-from models.runtime import keep_freed_memory
+from kiln.models import build_cnn
+from kiln.models.runtime import keep_freed_memory
 if {keep}: keep_freed_memory()
 torch.set_num_threads(1)
 m = build_cnn("mnist_cnn", 10, 1, 28).eval().to(memory_format=torch.channels_last)
@@ -279,7 +279,7 @@ ResNet-20 definition (`bench/plain/resnet.py`) with the same weights.
 """
     verdict = "within the 2 s target" if start <= 2.0 else "over the 2 s target"
     return f"""
-Whole commands from launch to exit, as a user runs them: `kiln label` (`python -m jobs label
+Whole commands from launch to exit, as a user runs them: `kiln label` (`python -m kiln label
 --batch-size {BATCH}`) against the plain single-process loop `bench/plain/label.py` (tarfile +
 PIL + the same MNIST net at batch {BATCH} + pyarrow, torch's default {cpus} threads, imports
 nothing from kiln), side by side in one run, on tars of 28x28 digit PNGs with the same untrained

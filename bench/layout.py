@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import build_model  # noqa: E402
-from models.checkpoint import CNNSpec  # noqa: E402
+from kiln.models import build_model  # noqa: E402
+from kiln.models.checkpoint import CNNSpec  # noqa: E402
 
 NETS = [("resnet20", 3, 32), ("resnet8", 1, 28), ("mnist_cnn", 1, 28)]
 

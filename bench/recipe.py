@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
 from bench.train import archive  # noqa: E402
-from jobs import embedded  # noqa: E402
+from kiln import embedded  # noqa: E402
 
 OLD = ["--pad", "zeros", "--warmup", "20", "--bn-batch", "64", "--val-fraction", "0.02",
        "--select", "best"]

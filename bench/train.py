@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
-from jobs import embedded  # noqa: E402
+from kiln import embedded  # noqa: E402
 
 
 def kiln_train(*args: str) -> dict:
@@ -49,7 +49,7 @@ def kiln_train(*args: str) -> dict:
     read off the times its console lines appear."""
     out = args[args.index("--out") + 1]
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "jobs", "train", *args], text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", *args], text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     seen: list[tuple[float, str]] = []
     for line in proc.stderr:
@@ -124,7 +124,7 @@ def photos(tmp: Path, budget: float, per_class: int, seeds: list[int],
         k["eval"], k["eval_s"] = {}, {}
         for tta in ("none", "flip"):
             t0 = time.monotonic()
-            subprocess.run([sys.executable, "-m", "jobs", "eval", "--model", str(run),
+            subprocess.run([sys.executable, "-m", "kiln", "eval", "--model", str(run),
                             "--data", str(test), "--output", str(run) + f"-eval-{tta}",
                             "--tta", tta], check=True, cwd=ROOT, capture_output=True)
             k["eval_s"][tta] = time.monotonic() - t0

@@ -27,10 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from jobs import embedded
-    from jobs.connect import console, ensure_token_auth, local_train_env
-    from jobs.options import TrainOptions
-    from jobs.train import run_train
+    from kiln import embedded
+    from kiln.connect import console, ensure_token_auth, local_train_env
+    from kiln.options import TrainOptions
+    from kiln.train import run_train
 
     ensure_token_auth()
     work = Path(tempfile.mkdtemp(prefix="kiln-start-"))

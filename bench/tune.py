@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
-from jobs import embedded  # noqa: E402
+from kiln import embedded  # noqa: E402
 
 SPACES = {"cnn": ["--lr", "3e-4,1e-3,3e-3,1e-2", "--batch-size", "32,128", "--epochs", "8",
                   "--val-fraction", "0.25"],
@@ -75,7 +75,7 @@ def kiln_tune(kind: str, data: list[str], out: Path, *args: str, env=None) -> di
     t0 = time.monotonic()
     watch = Watch(out / "tune")
     watch.start()
-    proc = subprocess.run([sys.executable, "-m", "jobs", "tune", kind, *data, "--out",
+    proc = subprocess.run([sys.executable, "-m", "kiln", "tune", kind, *data, "--out",
                            str(out), *args], capture_output=True, text=True, cwd=ROOT,
                           env=env)
     watch.stop.set()
@@ -125,7 +125,7 @@ def on_cluster(data: list[str], tmp: Path) -> list[str]:
     from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
-    from jobs.connect import ensure_token_auth
+    from kiln.connect import ensure_token_auth
 
     ensure_token_auth()
     os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)

@@ -1,3 +1,3 @@
-from jobs.cli import main
+from kiln.cli import main
 
 main()

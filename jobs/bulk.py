@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from jobs.connect import (
+from kiln.connect import (
     RayOptions,
     check_address,
     check_gpu,
@@ -28,10 +28,10 @@ from jobs.connect import (
     ray_session,
     runs_here,
 )
-from jobs.redact import redact
-from pipelines import storage
-from pipelines.bulk import Layout, bulk_dataset, run_in_threads, stats_rows
-from pipelines.sink import OutputDir, Progress, skip_pandas_probe
+from kiln.pipelines import storage
+from kiln.pipelines.bulk import Layout, bulk_dataset, run_in_threads, stats_rows
+from kiln.pipelines.sink import OutputDir, Progress, skip_pandas_probe
+from kiln.redact import redact
 
 
 @dataclass
@@ -265,7 +265,7 @@ def make_summary(job: BulkJob, done: set[tuple], parts: dict[str, dict], elapsed
                  ) -> dict:
     """summary.json: the rows of this run and of earlier interrupted runs of the same job.
     Rates cover this run's rows and time, Ray's start included."""
-    from models import __version__  # torch, which the model loaded already
+    from kiln.models import __version__  # torch, which the model loaded already
 
     written = sum(p["rows"] for p in parts.values())
     errors = job.done_errors(done)

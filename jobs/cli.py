@@ -11,8 +11,8 @@ import sys
 import typer
 from rich.console import Console
 
-from jobs import connect
-from jobs.options import BACKBONE_LR_SCALE, GenerateOptions, LabelOptions, TrainOptions
+from kiln import connect
+from kiln.options import BACKBONE_LR_SCALE, GenerateOptions, LabelOptions, TrainOptions
 
 console = connect.console()
 app = typer.Typer(
@@ -67,7 +67,7 @@ def main_options(debug: bool = typer.Option(
 
 
 def fail(message: str, code: int = 2) -> None:
-    from jobs.redact import redact
+    from kiln.redact import redact
 
     console.print(f"[bold red]error:[/] {redact(message)}", highlight=False)
     raise typer.Exit(code)
@@ -84,8 +84,8 @@ def run_job(fn, *args):
     """Runs a job. A user's mistake (a ValueError and its kin: bad options, data, models,
     outputs, storage) is one line and exit code 2; anything else one line naming its type
     and exit code 1; --debug re-raises both with their tracebacks."""
-    from pipelines.sink import OutputError
-    from pipelines.storage import StorageError
+    from kiln.pipelines.sink import OutputError
+    from kiln.pipelines.storage import StorageError
 
     try:  # models.ModelFolderError is a ValueError (and importing models imports torch: slow)
         return fn(*args)
@@ -135,7 +135,7 @@ def train_cnn(
 ):
     """Train an image classifier."""
     given = dict(locals())  # the options, by TrainOptions' names
-    from jobs.train import run_train
+    from kiln.train import run_train
 
     run_job(run_train, TrainOptions("cnn", **given, debug=DEBUG["on"]))
 
@@ -174,7 +174,7 @@ def train_rnn(
 ):
     """Train a character-level language model (char-rnn)."""
     given = dict(locals())  # the options, by TrainOptions' names
-    from jobs.train import run_train
+    from kiln.train import run_train
 
     run_job(run_train, TrainOptions("rnn", **given, debug=DEBUG["on"]))
 
@@ -209,13 +209,13 @@ def tune_command(kind: str, train_fn):
     import inspect
     import typing
 
-    from jobs.tune_space import TUNABLE
+    from kiln.tune_space import TUNABLE
 
     hints = typing.get_type_hints(train_fn)
 
     def command(**kw):
-        from jobs.options import TuneOptions
-        from jobs.tune import run_tune
+        from kiln.options import TuneOptions
+        from kiln.tune import run_tune
 
         spaces = {k: kw.pop(k) for k in TUNABLE[kind]}
         extra = {k: kw.pop(k) for k in TUNE_OPTIONS}
@@ -266,7 +266,7 @@ def label(
     tta: str = TTA,
 ):
     """Label every image of the inputs with a trained CNN."""
-    from jobs.label import run_label
+    from kiln.label import run_label
 
     opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
                         actors, address, debug=DEBUG["on"],
@@ -304,7 +304,7 @@ def generate(
     """Generate text from prompts (or unconditionally) with a trained char-RNN."""
     if (prompts is None) == (num_samples is None):
         fail("give exactly one of --prompts or --num-samples")
-    from jobs.generate import run_generate
+    from kiln.generate import run_generate
 
     opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
                            seed, stop, batch_size, gpu, overwrite, actors, address,
@@ -332,7 +332,7 @@ def eval_(
 ):
     """Measure a trained model on labeled images (accuracy, per-class F1, confusion,
     calibration) or on text (nats and bits per character)."""
-    from jobs.eval import EvalOptions, run_eval
+    from kiln.eval import EvalOptions, run_eval
 
     run_job(run_eval, EvalOptions(model, data, output, batch_size, gpu, overwrite, actors,
                                   address, debug=DEBUG["on"],
@@ -345,8 +345,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print config.json as it is."),
 ):
     """Print the model card of a trained model."""
-    from jobs.report import model_card
-    from pipelines.storage import load_model
+    from kiln.pipelines.storage import load_model
+    from kiln.report import model_card
 
     loaded = run_job(load_model, uri)
     if as_json:
@@ -370,8 +370,8 @@ def submit(
         "cluster uses its own credentials."),
 ):
     """Run a kiln job on a Ray cluster through Ray Jobs (the args after --)."""
-    from jobs.options import SubmitOptions
-    from jobs.submit import submit as submit_job
+    from kiln.options import SubmitOptions
+    from kiln.submit import submit as submit_job
 
     opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait,
                          forward_credentials=forward_credentials)
@@ -381,7 +381,7 @@ def submit(
 @app.command()
 def status(job_id: str, address: str = ADDRESS):
     """Show a submitted job's status."""
-    from jobs.submit import status as job_status
+    from kiln.submit import status as job_status
 
     run_job(job_status, job_id, address)
 
@@ -390,7 +390,7 @@ def status(job_id: str, address: str = ADDRESS):
 def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
          address: str = ADDRESS):
     """Print a submitted job's logs."""
-    from jobs.submit import logs as job_logs
+    from kiln.submit import logs as job_logs
 
     run_job(job_logs, job_id, address, follow)
 
@@ -398,7 +398,7 @@ def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
 @app.command()
 def stop(job_id: str, address: str = ADDRESS):
     """Stop a submitted job."""
-    from jobs.submit import stop as stop_job
+    from kiln.submit import stop as stop_job
 
     run_job(stop_job, job_id, address)
 
@@ -406,7 +406,7 @@ def stop(job_id: str, address: str = ADDRESS):
 @app.command("list")
 def list_jobs(address: str = ADDRESS):
     """List the jobs of a Ray cluster."""
-    from jobs.submit import list_jobs as jobs_list
+    from kiln.submit import list_jobs as jobs_list
 
     run_job(jobs_list, address)
 
@@ -417,7 +417,7 @@ def demo(
     small: bool = typer.Option(False, "--small", help="A faster, smaller run (for tests)."),
 ):
     """The whole flow on embedded data: build data sets, train, label, generate, report."""
-    from jobs.demo import run_demo
+    from kiln.demo import run_demo
 
     run_job(run_demo, out, small, DEBUG["on"])
 
@@ -447,7 +447,7 @@ def run_cli(args: list[str] | None = None) -> int:
 
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-    from jobs.connect import quiet_ray_data_logs
+    from kiln.connect import quiet_ray_data_logs
 
     quiet_ray_data_logs()
     try:

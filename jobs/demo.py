@@ -14,9 +14,9 @@ from pathlib import Path
 
 from rich.rule import Rule
 
-from jobs import connect, embedded
-from jobs.connect import RayOptions, ray_session
-from jobs.options import GenerateOptions, LabelOptions, TrainOptions
+from kiln import connect, embedded
+from kiln.connect import RayOptions, ray_session
+from kiln.options import GenerateOptions, LabelOptions, TrainOptions
 
 console = connect.console(highlight=False)
 PROMPTS = ["def ", "class ", "import ", "    return ", "# ", "if __name__ == ", "for i in ",
@@ -56,11 +56,11 @@ def step(n: int, title: str) -> float:
 
 
 def run_demo(out: str = "demo-output", small: bool = False, debug: bool = False) -> dict:
-    from jobs.demo_report import write_report
-    from jobs.generate import run_generate
-    from jobs.label import run_label
-    from jobs.train import run_train
-    from pipelines.fence import check_run_folder, mark_run_folder
+    from kiln.demo_report import write_report
+    from kiln.generate import run_generate
+    from kiln.label import run_label
+    from kiln.pipelines.fence import check_run_folder, mark_run_folder
+    from kiln.train import run_train
 
     root = Path(check_run_folder(out, [], "demo"))
     root.mkdir(parents=True, exist_ok=True)

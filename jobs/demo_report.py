@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models import SamplingSettings, row_seed, sample  # noqa: E402
-from pipelines.sink import OutputDir  # noqa: E402
-from pipelines.storage import load_model  # noqa: E402
+from kiln.models import SamplingSettings, row_seed, sample  # noqa: E402
+from kiln.pipelines.sink import OutputDir  # noqa: E402
+from kiln.pipelines.storage import load_model  # noqa: E402
 
 TEMPERATURES = (0.5, 0.8, 1.1)
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}

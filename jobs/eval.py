@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from jobs import connect
-from jobs.bulk import check_options, prepare_process, run_bulk
-from jobs.label import LabelJob
-from jobs.redact import redact
-from pipelines import storage
-from pipelines.fence import check_output
-from pipelines.label import LabelSettings, flip_tta
-from pipelines.sink import OutputDir
+from kiln import connect
+from kiln.bulk import check_options, prepare_process, run_bulk
+from kiln.label import LabelJob
+from kiln.pipelines import storage
+from kiln.pipelines.fence import check_output
+from kiln.pipelines.label import LabelSettings, flip_tta
+from kiln.pipelines.sink import OutputDir
+from kiln.redact import redact
 
 EVAL_FILE, PAGE_FILE = "eval.json", "eval.html"
 COLUMNS = ["source", "path", "label", "confidence", "top_labels", "error", "truth"]
@@ -66,8 +66,8 @@ class EvalJob(LabelJob):
                              truth=True, tta=self.tta)
 
     def finish(self, out: OutputDir, summary: dict, parts: dict, console: Console) -> None:
-        from jobs.eval_report import image_metrics, render
-        from pipelines.label import fetch_thumbnails
+        from kiln.eval_report import image_metrics, render
+        from kiln.pipelines.label import fetch_thumbnails
 
         scored = read_scored(out)
         if not scored["truth"]:
@@ -106,7 +106,7 @@ def read_scored(out: OutputDir) -> dict:
     """The scored rows, a part at a time (an eval set of millions is not held as rows):
     true and predicted classes, confidences, top-5 hits, the rows without a class, and the
     SHEET most confident mistakes as (confidence, source, path, label, truth)."""
-    from jobs.eval_report import SHEET, TOP
+    from kiln.eval_report import SHEET, TOP
 
     got: dict = {"truth": [], "pred": [], "conf": [], "top5": [], "unlabeled": 0,
                  "mistakes": []}
@@ -154,7 +154,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
             raise ValueError("--tta flip averages an image with its mirror image: a text "
                              "model has none (leave --tta out)")
         return eval_text(opts, console)
-    from pipelines.train_data import check_image_source
+    from kiln.pipelines.train_data import check_image_source
 
     prepare_process(opts)
     units, _ = check_image_source(opts.data, min_classes=1)  # before torch loads
@@ -165,7 +165,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
 def eval_text(opts: EvalOptions, console: Console) -> dict:
     """nats/char and bits/char of a char-RNN over the whole text, in this process."""
 
-    from pipelines.train_data import read_text
+    from kiln.pipelines.train_data import read_text
 
     start = time.monotonic()
     text = read_text(opts.data)
@@ -211,7 +211,7 @@ def text_loss(model, ids: list[int], device=None, chunk: int = 1000
     stream's state carries on through the few characters left over."""
     import torch
 
-    from models.rnn import nll_sum
+    from kiln.models.rnn import nll_sum
 
     x = torch.tensor(ids, dtype=torch.int64, device=device)
     if len(x) < 2:

@@ -66,7 +66,7 @@ def image_metrics(truth: list[str], pred: list[str], conf: list[float],
 
 
 def render(summary: dict, figures: dict, sheet: list[dict]) -> str:
-    from jobs.label_report import STYLE
+    from kiln.label_report import STYLE
 
     e = html.escape
     head = [("model", summary["model"]), ("data", summary["arguments"]["data"]),

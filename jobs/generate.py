@@ -12,15 +12,15 @@ from dataclasses import replace
 
 from rich.console import Console
 
-from jobs import connect
-from jobs.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
-from jobs.options import GenerateOptions
-from jobs.redact import redact
-from models import GPU_LANES, LANES, PRECISIONS, SamplingSettings
-from pipelines import generate as gen
-from pipelines import storage
-from pipelines.bulk import can_fork, pack, run_in_processes
-from pipelines.fence import check_output
+from kiln import connect
+from kiln.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
+from kiln.models import GPU_LANES, LANES, PRECISIONS, SamplingSettings
+from kiln.options import GenerateOptions
+from kiln.pipelines import generate as gen
+from kiln.pipelines import storage
+from kiln.pipelines.bulk import can_fork, pack, run_in_processes
+from kiln.pipelines.fence import check_output
+from kiln.redact import redact
 
 # How many characters a second one core steps with a 2x256 char-LSTM in fp32 (the slowest
 # machine measured), and the gain from bf16 products on AMX (BENCHMARKS.md, Generation
@@ -52,7 +52,7 @@ class GenerateJob(BulkJob):
         """Characters a local core steps a second, at the precision this machine samples in."""
         import torch
 
-        from models.stepper import takes_bf16
+        from kiln.models.stepper import takes_bf16
 
         bf16 = takes_bf16(self.s.precision, torch.device("cpu"))
         return CHARS_PER_CPU_S * (BF16_SPEEDUP if bf16 else 1.0)
@@ -147,7 +147,7 @@ def sampling_of(opts: GenerateOptions) -> SamplingSettings:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
                          f"{opts.precision!r}")
     if opts.precision == "bf16" and not opts.gpu and not opts.address:
-        from models.stepper import bf16_linear
+        from kiln.models.stepper import bf16_linear
 
         if not bf16_linear():
             raise ValueError("--precision bf16: this CPU has no bf16 matrix kernels "

@@ -12,14 +12,14 @@ from dataclasses import replace
 
 from rich.console import Console
 
-from jobs import connect
-from jobs.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
-from jobs.options import LabelOptions
-from jobs.redact import redact
-from pipelines import sources, storage
-from pipelines.fence import check_output
-from pipelines.label import LabelPredictor, LabelSettings, flip_tta, make_tasks
-from pipelines.sources import count_known
+from kiln import connect
+from kiln.bulk import BulkJob, Plan, check_options, prepare_process, run_bulk
+from kiln.options import LabelOptions
+from kiln.pipelines import sources, storage
+from kiln.pipelines.fence import check_output
+from kiln.pipelines.label import LabelPredictor, LabelSettings, flip_tta, make_tasks
+from kiln.pipelines.sources import count_known
+from kiln.redact import redact
 
 # How many 28x28 digits one core labels a second with the MNIST net (bench/label.py;
 # BENCHMARKS.md, Labeling section); a job whose size is unknown before reading (Parquet,
@@ -68,7 +68,7 @@ class LabelJob(BulkJob):
 
     def finish(self, out, summary: dict, parts: dict[str, dict], console: Console) -> None:
         if self.opts.report:
-            from jobs.label_report import write_report
+            from kiln.label_report import write_report
 
             summary["report"] = write_report(out, summary, parts, console)
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.label import fetch_thumbnails
-from pipelines.sink import OutputDir
+from kiln.pipelines import storage
+from kiln.pipelines.label import fetch_thumbnails
+from kiln.pipelines.sink import OutputDir
 
 REPORT_FILE = "report.html"
 SHEET = 48  # images on the contact sheet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from models import LoadedModel
+from kiln.models import LoadedModel
 
 
 def model_card(loaded: LoadedModel) -> Table:

@@ -1,6 +1,7 @@
 """Runs kiln commands on a Ray cluster through Ray Jobs: `kiln submit`, `status`, `logs`, `stop`
-and `list`. The job's driver runs on the cluster with the kiln project as its working_dir, so
-the cluster runs the same kiln code as the machine that submitted it.
+and `list`. The job's driver runs on the cluster with the kiln project as its working_dir and
+its code as the py_module kiln, so the cluster runs the same kiln code as the machine that
+submitted it.
 
 The address is the dashboard's HTTP address (`ray dashboard cluster.yaml` forwards it to
 http://127.0.0.1:8265). Token authentication stays on: the client sends the token that Ray finds
@@ -13,17 +14,22 @@ import contextlib
 import logging
 import os
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from jobs.connect import forwarded_credentials
-from jobs.options import SubmitOptions
-from jobs.redact import redact
+from kiln.connect import forwarded_credentials
+from kiln.options import SubmitOptions
+from kiln.redact import redact
 
+# Where each part of the import package kiln lives in the project (pyproject.toml's
+# package-dir): jobs/ is kiln itself, models/ and pipelines/ its sub-packages.
+PACKAGE_DIRS = {".": "jobs", "models": "models", "pipelines": "pipelines"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # gitignore patterns, relative to the project root. Ray also honours .gitignore and .rayignore,
@@ -57,7 +63,7 @@ def _resolve_address(address: str | None) -> str:
 def _require_token() -> None:
     """A client needs the cluster's own token; a freshly generated one could never match, so
     unlike a local Ray this never generates one."""
-    from jobs.connect import ensure_token_auth
+    from kiln.connect import ensure_token_auth
 
     mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
@@ -134,14 +140,14 @@ def client(address: str | None):
 
 
 def entrypoint(args: list[str]) -> str:
-    """The shell command the job runs. A leading `kiln` becomes `python -m jobs`, which imports
-    kiln from the uploaded working_dir whether or not the console script is on the cluster's
+    """The shell command the job runs. A leading `kiln` becomes `python -m kiln`, which imports
+    the uploaded kiln (kiln_package) whether or not the console script is on the cluster's
     PATH; any other command runs as given."""
     if not args:
         raise ValueError("give the command to run after --, e.g. "
                          "kiln submit -- kiln label --model ... --input ... --output ...")
     if args[0] == "kiln":
-        args = ["python", "-m", "jobs", *args[1:]]
+        args = ["python", "-m", "kiln", *args[1:]]
     return shlex.join(args)
 
 
@@ -160,13 +166,38 @@ def working_dir(path: str | None) -> str | None:
     return str(own) if _is_project(own) else None
 
 
-def runtime_env(opts: SubmitOptions, forwarded: dict | None = None) -> dict:
-    """The job's runtime_env: the project as its working_dir, and `forwarded`
-    (connect.forwarded_credentials: the AWS variables, where the user asks) as py_modules.
-    Its env_vars carry nothing secret: Ray logs and shows them."""
+@contextlib.contextmanager
+def kiln_package(project: str | None):
+    """The project's code as the import package kiln, laid out as pyproject.toml maps it
+    (PACKAGE_DIRS), in a private temporary folder for Ray to upload as a py_module: on the
+    cluster it comes before any kiln installed there, so the job runs the code that submitted
+    it. Yields the py_modules entries: none where no project is uploaded."""
+    if project is None:
+        yield []
+        return
+    folder = tempfile.mkdtemp(prefix="kiln-code-")
+    try:
+        package = os.path.join(folder, "kiln")
+        for inside, source in PACKAGE_DIRS.items():
+            shutil.copytree(os.path.join(project, source), os.path.join(package, inside),
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            dirs_exist_ok=True)
+        yield [package]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def runtime_env(opts: SubmitOptions, forwarded: dict | None = None,
+                code: list[str] = ()) -> dict:
+    """The job's runtime_env: the project as its working_dir, its code (kiln_package) and
+    `forwarded` (connect.forwarded_credentials: the AWS variables, where the user asks) as
+    py_modules. Its env_vars carry nothing secret: Ray logs and shows them."""
     env = dict(opts.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that `kiln logs --follow` sees lines as printed
-    renv: dict = {"env_vars": env, **(forwarded or {})}
+    renv: dict = {"env_vars": env}
+    modules = [*code, *(forwarded or {}).get("py_modules", [])]
+    if modules:
+        renv["py_modules"] = modules
     folder = working_dir(opts.working_dir)
     if folder:
         renv.update(working_dir=folder, excludes=list(EXCLUDES))
@@ -179,8 +210,9 @@ def submit(opts: SubmitOptions) -> str:
     command = entrypoint(opts.entrypoint)
     jc = client(opts.address)
     address = _resolve_address(opts.address)
-    with forwarded_credentials(opts.forward_credentials) as forwarded, _clean_errors(address):
-        renv = runtime_env(opts, forwarded)
+    with (forwarded_credentials(opts.forward_credentials) as forwarded,
+          kiln_package(working_dir(opts.working_dir)) as code, _clean_errors(address)):
+        renv = runtime_env(opts, forwarded, code)
         job_id = jc.submit_job(
             entrypoint=command,
             runtime_env=renv,

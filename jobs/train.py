@@ -12,18 +12,18 @@ from dataclasses import replace
 
 from rich.console import Console
 
-from jobs import connect
-from jobs.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
-from jobs.options import BACKBONE_LR_SCALE, TrainOptions
-from jobs.train_fit import CHECKPOINTS, check_fits_here, fit
-from jobs.train_init import check_init, resumed_init
-from jobs.train_tasks import TASKS
-from models import CELLS, CNN_ARCHS
-from models.cnn import TORCHVISION_ARCHS
-from pipelines import storage
-from pipelines.fence import check_run_folder, mark_run_folder
-from pipelines.lease import Lease
-from pipelines.transforms import choose_augment
+from kiln import connect
+from kiln.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
+from kiln.models import CELLS, CNN_ARCHS
+from kiln.models.cnn import TORCHVISION_ARCHS
+from kiln.options import BACKBONE_LR_SCALE, TrainOptions
+from kiln.pipelines import storage
+from kiln.pipelines.fence import check_run_folder, mark_run_folder
+from kiln.pipelines.lease import Lease
+from kiln.pipelines.transforms import choose_augment
+from kiln.train_fit import CHECKPOINTS, check_fits_here, fit
+from kiln.train_init import check_init, resumed_init
+from kiln.train_tasks import TASKS
 
 
 def run_train(opts: TrainOptions, console: Console | None = None) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # the config is built in jobs/train_tasks.py, which imports this module
-    from jobs.train_tasks import WorkerConfig
+    from kiln.train_tasks import WorkerConfig
 
 
 def per_worker(batch: int, workers: int) -> int:

@@ -10,13 +10,13 @@ from dataclasses import replace
 
 from rich.console import Console
 
-from jobs.connect import local_gpus, logs_dir
-from jobs.options import TrainOptions
-from jobs.schedule import SGD_WARMUP, WARMUP_SHARE, WARMUP_STEPS
-from jobs.train_tasks import WorkerConfig
-from pipelines import storage
-from pipelines.train_data import HeldShard
-from pipelines.transforms import choose_augment
+from kiln.connect import local_gpus, logs_dir
+from kiln.options import TrainOptions
+from kiln.pipelines import storage
+from kiln.pipelines.train_data import HeldShard
+from kiln.pipelines.transforms import choose_augment
+from kiln.schedule import SGD_WARMUP, WARMUP_SHARE, WARMUP_STEPS
+from kiln.train_tasks import WorkerConfig
 
 CHECKPOINTS = "checkpoints"
 ADAM_COOLDOWN = 0.3  # AdamW holds its peak rate for 70% of the run (jobs/schedule.py)
@@ -42,12 +42,12 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
     spec, init, head = data["spec"], None, None
     freeze, scale = opts.freeze_backbone, opts.backbone_lr_scale
     if data.get("resumed_init"):  # its checkpoint holds the weights; its start, the layout
-        from jobs.train_init import resumed_layout
+        from kiln.train_init import resumed_layout
 
         spec, head, freeze, scale = resumed_layout(spec, data["resumed_init"])
         settings["init"] = data["resumed_init"]["card"]
     elif opts.init:
-        from jobs.train_init import card, fit_for_run
+        from kiln.train_init import card, fit_for_run
 
         spec, fit, source = fit_for_run(opts, spec, data.get("init_source"))
         init, head = fit.state, fit.head
@@ -195,7 +195,7 @@ def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float,
         ScalingConfig,
     )
 
-    from jobs.train_loop import train_loop_per_worker
+    from kiln.train_loop import train_loop_per_worker
 
     cfg = worker_config(opts, data, cpus, lines)
     # Text streams are never split (each worker picks its own by number); images are split

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 
-from pipelines import storage
+from kiln.pipelines import storage
 
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -18,8 +18,8 @@ def read_init(uri: str):
     """The InitSource at a URI: read once per process (a search's trials share it)."""
     from dataclasses import asdict
 
-    from models.checkpoint import CONFIG_FILE
-    from models.init import InitSource, state_from_bytes
+    from kiln.models.checkpoint import CONFIG_FILE
+    from kiln.models.init import InitSource, state_from_bytes
 
     if storage.exists(storage.join(storage.model_dir(uri), CONFIG_FILE)):  # a kiln model
         loaded = storage.load_model(uri)
@@ -36,7 +36,7 @@ def read_init(uri: str):
 def placeholder_spec(opts, source):
     """The run's spec before its data is read: the architecture is the options', the classes
     or vocabulary the source's where it has them (only the head depends on them)."""
-    from models import CNNSpec, RNNSpec
+    from kiln.models import CNNSpec, RNNSpec
 
     known = source.spec if source.kind == opts.kind else None
     if opts.kind == "cnn":
@@ -48,7 +48,7 @@ def placeholder_spec(opts, source):
 
 def check_init(opts) -> None:
     """Before Ray starts: the source is readable and fits the architecture (the head aside)."""
-    from jobs.options import BACKBONE_LR_SCALE
+    from kiln.options import BACKBONE_LR_SCALE
 
     scaled = opts.backbone_lr_scale != BACKBONE_LR_SCALE
     if opts.init is None:
@@ -62,8 +62,8 @@ def check_init(opts) -> None:
     if scaled and opts.freeze_backbone:
         raise ValueError("--backbone-lr-scale does not apply with --freeze-backbone (the "
                          "backbone does not train): give one of them")
-    from models import build_model
-    from models.init import fit_init
+    from kiln.models import build_model
+    from kiln.models.init import fit_init
 
     source = read_init(opts.init)
     spec = placeholder_spec(opts, source)
@@ -78,8 +78,8 @@ def fit_for_run(opts, spec, source=None):
     run on nodes that cannot see the driver's files)."""
     import torch
 
-    from models import build_model
-    from models.init import fit_init
+    from kiln.models import build_model
+    from kiln.models.init import fit_init
 
     source = source or read_init(opts.init)
     if opts.kind == "cnn" and source.kind == "cnn" and source.spec and \
@@ -119,7 +119,7 @@ def resumed_layout(spec, prior: dict) -> tuple:
 
 def card(opts, fit, source) -> dict:
     """The model card's record of where the weights started."""
-    from jobs.redact import redact
+    from kiln.redact import redact
 
     return {"from": redact(opts.init), "model": source.model_id, "loaded": fit.describe(),
             "head": fit.head, "fresh": fit.fresh, "freeze_backbone": opts.freeze_backbone,

@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from jobs.schedule import Budget, lr_at, warmup_steps
-from jobs.train_tasks import TASKS, WorkerConfig, make_optimizer, train_mode
-from models import build_model
-from models.checkpoint import (
+from kiln.models import build_model
+from kiln.models.checkpoint import (
     OPTIMIZER_FILE,
     STATE_FILE,
     model_to_bytes,
     training_state_from_bytes,
     training_state_to_bytes,
 )
-from pipelines import storage
+from kiln.pipelines import storage
+from kiln.schedule import Budget, lr_at, warmup_steps
+from kiln.train_tasks import TASKS, WorkerConfig, make_optimizer, train_mode
 
 
 @dataclass

@@ -14,7 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.train_batches import (
+from kiln.models import CharVocab, CNNSpec, RNNSpec
+from kiln.models.rnn import nll_sum
+from kiln.pipelines.transforms import ImagePreset, augment_batch, scale_shift
+from kiln.train_batches import (
     ImageBatches,
     TextStreams,
     ValBatches,
@@ -22,9 +25,6 @@ from jobs.train_batches import (
     per_worker,
     text_steps,
 )
-from models import CharVocab, CNNSpec, RNNSpec
-from models.rnn import nll_sum
-from pipelines.transforms import ImagePreset, augment_batch, scale_shift
 
 LN2 = math.log(2)
 TRAIN_CACHE_BYTES = 512 * 1024 * 1024  # a training set up to this size is held by each worker
@@ -134,7 +134,7 @@ class CNNTask:
     def check_data(opts) -> dict:
         """Before Ray starts: the data and validation sources are image sets laid out by
         class, with enough images for a batch."""
-        from pipelines.train_data import check_image_source
+        from kiln.pipelines.train_data import check_image_source
 
         units, known = check_image_source(opts.data)
         val_units = check_image_source(opts.val)[0] if opts.val else []
@@ -147,7 +147,7 @@ class CNNTask:
     def prepare(opts, early: dict) -> dict:
         """Decoded to uint8 on Ray Data; normalized by the workers with the training set's own
         mean and std."""
-        from pipelines.train_data import image_dataset
+        from kiln.pipelines.train_data import image_dataset
 
         preset = ImagePreset(opts.image_size, opts.channels)
         data = image_dataset(opts.data, preset, opts.val_fraction, seed=opts.seed,
@@ -266,7 +266,7 @@ class RNNTask:
     @staticmethod
     def check_data(opts) -> dict:
         """Before Ray starts: the text read, the vocabulary built, and the streams sized."""
-        from pipelines.train_data import read_text
+        from kiln.pipelines.train_data import read_text
 
         text = read_text(opts.data)
         if opts.val:
@@ -296,7 +296,7 @@ class RNNTask:
 
     @staticmethod
     def prepare(opts, early: dict) -> dict:
-        from pipelines.train_data import text_streams
+        from kiln.pipelines.train_data import text_streams
 
         length = (len(early["ids"]) - 1) // early["streams"]
         return RNNTask.for_options(opts, {

@@ -26,16 +26,16 @@ from dataclasses import asdict, dataclass, replace
 from ray import tune
 from rich.console import Console
 
-from jobs import connect
-from jobs.connect import RayOptions, has_cluster, local_cpus, local_gpus, ray_session
-from jobs.options import TrainOptions, TuneOptions
-from jobs.train import resolve, validate
-from jobs.train_fit import epoch_line, make_trainer, worker_error
-from jobs.train_tasks import TASKS
-from jobs.tune_space import flag, parse_spaces, plan_trials, shown, trial_ids
-from pipelines import storage
-from pipelines.fence import check_run_folder, mark_run_folder
-from pipelines.lease import Lease
+from kiln import connect
+from kiln.connect import RayOptions, has_cluster, local_cpus, local_gpus, ray_session
+from kiln.options import TrainOptions, TuneOptions
+from kiln.pipelines import storage
+from kiln.pipelines.fence import check_run_folder, mark_run_folder
+from kiln.pipelines.lease import Lease
+from kiln.train import resolve, validate
+from kiln.train_fit import epoch_line, make_trainer, worker_error
+from kiln.train_tasks import TASKS
+from kiln.tune_space import flag, parse_spaces, plan_trials, shown, trial_ids
 
 SEARCH_STATE = "tune"  # Ray Tune's experiment folder under OUT
 PLAN_FILE = "tune.json"
@@ -75,7 +75,7 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
 
 def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
           console: Console) -> dict:
-    from jobs.tune_report import finish
+    from kiln.tune_report import finish
 
     out = base.out
     if opts.scheduler not in SCHEDULERS:
@@ -223,7 +223,7 @@ def prepare(trials: dict, task, groups: dict, early: dict) -> dict:
     prepared = {key: task.prepare(rep, early[key]) for key, rep in groups.items()}
     for key, rep in groups.items():  # --init read here, once: trials may run on other nodes
         if rep.init:
-            from jobs.train_init import read_init
+            from kiln.train_init import read_init
 
             prepared[key]["init_source"] = read_init(rep.init)
     for tid, t in trials.items():  # every trial's steps checked before the search starts
@@ -364,7 +364,7 @@ def tune_config(opts: TuneOptions, setup: Setup, task):
 
 
 def max_validations(setup: Setup) -> int:
-    from jobs.schedule import MAX_EVALS
+    from kiln.schedule import MAX_EVALS
 
     longest = 1
     for t in setup.trials.values():

@@ -10,12 +10,12 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from jobs.options import TrainOptions, TuneOptions
-from jobs.train import curves_png, read_metrics
-from jobs.train_fit import TrainingError
-from jobs.tune_space import flag, shown
-from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from pipelines import storage
+from kiln.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from kiln.options import TrainOptions, TuneOptions
+from kiln.pipelines import storage
+from kiln.train import curves_png, read_metrics
+from kiln.train_fit import TrainingError
+from kiln.tune_space import flag, shown
 
 STATUSES = ("finished", "stopped early", "failed", "not run")
 

@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models import CharVocab, SamplingSettings, row_seed, sample
-from models.checkpoint import ModelFolderError
+from kiln.models import CharVocab, SamplingSettings, row_seed, sample
+from kiln.models.checkpoint import ModelFolderError
 
 from . import sink, storage
 from .bulk import BulkActor
@@ -227,7 +227,7 @@ class Generator(BulkActor):
         """`loaded`: the model's LoadedModel when the caller has it already (in-process)."""
         import torch
 
-        from models.runtime import keep_freed_memory
+        from kiln.models.runtime import keep_freed_memory
 
         self.torch, self.s = torch, settings
         torch.set_num_threads(max(1, settings.threads))

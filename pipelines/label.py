@@ -120,7 +120,7 @@ class LabelPredictor(BulkActor):
         """`loaded`: the model's LoadedModel when the caller has it already (in-process)."""
         import torch
 
-        from models.runtime import keep_freed_memory
+        from kiln.models.runtime import keep_freed_memory
 
         self.torch, self.s = torch, settings
         torch.set_num_threads(max(1, settings.threads))

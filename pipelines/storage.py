@@ -445,13 +445,13 @@ MAX_CONFIG_BYTES = 64 * 1024 * 1024  # a config.json with a vocabulary or classe
 
 def read_model_config(uri: str) -> dict:
     """The config.json of a run or model folder, without building the model."""
-    from models.checkpoint import parse_config
+    from kiln.models.checkpoint import parse_config
 
     folder = model_dir(uri)
     try:
         data = read_bytes(join(folder, CONFIG_FILE), MAX_CONFIG_BYTES)
     except TooLarge as e:
-        from models import ModelFolderError
+        from kiln.models import ModelFolderError
 
         raise ModelFolderError(f"{e}: the model folder is corrupt") from None
     return parse_config(data, join(folder, CONFIG_FILE))
@@ -459,8 +459,8 @@ def read_model_config(uri: str) -> dict:
 
 def load_model(uri: str, expect_kind: str | None = None):
     """The LoadedModel of a run or model folder."""
-    from models import ModelFolderError, model_from_bytes
-    from models.checkpoint import parse_config, weights_limit
+    from kiln.models import ModelFolderError, model_from_bytes
+    from kiln.models.checkpoint import parse_config, weights_limit
 
     folder = model_dir(uri)
     files = {}

@@ -1,4 +1,4 @@
-"""pipelines.bulk's ways to run a job's tasks without Ray: threads of this process, and worker
+"""kiln.pipelines.bulk's ways to run a job's tasks without Ray: threads of this process, and worker
 processes forked from it (what `kiln generate` samples in), with their errors and ends."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.bulk import can_fork, pack, run_in_processes, run_in_threads
+from kiln.pipelines.bulk import can_fork, pack, run_in_processes, run_in_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forks worker processes (Linux)")
@@ -74,8 +74,7 @@ def test_killing_the_command_ends_its_workers(tmp_path):
     pids = tmp_path / "pids"
     code = textwrap.dedent(f"""
         import os, sys, time
-        sys.path.insert(0, {str(ROOT)!r})
-        from pipelines.bulk import pack, run_in_processes
+        from kiln.pipelines.bulk import pack, run_in_processes
 
         def compute(t):
             with open({str(pids)!r}, "a") as f:

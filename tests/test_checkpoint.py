@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from models import CNNSpec, ModelFolderError, RNNSpec, build_model
-from models.checkpoint import model_to_bytes
-from pipelines import storage
+from kiln.models import CNNSpec, ModelFolderError, RNNSpec, build_model
+from kiln.models.checkpoint import model_to_bytes
+from kiln.pipelines import storage
 
 
 def cnn():

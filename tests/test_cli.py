@@ -7,10 +7,10 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from jobs.cli import app
-from models import CNNSpec, build_model
-from models.checkpoint import model_to_bytes
-from pipelines import storage
+from kiln.cli import app
+from kiln.models import CNNSpec, build_model
+from kiln.models.checkpoint import model_to_bytes
+from kiln.pipelines import storage
 
 COMMANDS = {"train", "tune", "label", "generate", "eval", "info", "submit", "status", "logs",
             "stop", "list", "demo"}
@@ -18,7 +18,7 @@ GROUPS = ("train", "tune")  # each has cnn and rnn
 
 
 def kiln(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True,
                           timeout=120, **kw)
 
 
@@ -79,7 +79,7 @@ def mistake_inputs(tmp_path):
     import io
     import tarfile
 
-    from models import CNNSpec, RNNSpec
+    from kiln.models import CNNSpec, RNNSpec
 
     one_class = tmp_path / "one-class.tar"
     with tarfile.open(one_class, "w") as tar:
@@ -197,3 +197,38 @@ def test_gpu_without_one_is_one_clear_line(tmp_path):
                str(t / "gen"), "--gpu", env=env)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert "--gpu was given but this machine has no CUDA GPU" in res.stderr
+
+
+def test_installed_kiln_leaves_a_users_own_models_and_jobs_packages_theirs(tmp_path):
+    """`pip install .` adds one import name, kiln: from a folder that holds the user's own
+    models/ and jobs/ packages (common in ML projects), `python -m kiln` and the kiln command
+    run kiln's code, and `import models` is still the user's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wheels, target, project = tmp_path / "wheels", tmp_path / "site", tmp_path / "project"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
+                    str(wheels), root], check=True, timeout=600)
+    (wheel,) = wheels.glob("kiln-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                    str(target), str(wheel)], check=True, timeout=300)
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith("-info")
+                  and p.name != "bin") == ["kiln"]
+    for own in ("models", "jobs"):
+        (project / own).mkdir(parents=True)
+        (project / own / "__init__.py").write_text(f"WHOSE = 'the user’s {own}'\n")
+    spec = CNNSpec("mnist_cnn", ["a", "b"], 1, 28)
+    storage.save_model(str(project / "model"), model_to_bytes(build_model("cnn", spec), "cnn",
+                                                               spec))
+    env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of this checkout's editable kiln
+    for cmd in ([sys.executable, "-m", "kiln", "info", "model"], [target / "bin" / "kiln",
+                                                                   "info", "model"]):
+        res = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "mnist_cnn" in res.stdout
+    probe = ("import kiln, kiln.models, models, jobs; "
+             "print(kiln.models.__file__); print(models.WHOSE, '/', jobs.WHOSE)")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    kiln_models, whose = res.stdout.splitlines()
+    assert kiln_models.startswith(str(target / "kiln" / "models"))
+    assert whose == "the user’s models / the user’s jobs"

@@ -12,14 +12,14 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import embedded
-from jobs.connect import ensure_token_auth
-from jobs.generate import run_generate
-from jobs.label import run_label
-from jobs.options import GenerateOptions, LabelOptions, TrainOptions
-from jobs.train import run_train
-from pipelines import storage
-from pipelines.sink import OutputDir
+from kiln import embedded
+from kiln.connect import ensure_token_auth
+from kiln.generate import run_generate
+from kiln.label import run_label
+from kiln.options import GenerateOptions, LabelOptions, TrainOptions
+from kiln.pipelines import storage
+from kiln.pipelines.sink import OutputDir
+from kiln.train import run_train
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def cluster(s3_server):
 
 def kiln(address: str, *args) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address}
-    return subprocess.Popen([sys.executable, "-m", "jobs", *args], env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "kiln", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -122,7 +122,7 @@ def test_labeling_survives_losing_a_node(cluster, digits_data, tmp_path):
     names = [f"img/{i:05d}.png" for i in range(6000)]
     tar = embedded.write_flat_archive(tmp_path / "many.tar", [pngs[i % len(pngs)] for i in
                                                               range(6000)], names)
-    from models import CNNSpec, build_model, model_to_bytes
+    from kiln.models import CNNSpec, build_model, model_to_bytes
 
     spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)])
     storage.save_model(str(tmp_path / "model"),

@@ -23,7 +23,7 @@ GEN_COLUMNS = ["id", "prompt", "text", "seed", "temperature", "model"]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo-output"
-    res = subprocess.run([sys.executable, "-m", "jobs", "demo", "--small", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "kiln", "demo", "--small", "--out", str(out)],
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-4000:]
     return out, res.stderr

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from jobs import embedded
-from jobs.eval import EvalOptions, run_eval, text_loss
-from jobs.eval_report import ECE_BINS
-from models import CharVocab, CNNSpec, RNNSpec, build_model, model_to_bytes
-from pipelines import storage
-from pipelines.sink import OutputDir, OutputError
+from kiln import embedded
+from kiln.eval import EvalOptions, run_eval, text_loss
+from kiln.eval_report import ECE_BINS
+from kiln.models import CharVocab, CNNSpec, RNNSpec, build_model, model_to_bytes
+from kiln.pipelines import storage
+from kiln.pipelines.sink import OutputDir, OutputError
 from tests.image_cases import BAD_TAR_KINDS, bad_tar
 from tests.plain_fit import fit
 
@@ -29,7 +29,7 @@ CLASSES = [str(i) for i in range(10)]
 def model(tmp_path_factory):
     """An MnistNet trained for one pass in plain PyTorch on part of the digits: right often,
     wrong often enough for every figure to mean something."""
-    from pipelines.transforms import ImagePreset, decode
+    from kiln.pipelines.transforms import ImagePreset, decode
 
     torch.manual_seed(0)
     pngs, labels = embedded.digits(28)

@@ -15,19 +15,19 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from jobs import embedded
-from jobs.options import TrainOptions
-from jobs.train import resolve, run_train, validate
-from jobs.train_init import fit_for_run, read_init
-from models import CharVocab, CNNSpec, ModelFolderError, RNNSpec, build_model, model_to_bytes
-from models.init import InitSource, fit_init
-from pipelines import storage
+from kiln import embedded
+from kiln.models import CharVocab, CNNSpec, ModelFolderError, RNNSpec, build_model, model_to_bytes
+from kiln.models.init import InitSource, fit_init
+from kiln.options import TrainOptions
+from kiln.pipelines import storage
+from kiln.train import resolve, run_train, validate
+from kiln.train_init import fit_for_run, read_init
 from tests.plain_fit import fit
 
 
 def kiln(*args):
     env = {**os.environ, "COLUMNS": "300"}  # the card's rows unwrapped
-    return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True,
                           timeout=120, env=env)
 
 
@@ -41,7 +41,7 @@ def digit_tars(tmp_path_factory):
 def five_digit_model(folder) -> str:
     """An MnistNet trained on digits 0-4 alone (two passes of plain PyTorch, through the
     decode that training uses), saved as a kiln run folder with its data's statistics."""
-    from pipelines.transforms import ImagePreset, decode_uint8
+    from kiln.pipelines.transforms import ImagePreset, decode_uint8
 
     torch.manual_seed(0)
     pngs, labels = embedded.digits(28)
@@ -62,7 +62,7 @@ def five_digit_model(folder) -> str:
 
 def initial_accuracy(opts: TrainOptions) -> float:
     """Accuracy on every digit of the model a run starts from, before its first step."""
-    from pipelines.transforms import ImagePreset, decode
+    from kiln.pipelines.transforms import ImagePreset, decode
 
     pngs, labels = embedded.digits(28)
     spec = CNNSpec("mnist_cnn", [str(i) for i in range(10)])
@@ -173,7 +173,7 @@ class Payload:
 def test_pickled_code_and_mismatched_models_are_refused_before_ray(digit_tars, tmp_path):
     evil = tmp_path / "weights.pt"
     torch.save({"conv1.weight": torch.zeros(1), "x": Payload()}, evil)
-    r = subprocess.run([sys.executable, "-m", "jobs", "train", "cnn", "--data",
+    r = subprocess.run([sys.executable, "-m", "kiln", "train", "cnn", "--data",
                         str(digit_tars["all"]), "--out", str(tmp_path / "run"), "--init",
                         str(evil)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr

@@ -19,10 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import embedded
-from jobs.generate import run_generate
-from jobs.options import GenerateOptions
-from models import (
+from kiln import embedded
+from kiln.generate import run_generate
+from kiln.models import (
     CharRNN,
     CharVocab,
     CNNSpec,
@@ -34,10 +33,11 @@ from models import (
     row_seed,
     sample,
 )
-from pipelines import generate as gen
-from pipelines import storage
-from pipelines.bulk import can_fork
-from pipelines.sink import OutputDir, OutputError
+from kiln.options import GenerateOptions
+from kiln.pipelines import generate as gen
+from kiln.pipelines import storage
+from kiln.pipelines.bulk import can_fork
+from kiln.pipelines.sink import OutputDir, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["id", "prompt", "text", "seed", "temperature", "top_k", "max_chars",
@@ -136,7 +136,7 @@ def test_wrong_kind_model_is_a_clear_error(tmp_path):
 def test_cli_bad_prompt_file_is_one_line(tmp_path, rnn_model):
     f = tmp_path / "p.txt"
     f.write_bytes(b"ok\n\xff\xfe\n")
-    res = subprocess.run([sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model),
+    res = subprocess.run([sys.executable, "-m", "kiln", "generate", "--model", str(rnn_model),
                           "--prompts", str(f), "--output", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 2
@@ -150,7 +150,7 @@ def test_precision_reaches_every_row_and_is_part_of_the_run(rnn_model, prompt_fi
     """--precision fp32 (or bf16, where this CPU has the kernels) gives each row the text
     models.sample gives at that precision; a run is not resumed at another precision, and
     an unknown one is a clear error before anything runs."""
-    from models.stepper import bf16_linear
+    from kiln.models.stepper import bf16_linear
 
     if precision == "bf16" and not bf16_linear():
         pytest.skip("this CPU has no bf16 matrix kernels")
@@ -176,7 +176,7 @@ def test_bf16_products_keep_the_models_bits_per_char(rnn_model):
     with float32 ones (the state and the head stay float32)."""
     import math
 
-    from models.stepper import Stepper, bf16_linear
+    from kiln.models.stepper import Stepper, bf16_linear
 
     if not bf16_linear():
         pytest.skip("this CPU has no bf16 matrix kernels")
@@ -203,7 +203,7 @@ def test_generate_from_and_to_s3_without_ray(rnn_model, s3_bucket):
     body = "\n".join(f"def f{i}(x):" for i in range(30)) + "\n"
     boto3.client("s3").put_object(Bucket=s3_bucket[5:], Key="in/p.txt", Body=body.encode())
     out = f"{s3_bucket}/gen"
-    cmd = [sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model), "--prompts",
+    cmd = [sys.executable, "-m", "kiln", "generate", "--model", str(rnn_model), "--prompts",
            f"{s3_bucket}/in/p.txt", "--output", out, "--max-chars", "30"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -223,9 +223,9 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
     rate of the precision it samples in: bf16 products step about twice the characters."""
     import ray
 
-    from jobs import connect
-    from jobs.generate import BF16_SPEEDUP, CHARS_PER_CPU_S, GenerateJob, sampling_of
-    from models import stepper
+    from kiln import connect
+    from kiln.generate import BF16_SPEEDUP, CHARS_PER_CPU_S, GenerateJob, sampling_of
+    from kiln.models import stepper
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -304,7 +304,7 @@ def test_texts_do_not_depend_on_batch_size_or_actors(ray_local, rnn_model, promp
     assert len({r["text"] for r in ra.values()}) > 10  # sampled, not all the same
     # With no Ray running, the job runs without Ray, a block for each core (40 prompts are
     # fewer than the lanes of one) sampled in a process forked for it: the same texts.
-    cmd = [sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model), "--prompts",
+    cmd = [sys.executable, "-m", "kiln", "generate", "--model", str(rnn_model), "--prompts",
            str(prompt_file), "--output", str(tmp_path / "c"), "--max-chars", "40",
            "--temperature", "0.8"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -335,7 +335,7 @@ def test_killed_run_resumes_with_every_prompt_once(rnn_model, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"def f{i}(x):" for i in range(n)) + "\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "jobs", "generate", "--model", str(rnn_model), "--prompts",
+    cmd = [sys.executable, "-m", "kiln", "generate", "--model", str(rnn_model), "--prompts",
            str(prompts), "--output", str(out), "--max-chars", "300", "--batch-size", "64"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     env["KILN_OBJECT_STORE_MB"] = "200"
@@ -376,8 +376,8 @@ def test_parquet_with_string_ids(ray_local, rnn_model, tmp_path):
 def test_parts_written_late_by_a_killed_run_are_removed(tmp_path):
     from rich.console import Console
 
-    from jobs.bulk import remove_late_parts
-    from pipelines.sink import write_part
+    from kiln.bulk import remove_late_parts
+    from kiln.pipelines.sink import write_part
 
     out = OutputDir(str(tmp_path), {})
     old, late = out.part_uri("0000000000"), out.part_uri("0000000064")

@@ -18,14 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import embedded
-from jobs.label import run_label
-from jobs.options import LabelOptions
-from models import CNNSpec, build_cnn, model_to_bytes
-from pipelines import sources, storage
-from pipelines.label import SCHEMA, LabelPredictor, LabelSettings, make_tasks
-from pipelines.sink import OutputDir, OutputError
-from pipelines.transforms import ImagePreset, augment_batch, decode
+from kiln import embedded
+from kiln.label import run_label
+from kiln.models import CNNSpec, build_cnn, model_to_bytes
+from kiln.options import LabelOptions
+from kiln.pipelines import sources, storage
+from kiln.pipelines.label import SCHEMA, LabelPredictor, LabelSettings, make_tasks
+from kiln.pipelines.sink import OutputDir, OutputError
+from kiln.pipelines.transforms import ImagePreset, augment_batch, decode
 from tests import image_cases as ic
 from tests.plain_fit import fit
 
@@ -186,7 +186,7 @@ def run_cli(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def test_kill_and_resume_cli(trained, digits_data, tmp_path):
-    """`python -m jobs label` killed (SIGKILL, whole process group) after some parts are
+    """`python -m kiln label` killed (SIGKILL, whole process group) after some parts are
     written, then run again: every input is in the output exactly once."""
     n = 16_000
     pngs, _ = digits_data
@@ -194,7 +194,7 @@ def test_kill_and_resume_cli(trained, digits_data, tmp_path):
                                                              for i in range(n)],
                                       [f"{i // 1000:02d}/{i:06d}.png" for i in range(n)])
     out = tmp_path / "labels"
-    cmd = [sys.executable, "-m", "jobs", "label", "--model", str(trained), "--input", str(tar),
+    cmd = [sys.executable, "-m", "kiln", "label", "--model", str(trained), "--input", str(tar),
            "--output", str(out), "--batch-size", "100"]
     env = {**os.environ, "KILN_OBJECT_STORE_MB": "256"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, which dies with it
@@ -235,7 +235,7 @@ def test_in_process_and_ray_give_the_same_rows(ray_local, trained, digits_data, 
     goods = {f"{i // 500}/{i:04d}.png": pngs[i % len(pngs)] for i in range(2300)}
     goods.update({f"odd/{name}": data for name, data in ic.odd_images().items()})
     tar = ic.bad_tar(tmp_path / "mixed.tar", goods)
-    cmd = [sys.executable, "-m", "jobs", "label", "--model", str(trained), "--input", str(tar),
+    cmd = [sys.executable, "-m", "kiln", "label", "--model", str(trained), "--input", str(tar),
            "--output", str(tmp_path / "here"), "--top-k", "3", "--batch-size", "100"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = run_cli(cmd, env)
@@ -262,7 +262,7 @@ def test_size_rule_picks_the_process_or_ray(monkeypatch):
     --gpu or a running Ray always choose Ray."""
     import ray
 
-    from jobs import connect
+    from kiln import connect
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -351,7 +351,7 @@ def test_s3_inputs_and_output(ray_local, trained, digits_data, s3_bucket, tmp_pa
 def test_actor_layout(monkeypatch):
     import ray
 
-    from jobs.bulk import actor_layout
+    from kiln.bulk import actor_layout
 
     def cluster(cpus, gpus=0):
         res = {"CPU": cpus, "GPU": gpus}

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from models import (
+from kiln.models import (
     CNN_ARCHS,
     CharRNN,
     CharVocab,
@@ -128,7 +128,7 @@ def test_sampling_is_reproducible_per_seed(tiny_lm):
 def test_sampling_does_not_depend_on_the_batch(tiny_lm, precision):
     """Alone, together or reversed, a row gets the same text, with float32 products or with
     bfloat16 ones (`SamplingSettings.precision`; where this CPU has oneDNN's bf16 kernels)."""
-    from models import stepper
+    from kiln.models import stepper
 
     if precision == "bf16" and not stepper.bf16_linear():
         pytest.skip("this CPU has no bf16 matrix kernels")
@@ -148,7 +148,7 @@ def test_few_sequences_step_narrower_and_keep_their_texts(tiny_lm, onednn, monke
     narrower width, where every row's step is the same bits at both widths: so no text
     changes, with either kernel; a kernel whose rows depend on the width keeps every step at
     the full width."""
-    from models import sampling, stepper
+    from kiln.models import sampling, stepper
 
     if onednn and not stepper.onednn_linear():
         pytest.skip("torch has no oneDNN linear on this machine")
@@ -199,7 +199,7 @@ def test_a_narrow_step_gives_every_row_the_bits_of_a_full_one(cell):
     remainder of the pointwise loops, whose rounding differs; the widths the sampler takes
     are the ones where a row, at any lane, gets the same bits as at full width (an LSTM's
     gates through sigmoid, or through tanh alone; products in float32 or bfloat16)."""
-    from models.stepper import LANES, Stepper, bf16_linear
+    from kiln.models.stepper import LANES, Stepper, bf16_linear
 
     cell, *form = cell.split("-")
     if "bf16" in form and not bf16_linear():
@@ -257,8 +257,8 @@ def test_stepper_matches_step(cell, onednn, monkeypatch):
     """The sampler's step is the model's step, with either kernel and, for an LSTM, either
     form of its gates (sigmoid, or tanh alone: `models.stepper.tanh_faster`); with bfloat16
     products (oneDNN's only), to bfloat16's precision."""
-    from models import stepper
-    from models.stepper import Stepper
+    from kiln.models import stepper
+    from kiln.models.stepper import Stepper
 
     cell, *form = cell.split("-")
     if onednn and not stepper.onednn_linear():
@@ -282,7 +282,7 @@ def test_stepper_matches_step(cell, onednn, monkeypatch):
 def test_sampling_products_take_oneDNN_on_x86_and_rows_keep_to_themselves(monkeypatch):
     """Both kernels of models.stepper.Linear give x @ W.T + b + add, and a row's result is
     the same bits whatever the other rows hold (what keeps texts independent of the batch)."""
-    from models import stepper
+    from kiln.models import stepper
 
     if platform.machine() == "x86_64" and torch.backends.mkldnn.is_available():
         assert stepper.onednn_linear()  # the fast kernel, not a silent fallback

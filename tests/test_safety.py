@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import embedded
-from jobs.label import run_label
-from jobs.options import LabelOptions
-from models import CNNSpec, ModelFolderError, RNNSpec, build_model, model_to_bytes
-from pipelines import names, storage
-from pipelines.fence import FenceError
-from pipelines.lease import Lease, LeaseError
-from pipelines.sink import OutputDir, OutputError
+from kiln import embedded
+from kiln.label import run_label
+from kiln.models import CNNSpec, ModelFolderError, RNNSpec, build_model, model_to_bytes
+from kiln.options import LabelOptions
+from kiln.pipelines import names, storage
+from kiln.pipelines.fence import FenceError
+from kiln.pipelines.lease import Lease, LeaseError
+from kiln.pipelines.sink import OutputDir, OutputError
 from tests.conftest import ROOT
 
 CLASSES = [str(i) for i in range(10)]
@@ -54,7 +54,7 @@ def pngs():
 
 def kiln(*args, cwd=ROOT, env=None, timeout=180):
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "jobs", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kiln", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd, env={**base, **(env or {}),
                                                                    "PYTHONPATH": str(ROOT)})
 
@@ -139,7 +139,7 @@ def test_overwrite_deletes_only_kilns_files(model, pngs, tmp_path):
 def test_a_run_folder_is_kilns_or_refused(tmp_path):
     """train and tune wrote over a folder's own metrics.jsonl and model/config.json because
     their names were kiln's; a run folder is now new, empty, or marked by its kind."""
-    from pipelines.fence import check_run_folder, mark_run_folder
+    from kiln.pipelines.fence import check_run_folder, mark_run_folder
 
     theirs = tmp_path / "theirs"
     (theirs / "model").mkdir(parents=True)
@@ -215,7 +215,7 @@ def test_a_second_job_on_a_held_output_is_refused_and_no_row_is_lost(model, pngs
     out = tmp_path / "labels"
     args = ["label", "--model", str(model), "--input", str(tar), "--output", str(out)]
     # --batch-size 1: the first job runs long enough to be there when the others come.
-    first = subprocess.Popen([sys.executable, "-m", "jobs", *args, "--batch-size", "1"],
+    first = subprocess.Popen([sys.executable, "-m", "kiln", *args, "--batch-size", "1"],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
                              start_new_session=True)
@@ -247,7 +247,7 @@ def test_a_lease_on_s3(s3_bucket, monkeypatch):
     """On S3: a live holder refuses a second job; a dead holder of this machine passes its
     lease on at once; another machine's lapses after TTL_S unrenewed; a holder whose lease
     was taken stops."""
-    from pipelines import lease as lease_mod
+    from kiln.pipelines import lease as lease_mod
 
     folder = f"{s3_bucket}/out"
     a = Lease(folder, "label", "run0000a").acquire()
@@ -408,7 +408,7 @@ def test_parquet_keys_of_every_type_are_rows_that_resume(model, pngs, tmp_path):
 def test_a_parquet_row_group_too_large_to_read_is_an_error_row(monkeypatch, pngs, tmp_path):
     """A 4 KB Parquet file of zeros inflated to gigabytes; a row group bigger than
     MAX_GROUP_BYTES uncompressed is now an error row, the other groups are read."""
-    from pipelines import sources
+    from kiln.pipelines import sources
 
     monkeypatch.setattr(sources, "MAX_GROUP_BYTES", 8 * 1024 * 1024)
     images = [pngs[0], pngs[1]] + [bytes([i]) * (5 * 1024 * 1024) for i in range(4)]
@@ -448,7 +448,7 @@ def test_an_archive_bomb_is_read_a_few_members_at_a_time(model, pngs, tmp_path):
     assert bomb.stat().st_size < 2 * 1024 * 1024
     peaks = {}
     for name, src in (("small", small), ("bomb", bomb)):
-        cmd = [sys.executable, "-m", "jobs", "label", "--model", str(model), "--input",
+        cmd = [sys.executable, "-m", "kiln", "label", "--model", str(model), "--input",
                str(src), "--output", str(tmp_path / name)]
         rc, peaks[name] = _peak_rss_mb(cmd)
         assert rc == 0
@@ -462,7 +462,7 @@ def test_a_large_16_bit_image_decodes_in_bounded_memory():
     """A 7000x7000 16-bit PNG cost 1.2 GB in float64 copies; now about its own size again."""
     import tracemalloc
 
-    from pipelines.transforms import ImagePreset, decode_uint8
+    from kiln.pipelines.transforms import ImagePreset, decode_uint8
 
     ramp = (np.arange(7000, dtype=np.uint32)[None, :] * 9 % 65536).astype(np.uint16)
     buf = io.BytesIO()
@@ -527,7 +527,7 @@ def test_a_bad_model_config_is_one_line_before_anything_is_built(tmp_path, edit,
         # Nothing the size of the model it describes was made (image_size 300: 700 MB).
         rnn = json.loads((folder / "config.json").read_text())["kind"] == "rnn"
         good = _rnn_folder(tmp_path) if rnn else _model_folder(tmp_path / "good")
-        peaks = [_peak_rss_mb([sys.executable, "-m", "jobs", "info", str(f)])[1]
+        peaks = [_peak_rss_mb([sys.executable, "-m", "kiln", "info", str(f)])[1]
                  for f in (good, folder)]
         assert peaks[1] - peaks[0] < 100, peaks
 
@@ -569,7 +569,7 @@ def test_class_names_with_dollars_make_a_report(tmp_path, pngs):
 def test_a_truncated_tar_gz_keeps_its_whole_members(pngs, tmp_path):
     """The same truncated bytes named .tar.gz recovered 0 of the members that .tgz did:
     pyarrow unpacked the .gz on its own and lost what it had buffered."""
-    from pipelines import sources
+    from kiln.pipelines import sources
 
     got = {}
     for suffix in (".tgz", ".tar.gz"):

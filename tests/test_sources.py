@@ -1,5 +1,5 @@
-"""pipelines.sources: every input kind yields one record per member or file, bad ones with their
-error kind, nothing extracted to disk. No Ray."""
+"""kiln.pipelines.sources: every input kind yields one record per member or file, bad ones with
+their error kind, nothing extracted to disk. No Ray."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import embedded
-from pipelines import sources, storage
-from pipelines.transforms import ImageError, ImagePreset, decode
+from kiln import embedded
+from kiln.pipelines import sources, storage
+from kiln.pipelines.transforms import ImageError, ImagePreset, decode
 from tests import image_cases as ic
 
 PRESET = ImagePreset()

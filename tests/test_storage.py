@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines import storage
+from kiln.pipelines import storage
 
 
 def test_local_write_read_glob(tmp_path):

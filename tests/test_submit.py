@@ -19,13 +19,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import embedded
-from jobs.options import SubmitOptions
-from jobs.submit import (
+from kiln import embedded
+from kiln.models import CNNSpec, build_model, model_to_bytes
+from kiln.options import SubmitOptions
+from kiln.pipelines import storage
+from kiln.pipelines.storage import FORWARD_MODULE
+from kiln.submit import (
     EXCLUDES,
     ClusterError,
     JobFailed,
     entrypoint,
+    kiln_package,
     list_jobs,
     logs,
     runtime_env,
@@ -34,9 +38,6 @@ from jobs.submit import (
     submit,
     working_dir,
 )
-from models import CNNSpec, build_model, model_to_bytes
-from pipelines import storage
-from pipelines.storage import FORWARD_MODULE
 from tests.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
@@ -47,7 +48,7 @@ HEAD: dict = {}  # the head's temp dir (its session logs)
 def kiln(*args, env=None, timeout=180):
     drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
     base = {k: v for k, v in os.environ.items() if k not in drop}
-    return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**base, **(env or {})})
 
 
@@ -80,7 +81,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path) -> None:
-    from jobs.submit import ClusterError, client
+    from kiln.submit import ClusterError, client
 
     deadline = time.monotonic() + 120
     while True:
@@ -99,7 +100,7 @@ def _wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path) -> None
 def ray_head():
     """A one-node cluster as `ray start --head` makes it, with this venv's python on PATH (as
     cluster.yaml's setup puts kiln on the nodes' PATH). Yields the dashboard address."""
-    from jobs.connect import ensure_token_auth
+    from kiln.connect import ensure_token_auth
 
     ensure_token_auth()  # `ray start` with token auth needs ~/.ray/auth_token to exist
     temp = tempfile.mkdtemp(prefix="ksub-", dir="/tmp")  # short: Ray's socket paths are capped
@@ -155,9 +156,9 @@ def small_model(tmp_path_factory):
 
 def _label_exists() -> bool:
     try:
-        return hasattr(importlib.import_module("jobs.label"), "run_label")
+        return hasattr(importlib.import_module("kiln.label"), "run_label")
     except ModuleNotFoundError as e:
-        if e.name != "jobs.label":
+        if e.name != "kiln.label":
             raise  # jobs/label.py is there but broken: say so, do not fall back
         return False
 
@@ -172,7 +173,7 @@ def _job_id(stdout: str) -> str:
 
 
 def test_a_leading_kiln_runs_as_python_m_jobs():
-    assert entrypoint(["kiln", "info", "runs/a b"]) == "python -m jobs info 'runs/a b'"
+    assert entrypoint(["kiln", "info", "runs/a b"]) == "python -m kiln info 'runs/a b'"
     assert entrypoint(["python", "-c", "print(1)"]) == "python -c 'print(1)'"
     with pytest.raises(ValueError, match="after --"):
         entrypoint([])
@@ -181,7 +182,7 @@ def test_a_leading_kiln_runs_as_python_m_jobs():
 def test_runtime_env_uploads_the_project_and_no_aws_variable(monkeypatch):
     """The job's env_vars carry nothing of this shell's AWS settings, asked or not: Ray logs
     and shows env_vars. Forwarded, they travel as a private package, gone once uploaded."""
-    from jobs.connect import forwarded_credentials
+    from kiln.connect import forwarded_credentials
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
@@ -200,6 +201,22 @@ def test_runtime_env_uploads_the_project_and_no_aws_variable(monkeypatch):
         assert (package / "env.json").stat().st_mode & 0o077 == 0  # the user's alone
         assert SECRET in (package / "env.json").read_text() and SECRET not in str(renv)
     assert not package.exists()
+
+
+def test_the_uploaded_code_is_the_kiln_package_as_installed():
+    """kiln_package lays the project out as pyproject.toml maps it, without byte code, and
+    removes its copy once Ray has it."""
+    with kiln_package(str(ROOT)) as code:
+        package = Path(code[0])
+        assert package.name == "kiln" and (package / "__main__.py").is_file()
+        assert (package / "models" / "cnn.py").is_file()
+        assert (package / "pipelines" / "sources.py").is_file()
+        assert not list(package.rglob("__pycache__"))
+        renv = runtime_env(SubmitOptions(["kiln", "info", "x"]), code=code)
+        assert renv["py_modules"] == [str(package)]
+    assert not package.exists()
+    with kiln_package(None) as none:
+        assert none == []
 
 
 def test_working_dir_falls_back_to_this_kiln_checkout(tmp_path):
@@ -250,13 +267,14 @@ def test_submit_runs_a_job_to_succeeded_with_status_logs_and_list(ray_head, smal
 
 # A job that reports, from its driver and from a Ray task on the cluster, a hash of the S3
 # secret that kiln's storage sees there; then lists its working_dir and exits 3.
-SEES = ("import os, sys, hashlib, ray; from pipelines import storage\n"
+SEES = ("import os, sys, hashlib, ray, kiln; from kiln.pipelines import storage\n"
         "def seen():\n"
         "    s = storage._s3_settings()[5] or ''\n"
         "    return hashlib.sha256(s.encode()).hexdigest()[:16]\n"
         "ray.init()\n"
         "print('driver-sees', seen()); print('task-sees', ray.get(ray.remote(seen).remote()))\n"
-        "print('cwd-has', sorted(os.listdir('.'))); sys.exit(3)")
+        "print('cwd-has', sorted(os.listdir('.'))); print('kiln-from', kiln.__file__)\n"
+        "sys.exit(3)")
 
 
 def _sees(out: str, who: str) -> str:
@@ -269,7 +287,7 @@ def test_secrets_reach_a_cluster_only_when_asked_and_never_its_logs(ray_head, mo
     in its driver and its tasks alike; and then no log file of the cluster's session, no
     job table entry (runtime_env, entrypoint, message) and no kiln output shows it. Each job
     also fails (exit 3): submit says so."""
-    from jobs.submit import client
+    from kiln.submit import client
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kiln-test-key-id")
@@ -292,6 +310,9 @@ def test_secrets_reach_a_cluster_only_when_asked_and_never_its_logs(ray_head, mo
     assert digest not in seen[False]
     listing = next(line for line in shown.out.splitlines() if line.startswith("cwd-has"))
     assert "'jobs'" in listing and "'pyproject.toml'" in listing
+    # the job's kiln is the uploaded copy of this project's code, not one installed there
+    uploaded = Path(_sees(shown.out, "kiln-from"))
+    assert uploaded.parent.name == "kiln" and not uploaded.is_relative_to(ROOT)
     assert "'.venv'" not in listing and "'.git'" not in listing
     found = []
     for root, _, files in os.walk(HEAD["temp"]):

@@ -15,14 +15,14 @@ import psutil
 import pytest
 import torch
 
-from jobs import embedded
-from jobs.options import TrainOptions
-from jobs.schedule import SGD_WARMUP, Budget, lr_at, warmup_steps
-from jobs.train import run_train
-from pipelines import storage
-from pipelines.sink import OutputDir
-from pipelines.train_data import read_text
-from pipelines.transforms import ImagePreset, augment_batch, choose_augment, decode
+from kiln import embedded
+from kiln.options import TrainOptions
+from kiln.pipelines import storage
+from kiln.pipelines.sink import OutputDir
+from kiln.pipelines.train_data import read_text
+from kiln.pipelines.transforms import ImagePreset, augment_batch, choose_augment, decode
+from kiln.schedule import SGD_WARMUP, Budget, lr_at, warmup_steps
+from kiln.train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +91,8 @@ def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     assert cfg["train"]["augment"] == "shift"  # no flips for digits
     # model/ holds the final weights where they validate as well as the best within noise,
     # else the best validation's.
-    from jobs.train_loop import within_noise
-    from jobs.train_tasks import CNNTask
+    from kiln.train_loop import within_noise
+    from kiln.train_tasks import CNNTask
 
     best = max(rows, key=CNNTask.rank)
     final = within_noise(CNNTask, rows[-1], rows)
@@ -114,7 +114,7 @@ def test_rnn_learns_python_source(ray_local, tmp_path):
 
 
 def kiln(*args):
-    return [sys.executable, "-m", "jobs", *args]
+    return [sys.executable, "-m", "kiln", *args]
 
 
 def test_resume_continues_a_killed_run(tmp_path):
@@ -173,8 +173,8 @@ def test_model_keeps_the_final_weights_unless_an_earlier_validation_is_better_be
     """model/ under an annealed schedule: the last validation's weights where they are as good
     as the best within two standard errors of its accuracy (on 1,000 images, 2.4 points near
     0.83), the best otherwise; a char-RNN's loss over every character keeps its best."""
-    from jobs.train_loop import within_noise
-    from jobs.train_tasks import CNNTask, RNNTask
+    from kiln.train_loop import within_noise
+    from kiln.train_tasks import CNNTask, RNNTask
 
     def rec(acc, n=1000, loss=0.5):
         return {"val_accuracy": acc, "val_loss": loss, "val_images": n}
@@ -197,9 +197,9 @@ def test_model_keeps_the_final_weights_unless_an_earlier_validation_is_better_be
 def test_label_smoothing_spreads_the_target_over_every_class():
     """The loss with smoothing e: (1 - e) of the true class's cross-entropy plus e of the mean
     over every class's; 0.1 by default for the ResNets, none for the Keras MNIST net."""
-    from jobs.train import resolve
-    from jobs.train_tasks import CNNTask, WorkerConfig
-    from models import CNNSpec
+    from kiln.models import CNNSpec
+    from kiln.train import resolve
+    from kiln.train_tasks import CNNTask, WorkerConfig
 
     spec = CNNSpec("mnist_cnn", list("abc"))
     cfg = WorkerConfig(kind="cnn", spec=spec, out="", data="", batch=4, lr=0.1,
@@ -226,10 +226,10 @@ def test_precise_bn_makes_batch_norm_statistics_the_mean_over_training_images():
     import contextlib
     from types import SimpleNamespace
 
-    from jobs.train_batches import ImageBatches
-    from jobs.train_loop import PRECISE_BN_IMAGES, precise_bn
-    from jobs.train_tasks import CNNTask, WorkerConfig
-    from models import CNNSpec
+    from kiln.models import CNNSpec
+    from kiln.train_batches import ImageBatches
+    from kiln.train_loop import PRECISE_BN_IMAGES, precise_bn
+    from kiln.train_tasks import CNNTask, WorkerConfig
 
     spec = CNNSpec("resnet20", list("ab"), channels=3, image_size=8, mean=[0.5] * 3,
                    std=[0.25] * 3)
@@ -356,8 +356,8 @@ def test_colour_photos_under_a_time_limit_flip_and_label_with_their_own_statisti
     mean and std go into config.json, and labeling normalizes with them."""
     from PIL import Image
 
-    from jobs.label import run_label
-    from jobs.options import LabelOptions
+    from kiln.label import run_label
+    from kiln.options import LabelOptions
 
     train_imgs, train_labels = embedded.photos(12, size=16)
     val_imgs, val_labels = embedded.photos(3, size=16, part="test")
@@ -399,7 +399,7 @@ def test_colour_photos_under_a_time_limit_flip_and_label_with_their_own_statisti
         mirrored = loaded.model(x.flip(3)).softmax(1)
     # --tta auto on a model trained on mirrored photos: flip averaging, each row's scores the
     # mean of the two forward passes', one row an image; by default, none.
-    from pipelines.label import flip_tta
+    from kiln.pipelines.label import flip_tta
 
     assert flip_tta("auto", cfg) and not flip_tta("auto", {"train": {"augment": "shift"}})
     for tta, probs in (("auto", (once + mirrored) / 2), ("none", once)):
@@ -410,7 +410,7 @@ def test_colour_photos_under_a_time_limit_flip_and_label_with_their_own_statisti
         top = probs.max(1).values
         for i, c in enumerate(val_labels):
             assert labeled[f"{c}/{i}.jpg"] == pytest.approx(float(top[i]), abs=1e-4)
-    from pipelines.sink import OutputError
+    from kiln.pipelines.sink import OutputError
 
     with pytest.raises(OutputError, match="differs in: tta"):  # one output, one kind of score
         run_label(LabelOptions(run, [str(val_tar)], str(tmp_path / "labels-auto"), top_k=1))
@@ -423,8 +423,8 @@ def test_a_workers_error_is_one_line_and_not_retried(ray_local, tmp_path):
     from ray.util.queue import Queue
     from rich.console import Console
 
-    from jobs.train_fit import MAX_FAILURES, TrainingError, trainer_class, with_epoch_lines
-    from jobs.train_tasks import CNNTask
+    from kiln.train_fit import MAX_FAILURES, TrainingError, trainer_class, with_epoch_lines
+    from kiln.train_tasks import CNNTask
 
     attempts = tmp_path / "attempts"
 

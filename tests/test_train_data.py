@@ -11,18 +11,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from jobs.train_batches import ImageBatches, TextStreams, ValBatches
-from jobs.train_loop import agree, all_sum
-from jobs.train_tasks import CNNTask, RNNTask, WorkerConfig
-from models import build_model
-from models.checkpoint import CNNSpec, RNNSpec
-from pipelines.train_data import HeldShard
+from kiln.models import build_model
+from kiln.models.checkpoint import CNNSpec, RNNSpec
+from kiln.pipelines.train_data import HeldShard
+from kiln.train_batches import ImageBatches, TextStreams, ValBatches
+from kiln.train_loop import agree, all_sum
+from kiln.train_tasks import CNNTask, RNNTask, WorkerConfig
 
 
 def test_image_training_rows_are_shuffled_across_classes(ray_local, digits_data, tmp_path):
-    from jobs import embedded
-    from pipelines.train_data import image_dataset
-    from pipelines.transforms import ImagePreset
+    from kiln import embedded
+    from kiln.pipelines.train_data import image_dataset
+    from kiln.pipelines.transforms import ImagePreset
 
     pngs, labels = digits_data
     order = sorted(range(len(pngs)), key=lambda i: labels[i])  # class folder after class folder
@@ -41,7 +41,7 @@ def test_image_training_rows_are_shuffled_across_classes(ray_local, digits_data,
 
 
 def test_text_streams_cut_the_text_into_contiguous_stretches(ray_local):
-    from pipelines.train_data import text_streams
+    from kiln.pipelines.train_data import text_streams
 
     ids = np.arange(1000, dtype=np.int64)
     rows = list(text_streams(ids, 6).iter_rows())
@@ -117,7 +117,7 @@ def test_a_worker_streaming_its_split_gets_full_batches_each_row_once(ray_local)
 
 
 def test_text_streams_are_split_by_worker_and_read_chunk_after_chunk(ray_local):
-    from pipelines.train_data import text_streams
+    from kiln.pipelines.train_data import text_streams
 
     ids = np.arange(10_001, dtype=np.int64)
     ds = text_streams(ids, 4)  # 4 streams of 2,500
@@ -135,7 +135,7 @@ def test_text_streams_are_split_by_worker_and_read_chunk_after_chunk(ray_local):
 
 
 def test_the_char_rnn_carries_its_state_from_chunk_to_chunk():
-    from models import CharRNN
+    from kiln.models import CharRNN
 
     torch.manual_seed(0)
     model = CharRNN(11, "lstm", 8, 16, 2).eval()

@@ -1,4 +1,4 @@
-"""pipelines.transforms: every odd but valid image decodes to the model's input, every bad one
+"""kiln.pipelines.transforms: every odd but valid image decodes to the model's input, every bad one
 raises ImageError with its kind. No Ray."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.transforms import (
+from kiln.pipelines.transforms import (
     ImageError,
     ImagePreset,
     decode,
@@ -120,7 +120,7 @@ PHOTOS = _photo_cases()
 def test_fast_decoder_gives_pillows_pixels_within_one_level(preset):
     """TorchCodec (PNG, baseline and progressive JPEG; with grey conversion and resizes up to
     3x) against Pillow's path, pixel by pixel."""
-    from pipelines.transforms import fast_decode
+    from kiln.pipelines.transforms import fast_decode
 
     for name, data in PHOTOS:
         fast = fast_decode(data, preset)
@@ -135,7 +135,7 @@ def test_fast_decoder_gives_pillows_pixels_within_one_level(preset):
 def test_fast_decoder_leaves_the_rest_to_pillow():
     """Palettes, alpha, 16-bit, CMYK, EXIF rotation, other formats and images that Pillow
     reduces cheaply are not the fast decoder's; broken files keep Pillow's error kinds."""
-    from pipelines.transforms import fast_decode
+    from kiln.pipelines.transforms import fast_decode
 
     taken = {n for n in ODD if fast_decode(ODD[n], RGB) is not None}
     assert taken == {"gray.png", "rgb.png", "ycbcr.jpg", "tiny_1x1.png"}
@@ -166,7 +166,7 @@ def test_batched_device_jpeg_decode_gives_the_cpu_pixels(preset, device):
     import skimage.data
     from PIL import Image
 
-    from pipelines.transforms import decode_jpegs_on, device_jpeg, to_uint8
+    from kiln.pipelines.transforms import decode_jpegs_on, device_jpeg, to_uint8
 
     jpegs = [(n, d) for n, d in PHOTOS if n.endswith(".jpg")]
     big = Image.fromarray(skimage.data.astronaut())  # 512x512: 16x the model's size
@@ -191,19 +191,19 @@ def test_a_device_batch_keeps_every_row_and_pillows_errors(device, monkeypatch):
     the batch is then decoded file by file, so every error is Pillow's."""
     import torch
 
-    import pipelines.label
-    import pipelines.transforms
-    from pipelines.label import decode_batch
-    from pipelines.sources import Record
-    from pipelines.transforms import device_jpeg
+    from kiln.pipelines import label as label_module
+    from kiln.pipelines import transforms
+    from kiln.pipelines.label import decode_batch
+    from kiln.pipelines.sources import Record
+    from kiln.pipelines.transforms import device_jpeg
 
     calls = []  # what each batched device call gave back
 
     def recorded(*args):
-        calls.append(pipelines.transforms.decode_jpegs_on(*args))
+        calls.append(transforms.decode_jpegs_on(*args))
         return calls[-1]
 
-    monkeypatch.setattr(pipelines.label, "decode_jpegs_on", recorded)
+    monkeypatch.setattr(label_module, "decode_jpegs_on", recorded)
 
     jpegs = [d for n, d in PHOTOS if n.endswith(".jpg")][:6]
     good = [d for n, d in PHOTOS if n.endswith(".png")][:2] + [ODD["cmyk.jpg"], ODD[

@@ -15,11 +15,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import connect
-from jobs.options import TrainOptions, TuneOptions
-from jobs.tune import run_tune
-from jobs.tune_space import Choice, Range, parse_space, plan_trials, trial_ids
-from pipelines import storage
+from kiln import connect
+from kiln.options import TrainOptions, TuneOptions
+from kiln.pipelines import storage
+from kiln.tune import run_tune
+from kiln.tune_space import Choice, Range, parse_space, plan_trials, trial_ids
 
 
 def test_a_value_a_list_and_a_range():
@@ -138,7 +138,7 @@ def test_search_exports_the_best_trial_and_asha_frees_the_workers(ray_local, dig
 
 def kiln(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "jobs", *args], env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "kiln", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
