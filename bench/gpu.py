@@ -1,9 +1,9 @@
 """GPU checks and figures for the code that kiln's Ray workers and actors run on a GPU,
 timed directly: the GPU machine lent to this project has PyTorch but not Ray.
 
-- training: the train loop's own task objects and step (jobs/train_tasks.py CNNTask/RNNTask:
-  to_device, loss under bf16 autocast, val_sums; make_optimizer's AdamW; jobs/schedule.py
-  lr_at; jobs/train_loop.py train_step, gradient clipping), without Ray's data iterator and
+- training: the train loop's own task objects and step (jobs/train/tasks.py CNNTask/RNNTask:
+  to_device, loss under bf16 autocast, val_sums; make_optimizer's AdamW; jobs/train/schedule.py
+  lr_at; jobs/train/loop.py train_step, gradient clipping), without Ray's data iterator and
   DDP; samples/s in fp32, bf16 and bf16 + channels-last; bf16 against fp32 on the same batch;
   the digits CNN to its held-out accuracy and a 2x256 LSTM for a fixed time on ~1 MB of stdlib;
 - labeling: one label actor (pipelines/label.py LabelPredictor, gpu=True: JPEG batches
@@ -62,10 +62,10 @@ from kiln.models.checkpoint import CNNSpec, RNNSpec, model_to_bytes  # noqa: E40
 from kiln.pipelines import sources, storage  # noqa: E402
 from kiln.pipelines.label import LabelPredictor, LabelSettings  # noqa: E402
 from kiln.pipelines.transforms import ImagePreset, choose_augment, decode_uint8  # noqa: E402
-from kiln.schedule import lr_at  # noqa: E402
-from kiln.train_batches import TextStreams, ValBatches  # noqa: E402
-from kiln.train_loop import train_step  # noqa: E402
-from kiln.train_tasks import CNNTask, RNNTask, WorkerConfig, make_optimizer  # noqa: E402
+from kiln.train.batches import TextStreams, ValBatches  # noqa: E402
+from kiln.train.loop import train_step  # noqa: E402
+from kiln.train.schedule import lr_at  # noqa: E402
+from kiln.train.tasks import CNNTask, RNNTask, WorkerConfig, make_optimizer  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RESULTS: dict = {}
@@ -88,7 +88,7 @@ def autocast(on: bool):
 
 # ---------------------------------------------------------------------------------- training
 def config(kind: str, spec, batch: int, lr: float, augment: str = "none") -> WorkerConfig:
-    """A worker's configuration as jobs/train.py fills it, for AdamW (weight decay 1e-4)."""
+    """A worker's configuration as jobs/train/job.py fills it, for AdamW (weight decay 1e-4)."""
     return WorkerConfig(kind=kind, spec=spec, out="", data="", batch=batch, lr=lr,
                         optimizer="adamw", cooldown=1.0, epochs=None,
                         max_steps=None, time_limit_s=None,
@@ -328,7 +328,7 @@ def collectives() -> None:
     gets (NCCL, which refuses CPU tensors), with a DDP-wrapped model: world size 1."""
     import torch.distributed as dist
 
-    from kiln.train_loop import agree, all_sum
+    from kiln.train.loop import agree, all_sum
 
     if DEV.type != "cuda":
         LINES.append("\n- Collectives: skipped (no CUDA).")

@@ -1,6 +1,6 @@
 """One training step (forward, backward, SGD with Nesterov momentum) of kiln's CNNs on a
 batch of 64, in PyTorch's default NCHW layout and in channels-last (NHWC), on this machine's
-CPU: why `kiln train cnn` takes channels-last on CPUs too (jobs/train_loop.py).
+CPU: why `kiln train cnn` takes channels-last on CPUs too (jobs/train/loop.py).
 
     .venv/bin/python bench/layout.py [--threads 1]
 Prints a line per network and layout (not written to BENCHMARKS.md; see its Photo recipe

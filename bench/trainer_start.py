@@ -28,9 +28,9 @@ def main() -> None:
     import ray
 
     from kiln import embedded
-    from kiln.connect import console, ensure_token_auth, local_train_env
+    from kiln.cluster.connect import console, ensure_token_auth, local_train_env
     from kiln.options import TrainOptions
-    from kiln.train import run_train
+    from kiln.train.job import run_train
 
     ensure_token_auth()
     work = Path(tempfile.mkdtemp(prefix="kiln-start-"))

@@ -125,7 +125,7 @@ def on_cluster(data: list[str], tmp: Path) -> list[str]:
     from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
-    from kiln.connect import ensure_token_auth
+    from kiln.cluster.connect import ensure_token_auth
 
     ensure_token_auth()
     os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)

@@ -11,7 +11,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kiln import connect
+from kiln.cluster import connect
 from kiln.options import BACKBONE_LR_SCALE, GenerateOptions, LabelOptions, TrainOptions
 
 console = connect.console()
@@ -135,7 +135,7 @@ def train_cnn(
 ):
     """Train an image classifier."""
     given = dict(locals())  # the options, by TrainOptions' names
-    from kiln.train import run_train
+    from kiln.train.job import run_train
 
     run_job(run_train, TrainOptions("cnn", **given, debug=DEBUG["on"]))
 
@@ -174,13 +174,13 @@ def train_rnn(
 ):
     """Train a character-level language model (char-rnn)."""
     given = dict(locals())  # the options, by TrainOptions' names
-    from kiln.train import run_train
+    from kiln.train.job import run_train
 
     run_job(run_train, TrainOptions("rnn", **given, debug=DEBUG["on"]))
 
 
 # `kiln tune cnn|rnn` takes kiln train's options, its own signature derived from train's: the
-# options a search may vary (jobs/tune_space.py) are read as text, a value or a space.
+# options a search may vary (jobs/tune/space.py) are read as text, a value or a space.
 tune_app = typer.Typer(help="Search hyperparameters with Ray Tune: trials of kiln train.",
                        no_args_is_help=True)
 app.add_typer(tune_app, name="tune")
@@ -209,13 +209,13 @@ def tune_command(kind: str, train_fn):
     import inspect
     import typing
 
-    from kiln.tune_space import TUNABLE
+    from kiln.tune.space import TUNABLE
 
     hints = typing.get_type_hints(train_fn)
 
     def command(**kw):
         from kiln.options import TuneOptions
-        from kiln.tune import run_tune
+        from kiln.tune.job import run_tune
 
         spaces = {k: kw.pop(k) for k in TUNABLE[kind]}
         extra = {k: kw.pop(k) for k in TUNE_OPTIONS}
@@ -266,7 +266,7 @@ def label(
     tta: str = TTA,
 ):
     """Label every image of the inputs with a trained CNN."""
-    from kiln.label import run_label
+    from kiln.bulk.label import run_label
 
     opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
                         actors, address, debug=DEBUG["on"],
@@ -304,7 +304,7 @@ def generate(
     """Generate text from prompts (or unconditionally) with a trained char-RNN."""
     if (prompts is None) == (num_samples is None):
         fail("give exactly one of --prompts or --num-samples")
-    from kiln.generate import run_generate
+    from kiln.bulk.generate import run_generate
 
     opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
                            seed, stop, batch_size, gpu, overwrite, actors, address,
@@ -332,7 +332,7 @@ def eval_(
 ):
     """Measure a trained model on labeled images (accuracy, per-class F1, confusion,
     calibration) or on text (nats and bits per character)."""
-    from kiln.eval import EvalOptions, run_eval
+    from kiln.bulk.eval import EvalOptions, run_eval
 
     run_job(run_eval, EvalOptions(model, data, output, batch_size, gpu, overwrite, actors,
                                   address, debug=DEBUG["on"],
@@ -346,7 +346,7 @@ def info(
 ):
     """Print the model card of a trained model."""
     from kiln.pipelines.storage import load_model
-    from kiln.report import model_card
+    from kiln.reports.card import model_card
 
     loaded = run_job(load_model, uri)
     if as_json:
@@ -370,8 +370,8 @@ def submit(
         "cluster uses its own credentials."),
 ):
     """Run a kiln job on a Ray cluster through Ray Jobs (the args after --)."""
+    from kiln.cluster.submit import submit as submit_job
     from kiln.options import SubmitOptions
-    from kiln.submit import submit as submit_job
 
     opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait,
                          forward_credentials=forward_credentials)
@@ -381,7 +381,7 @@ def submit(
 @app.command()
 def status(job_id: str, address: str = ADDRESS):
     """Show a submitted job's status."""
-    from kiln.submit import status as job_status
+    from kiln.cluster.submit import status as job_status
 
     run_job(job_status, job_id, address)
 
@@ -390,7 +390,7 @@ def status(job_id: str, address: str = ADDRESS):
 def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
          address: str = ADDRESS):
     """Print a submitted job's logs."""
-    from kiln.submit import logs as job_logs
+    from kiln.cluster.submit import logs as job_logs
 
     run_job(job_logs, job_id, address, follow)
 
@@ -398,7 +398,7 @@ def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
 @app.command()
 def stop(job_id: str, address: str = ADDRESS):
     """Stop a submitted job."""
-    from kiln.submit import stop as stop_job
+    from kiln.cluster.submit import stop as stop_job
 
     run_job(stop_job, job_id, address)
 
@@ -406,7 +406,7 @@ def stop(job_id: str, address: str = ADDRESS):
 @app.command("list")
 def list_jobs(address: str = ADDRESS):
     """List the jobs of a Ray cluster."""
-    from kiln.submit import list_jobs as jobs_list
+    from kiln.cluster.submit import list_jobs as jobs_list
 
     run_job(jobs_list, address)
 
@@ -447,7 +447,7 @@ def run_cli(args: list[str] | None = None) -> int:
 
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-    from kiln.connect import quiet_ray_data_logs
+    from kiln.cluster.connect import quiet_ray_data_logs
 
     quiet_ray_data_logs()
     try:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from rich.rule import Rule
 
-from kiln import connect, embedded
-from kiln.connect import RayOptions, ray_session
+from kiln import embedded
+from kiln.cluster import connect
+from kiln.cluster.connect import RayOptions, ray_session
 from kiln.options import GenerateOptions, LabelOptions, TrainOptions
 
 console = connect.console(highlight=False)
@@ -56,11 +57,11 @@ def step(n: int, title: str) -> float:
 
 
 def run_demo(out: str = "demo-output", small: bool = False, debug: bool = False) -> dict:
-    from kiln.demo_report import write_report
-    from kiln.generate import run_generate
-    from kiln.label import run_label
+    from kiln.bulk.generate import run_generate
+    from kiln.bulk.label import run_label
     from kiln.pipelines.fence import check_run_folder, mark_run_folder
-    from kiln.train import run_train
+    from kiln.reports.demo import write_report
+    from kiln.train.job import run_train
 
     root = Path(check_run_folder(out, [], "demo"))
     root.mkdir(parents=True, exist_ok=True)

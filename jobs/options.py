@@ -107,7 +107,7 @@ class SubmitOptions:
 class TuneOptions:
     train: TrainOptions  # the options every trial shares; `out` is the search folder
     spaces: dict[str, str | None] = field(default_factory=dict)  # searchable option -> its
-    # text as typed: a value, a list "64,128" or a range "1e-4:1e-2:log" (jobs/tune_space.py)
+    # text as typed: a value, a list "64,128" or a range "1e-4:1e-2:log" (jobs/tune/space.py)
     trials: int | None = None  # None: the whole grid of lists, or 8 points with a range
     concurrent: int | None = None  # None: what the cluster's CPUs (GPUs) hold at --workers
     scheduler: str = "asha"  # asha | fifo

@@ -25,7 +25,7 @@ def ray_local(s3_server):
     workers inherit the environment at start, so the S3 server's variables come first."""
     import ray
 
-    from kiln.connect import ensure_token_auth, local_train_env
+    from kiln.cluster.connect import ensure_token_auth, local_train_env
 
     ensure_token_auth()
     tmp = tempfile.mkdtemp(prefix="kr-", dir="/tmp")

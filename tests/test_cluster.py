@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from kiln import embedded
-from kiln.connect import ensure_token_auth
-from kiln.generate import run_generate
-from kiln.label import run_label
+from kiln.bulk.generate import run_generate
+from kiln.bulk.label import run_label
+from kiln.cluster.connect import ensure_token_auth
 from kiln.options import GenerateOptions, LabelOptions, TrainOptions
 from kiln.pipelines import storage
 from kiln.pipelines.sink import OutputDir
-from kiln.train import run_train
+from kiln.train.job import run_train
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

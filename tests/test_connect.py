@@ -3,7 +3,7 @@ and the warnings among Ray's are counted where the user sees them."""
 
 import os
 
-from kiln import connect
+from kiln.cluster import connect
 
 
 def test_ray_output_goes_to_the_log_and_its_warnings_are_counted(tmp_path, capfd):

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from kiln import embedded
-from kiln.eval import EvalOptions, run_eval, text_loss
-from kiln.eval_report import ECE_BINS
+from kiln.bulk.eval import EvalOptions, run_eval, text_loss
 from kiln.models import CharVocab, CNNSpec, RNNSpec, build_model, model_to_bytes
 from kiln.pipelines import storage
 from kiln.pipelines.sink import OutputDir, OutputError
+from kiln.reports.eval import ECE_BINS
 from tests.image_cases import BAD_TAR_KINDS, bad_tar
 from tests.plain_fit import fit
 

@@ -20,8 +20,8 @@ from kiln.models import CharVocab, CNNSpec, ModelFolderError, RNNSpec, build_mod
 from kiln.models.init import InitSource, fit_init
 from kiln.options import TrainOptions
 from kiln.pipelines import storage
-from kiln.train import resolve, run_train, validate
-from kiln.train_init import fit_for_run, read_init
+from kiln.train.init import fit_for_run, read_init
+from kiln.train.job import resolve, run_train, validate
 from tests.plain_fit import fit
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kiln import embedded
-from kiln.generate import run_generate
+from kiln.bulk.generate import run_generate
 from kiln.models import (
     CharRNN,
     CharVocab,
@@ -223,8 +223,8 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
     rate of the precision it samples in: bf16 products step about twice the characters."""
     import ray
 
-    from kiln import connect
-    from kiln.generate import BF16_SPEEDUP, CHARS_PER_CPU_S, GenerateJob, sampling_of
+    from kiln.bulk.generate import BF16_SPEEDUP, CHARS_PER_CPU_S, GenerateJob, sampling_of
+    from kiln.cluster import connect
     from kiln.models import stepper
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -376,7 +376,7 @@ def test_parquet_with_string_ids(ray_local, rnn_model, tmp_path):
 def test_parts_written_late_by_a_killed_run_are_removed(tmp_path):
     from rich.console import Console
 
-    from kiln.bulk import remove_late_parts
+    from kiln.bulk.run import remove_late_parts
     from kiln.pipelines.sink import write_part
 
     out = OutputDir(str(tmp_path), {})

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kiln import embedded
-from kiln.label import run_label
+from kiln.bulk.label import run_label
 from kiln.models import CNNSpec, build_cnn, model_to_bytes
 from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
@@ -262,7 +262,7 @@ def test_size_rule_picks_the_process_or_ray(monkeypatch):
     --gpu or a running Ray always choose Ray."""
     import ray
 
-    from kiln import connect
+    from kiln.cluster import connect
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -351,7 +351,7 @@ def test_s3_inputs_and_output(ray_local, trained, digits_data, s3_bucket, tmp_pa
 def test_actor_layout(monkeypatch):
     import ray
 
-    from kiln.bulk import actor_layout
+    from kiln.bulk.run import actor_layout
 
     def cluster(cpus, gpus=0):
         res = {"CPU": cpus, "GPU": gpus}

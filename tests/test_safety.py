@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from kiln import embedded
-from kiln.label import run_label
+from kiln.bulk.label import run_label
 from kiln.models import CNNSpec, ModelFolderError, RNNSpec, build_model, model_to_bytes
 from kiln.options import LabelOptions
 from kiln.pipelines import names, storage

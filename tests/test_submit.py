@@ -20,11 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kiln import embedded
-from kiln.models import CNNSpec, build_model, model_to_bytes
-from kiln.options import SubmitOptions
-from kiln.pipelines import storage
-from kiln.pipelines.storage import FORWARD_MODULE
-from kiln.submit import (
+from kiln.cluster.submit import (
     EXCLUDES,
     ClusterError,
     JobFailed,
@@ -38,6 +34,10 @@ from kiln.submit import (
     submit,
     working_dir,
 )
+from kiln.models import CNNSpec, build_model, model_to_bytes
+from kiln.options import SubmitOptions
+from kiln.pipelines import storage
+from kiln.pipelines.storage import FORWARD_MODULE
 from tests.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
@@ -81,7 +81,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path) -> None:
-    from kiln.submit import ClusterError, client
+    from kiln.cluster.submit import ClusterError, client
 
     deadline = time.monotonic() + 120
     while True:
@@ -100,7 +100,7 @@ def _wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path) -> None
 def ray_head():
     """A one-node cluster as `ray start --head` makes it, with this venv's python on PATH (as
     cluster.yaml's setup puts kiln on the nodes' PATH). Yields the dashboard address."""
-    from kiln.connect import ensure_token_auth
+    from kiln.cluster.connect import ensure_token_auth
 
     ensure_token_auth()  # `ray start` with token auth needs ~/.ray/auth_token to exist
     temp = tempfile.mkdtemp(prefix="ksub-", dir="/tmp")  # short: Ray's socket paths are capped
@@ -156,10 +156,10 @@ def small_model(tmp_path_factory):
 
 def _label_exists() -> bool:
     try:
-        return hasattr(importlib.import_module("kiln.label"), "run_label")
+        return hasattr(importlib.import_module("kiln.bulk.label"), "run_label")
     except ModuleNotFoundError as e:
-        if e.name != "kiln.label":
-            raise  # jobs/label.py is there but broken: say so, do not fall back
+        if e.name != "kiln.bulk.label":
+            raise  # jobs/bulk/label.py is there but broken: say so, do not fall back
         return False
 
 
@@ -182,7 +182,7 @@ def test_a_leading_kiln_runs_as_python_m_jobs():
 def test_runtime_env_uploads_the_project_and_no_aws_variable(monkeypatch):
     """The job's env_vars carry nothing of this shell's AWS settings, asked or not: Ray logs
     and shows env_vars. Forwarded, they travel as a private package, gone once uploaded."""
-    from kiln.connect import forwarded_credentials
+    from kiln.cluster.connect import forwarded_credentials
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
@@ -242,7 +242,7 @@ def test_submit_runs_a_job_to_succeeded_with_status_logs_and_list(ray_head, smal
         job = ["kiln", "label", "--model", str(small_model["run"]), "--input",
                str(small_model["tar"]), "--output", str(out), "--top-k", "2", "--actors", "1"]
     else:
-        # SWITCH: until jobs/label.py has run_label, this submits `kiln info`; the branch
+        # SWITCH: until jobs/bulk/label.py has run_label, this submits `kiln info`; the branch
         # above takes over by itself once it does.
         out, submit_args = None, []
         job = ["kiln", "info", str(small_model["run"])]
@@ -287,7 +287,7 @@ def test_secrets_reach_a_cluster_only_when_asked_and_never_its_logs(ray_head, mo
     in its driver and its tasks alike; and then no log file of the cluster's session, no
     job table entry (runtime_env, entrypoint, message) and no kiln output shows it. Each job
     also fails (exit 3): submit says so."""
-    from kiln.submit import client
+    from kiln.cluster.submit import client
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kiln-test-key-id")

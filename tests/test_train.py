@@ -21,8 +21,8 @@ from kiln.pipelines import storage
 from kiln.pipelines.sink import OutputDir
 from kiln.pipelines.train_data import read_text
 from kiln.pipelines.transforms import ImagePreset, augment_batch, choose_augment, decode
-from kiln.schedule import SGD_WARMUP, Budget, lr_at, warmup_steps
-from kiln.train import run_train
+from kiln.train.job import run_train
+from kiln.train.schedule import SGD_WARMUP, Budget, lr_at, warmup_steps
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +91,8 @@ def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     assert cfg["train"]["augment"] == "shift"  # no flips for digits
     # model/ holds the final weights where they validate as well as the best within noise,
     # else the best validation's.
-    from kiln.train_loop import within_noise
-    from kiln.train_tasks import CNNTask
+    from kiln.train.loop import within_noise
+    from kiln.train.tasks import CNNTask
 
     best = max(rows, key=CNNTask.rank)
     final = within_noise(CNNTask, rows[-1], rows)
@@ -173,8 +173,8 @@ def test_model_keeps_the_final_weights_unless_an_earlier_validation_is_better_be
     """model/ under an annealed schedule: the last validation's weights where they are as good
     as the best within two standard errors of its accuracy (on 1,000 images, 2.4 points near
     0.83), the best otherwise; a char-RNN's loss over every character keeps its best."""
-    from kiln.train_loop import within_noise
-    from kiln.train_tasks import CNNTask, RNNTask
+    from kiln.train.loop import within_noise
+    from kiln.train.tasks import CNNTask, RNNTask
 
     def rec(acc, n=1000, loss=0.5):
         return {"val_accuracy": acc, "val_loss": loss, "val_images": n}
@@ -198,8 +198,8 @@ def test_label_smoothing_spreads_the_target_over_every_class():
     """The loss with smoothing e: (1 - e) of the true class's cross-entropy plus e of the mean
     over every class's; 0.1 by default for the ResNets, none for the Keras MNIST net."""
     from kiln.models import CNNSpec
-    from kiln.train import resolve
-    from kiln.train_tasks import CNNTask, WorkerConfig
+    from kiln.train.job import resolve
+    from kiln.train.tasks import CNNTask, WorkerConfig
 
     spec = CNNSpec("mnist_cnn", list("abc"))
     cfg = WorkerConfig(kind="cnn", spec=spec, out="", data="", batch=4, lr=0.1,
@@ -227,9 +227,9 @@ def test_precise_bn_makes_batch_norm_statistics_the_mean_over_training_images():
     from types import SimpleNamespace
 
     from kiln.models import CNNSpec
-    from kiln.train_batches import ImageBatches
-    from kiln.train_loop import PRECISE_BN_IMAGES, precise_bn
-    from kiln.train_tasks import CNNTask, WorkerConfig
+    from kiln.train.batches import ImageBatches
+    from kiln.train.loop import PRECISE_BN_IMAGES, precise_bn
+    from kiln.train.tasks import CNNTask, WorkerConfig
 
     spec = CNNSpec("resnet20", list("ab"), channels=3, image_size=8, mean=[0.5] * 3,
                    std=[0.25] * 3)
@@ -356,7 +356,7 @@ def test_colour_photos_under_a_time_limit_flip_and_label_with_their_own_statisti
     mean and std go into config.json, and labeling normalizes with them."""
     from PIL import Image
 
-    from kiln.label import run_label
+    from kiln.bulk.label import run_label
     from kiln.options import LabelOptions
 
     train_imgs, train_labels = embedded.photos(12, size=16)
@@ -423,8 +423,8 @@ def test_a_workers_error_is_one_line_and_not_retried(ray_local, tmp_path):
     from ray.util.queue import Queue
     from rich.console import Console
 
-    from kiln.train_fit import MAX_FAILURES, TrainingError, trainer_class, with_epoch_lines
-    from kiln.train_tasks import CNNTask
+    from kiln.train.fit import MAX_FAILURES, TrainingError, trainer_class, with_epoch_lines
+    from kiln.train.tasks import CNNTask
 
     attempts = tmp_path / "attempts"
 

@@ -14,9 +14,9 @@ import torch.distributed as dist
 from kiln.models import build_model
 from kiln.models.checkpoint import CNNSpec, RNNSpec
 from kiln.pipelines.train_data import HeldShard
-from kiln.train_batches import ImageBatches, TextStreams, ValBatches
-from kiln.train_loop import agree, all_sum
-from kiln.train_tasks import CNNTask, RNNTask, WorkerConfig
+from kiln.train.batches import ImageBatches, TextStreams, ValBatches
+from kiln.train.loop import agree, all_sum
+from kiln.train.tasks import CNNTask, RNNTask, WorkerConfig
 
 
 def test_image_training_rows_are_shuffled_across_classes(ray_local, digits_data, tmp_path):

@@ -15,11 +15,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from kiln import connect
+from kiln.cluster import connect
 from kiln.options import TrainOptions, TuneOptions
 from kiln.pipelines import storage
-from kiln.tune import run_tune
-from kiln.tune_space import Choice, Range, parse_space, plan_trials, trial_ids
+from kiln.tune.job import run_tune
+from kiln.tune.space import Choice, Range, parse_space, plan_trials, trial_ids
 
 
 def test_a_value_a_list_and_a_range():

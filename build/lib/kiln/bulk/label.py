@@ -1,0 +1,106 @@
+"""`kiln label`: label every image of the inputs with a trained CNN.
+
+The inputs are planned into units (pipelines.sources), a task each; the shared bulk driver
+(jobs/bulk/run.py) skips what an earlier, interrupted run of the same job wrote, runs the rest
+with pipelines.label's LabelPredictor in this process or on a Ray Data actor pool, and ends
+with summary.json, a totals line and, with --report, report.html."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+from rich.console import Console
+
+from kiln.bulk.run import BulkJob, Plan, check_options, prepare_process, run_bulk
+from kiln.cluster import connect
+from kiln.options import LabelOptions
+from kiln.pipelines import sources, storage
+from kiln.pipelines.fence import check_output
+from kiln.pipelines.label import LabelPredictor, LabelSettings, flip_tta, make_tasks
+from kiln.pipelines.sources import count_known
+from kiln.redact import redact
+
+# How many 28x28 digits one core labels a second with the MNIST net (bench/label.py;
+# BENCHMARKS.md, Labeling section); a job whose size is unknown before reading (Parquet,
+# streamed tars) counts as big.
+IMAGES_PER_CPU_S = 1300
+
+
+class LabelJob(BulkJob):
+    name, verb, done_word = "label", "labeling", "labeled"
+    key_columns = ["source", "path", "label", "error"]
+    rate_per_cpu = IMAGES_PER_CPU_S
+    decodes = True
+    actor = LabelPredictor
+
+    def __init__(self, opts: LabelOptions, loaded, units: list):
+        super().__init__(opts, loaded)
+        self.units = units
+        self.tta = flip_tta(opts.tta, loaded.config)
+
+    def identity(self) -> dict:
+        # tta only where it is on: an output of a kiln before --tta still resumes.
+        return {"model": self.loaded.id, "inputs": list(self.opts.inputs),
+                "top_k": self.opts.top_k, **({"tta": True} if self.tta else {})}
+
+    def plan(self, done: set[tuple]) -> Plan:
+        tasks = make_tasks(self.units, {(s, p) for s, p, _, _ in done})
+        known = count_known(self.units)
+        rows = None if known is None else known - len(done)
+        return Plan(tasks, rows, float("inf") if rows is None else rows)
+
+    def settings(self, out, layout) -> LabelSettings:
+        o = self.opts
+        return LabelSettings(o.model, out.uri, out.run_id, o.top_k, o.batch_size, o.gpu,
+                             threads=layout.threads, decode_threads=layout.decode_threads,
+                             thumbs=16 if o.report else 0, tta=self.tta)
+
+    def done_errors(self, done: set[tuple]) -> Counter:
+        return Counter(e.split(":", 1)[0] for _, _, _, e in done if e)
+
+    def summary(self, done: set[tuple], parts: dict[str, dict], common: dict) -> dict:
+        labels: Counter = Counter(lab for _, _, lab, _ in done if lab is not None)
+        for p in parts.values():
+            labels.update(p["labels"])
+        return {"rows_labeled": common["rows_in"] - common["error_rows"],
+                "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1]))}
+
+    def finish(self, out, summary: dict, parts: dict[str, dict], console: Console) -> None:
+        if self.opts.report:
+            from kiln.reports.label import write_report
+
+            summary["report"] = write_report(out, summary, parts, console)
+
+    def totals(self, summary: dict) -> str:
+        errors = ", ".join(f"{k} {v:,}" for k, v in summary["errors"].items()) or "none"
+        resumed = summary["rows_resumed"]
+        resumed = f" ({resumed:,} from an earlier run)" if resumed else ""
+        return (f"[bold]done:[/] {summary['rows_in']:,} rows{resumed}, "
+                f"{summary['rows_labeled']:,} labeled, {summary['error_rows']:,} errors "
+                f"({errors}); {summary['rows_written']:,} written in "
+                f"{summary['elapsed_s']:.1f} s ({summary['rows_per_s']:,.0f} rows/s) -> "
+                f"{redact(self.opts.output)}")
+
+
+def check_label_options(opts: LabelOptions) -> None:
+    check_options(opts)
+    if opts.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {opts.top_k}")
+    flip_tta(opts.tta, {})  # a known value, before anything is read
+    if not opts.inputs:
+        raise ValueError("give at least one --input")
+
+
+def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
+    """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
+    console = console or connect.console()
+    check_label_options(opts)
+    opts = replace(opts, output=check_output(opts.output, [*opts.inputs, opts.model]),
+                   inputs=[storage.absolute(i) for i in opts.inputs])  # the job's identity
+    prepare_process(opts)
+    units = sources.plan(opts.inputs)  # a missing input fails here, before torch loads
+    if not units:
+        raise ValueError(f"nothing to label: {', '.join(opts.inputs)} holds no files")
+    loaded = storage.load_model(opts.model, expect_kind="cnn")  # and a wrong model, before Ray
+    return run_bulk(LabelJob(opts, loaded, units), console)

@@ -1,0 +1,468 @@
+"""The `kiln` command line. Only this module reads flags; each command fills an options
+dataclass and hands it to its job function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from kiln.cluster import connect
+from kiln.options import BACKBONE_LR_SCALE, GenerateOptions, LabelOptions, TrainOptions
+
+console = connect.console()
+app = typer.Typer(
+    name="kiln",
+    help="Train CNNs and char-RNNs with Ray Train; bulk-label images and bulk-generate text "
+    "with Ray Data. Every URI is a local path or s3://bucket/prefix.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+train_app = typer.Typer(help="Train a model with Ray Train.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+TIME_LIMIT_HELP = ("Minutes of training and validation (start-up excluded). Alone, it sets the "
+                   "run's length: the learning rate anneals to zero by its end. With --epochs "
+                   "or --max-steps, whichever ends first.")
+EPOCHS_HELP = "Passes over the training data; default 10 unless --time-limit sets the length."
+BATCH_HELP = "Global batch: {what} per step, all workers together (each takes its share)."
+LR_HELP = ("Peak learning rate; default 0.1 per 128 images for SGD, 2e-3 for AdamW (4e-3 for "
+           "char-RNNs).")
+OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision networks, AdamW "
+                  "for mnist_cnn and char-RNNs), sgd or adamw.")
+ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                       help="Ray cluster address; default: a local Ray for this command.")
+TTA = typer.Option("none", "--tta", help="flip: each image's scores averaged with its "
+                   "mirror image's (one row an image; twice the model's work); auto: flip "
+                   "where the model trained with flips (--augment flip, colour images' "
+                   "default); none.")
+FORWARD = typer.Option(False, "--forward-credentials",
+                       help="Give the cluster's processes this shell's AWS_* variables (in a "
+                       "package Ray uploads but never logs or shows); by default a cluster "
+                       "uses its own credentials.")
+
+
+INIT = typer.Option(None, help="Start from these weights: a kiln run or model folder, a "
+                    ".safetensors file or a PyTorch state dict (.pt/.pth, read with "
+                    "weights_only). When the classes (vocabulary) differ, the head is "
+                    "replaced: a kiln model's rows of shared classes are carried, new ones "
+                    "start fresh.")
+FREEZE = typer.Option(False, "--freeze-backbone", help="With --init: train the head alone.")
+BACKBONE_LR = typer.Option(BACKBONE_LR_SCALE, help="With --init: the loaded layers' share of "
+                           "the learning rate (the head takes all of it).")
+
+DEBUG = {"on": False}  # `kiln --debug`: tracebacks and Ray's own output on the console
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(
+        False, "--debug", help="Show tracebacks, and Ray's and its workers' output.")):
+    DEBUG["on"] = debug
+
+
+def fail(message: str, code: int = 2) -> None:
+    from kiln.redact import redact
+
+    console.print(f"[bold red]error:[/] {redact(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def one_line(e: BaseException) -> str:
+    """An unexpected exception as its type and the last line of its message (a Ray error's
+    message ends with the remote exception's own line)."""
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"
+
+
+def run_job(fn, *args):
+    """Runs a job. A user's mistake (a ValueError and its kin: bad options, data, models,
+    outputs, storage) is one line and exit code 2; anything else one line naming its type
+    and exit code 1; --debug re-raises both with their tracebacks."""
+    from kiln.pipelines.sink import OutputError
+    from kiln.pipelines.storage import StorageError
+
+    try:  # models.ModelFolderError is a ValueError (and importing models imports torch: slow)
+        return fn(*args)
+    except (StorageError, OutputError, FileNotFoundError, ValueError) as e:
+        if DEBUG["on"]:
+            raise
+        # A Ray task's error is also its remote exception's type, its message a traceback.
+        e = getattr(e, "cause", None) or e
+        fail(str(e) if "\n" not in str(e).strip() else one_line(e))
+    except KeyboardInterrupt as e:
+        fail(str(e) or "interrupted; run the same command again to resume", code=130)
+    except Exception as e:
+        if DEBUG["on"]:
+            raise
+        fail(f"{one_line(e)} (kiln --debug ... shows the traceback)", code=1)
+
+
+@train_app.command("cnn", epilog="Example: kiln train cnn --data digits.tar --out runs/digits")
+def train_cnn(
+    data: str = typer.Option(..., help="Parquet (image, label) or a class-per-folder dir/archive."),
+    out: str = typer.Option(..., help="Run folder: model/, metrics.jsonl, curves.png."),
+    val: str = typer.Option(None, help="Validation data; default: hold out --val-fraction."),
+    val_fraction: float = typer.Option(0.1, help="Share of --data held out for validation."),
+    arch: str = typer.Option("mnist_cnn", help="mnist_cnn, resnet8, resnet20, or a torchvision "
+                             "name such as resnet18."),
+    epochs: int = typer.Option(None, help=EPOCHS_HELP),
+    batch_size: int = typer.Option(None, help=BATCH_HELP.format(what="images (default 128)")),
+    lr: float = typer.Option(None, help=LR_HELP),
+    optimizer: str = typer.Option("auto", help=OPTIMIZER_HELP),
+    augment: str = typer.Option("auto", help="auto (pad-and-crop plus horizontal flips for "
+                                "3 channels, shifts for 1), flip, shift or none."),
+    label_smoothing: float = typer.Option(None, help="The target's share spread evenly over "
+                                          "the classes; default 0.1 for ResNets and "
+                                          "torchvision networks, 0 for mnist_cnn."),
+    workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
+    image_size: int = typer.Option(28, help="Images are resized to SIZE x SIZE."),
+    channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB)."),
+    time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    seed: int = typer.Option(0, help="Random seed."),
+    init: str = INIT,
+    freeze_backbone: bool = FREEZE,
+    backbone_lr_scale: float = BACKBONE_LR,
+    address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
+):
+    """Train an image classifier."""
+    given = dict(locals())  # the options, by TrainOptions' names
+    from kiln.train.job import run_train
+
+    run_job(run_train, TrainOptions("cnn", **given, debug=DEBUG["on"]))
+
+
+@train_app.command("rnn", epilog="Example: kiln train rnn --data corpus.txt --out runs/chars "
+                   "--max-steps 2000")
+def train_rnn(
+    data: str = typer.Option(..., help="UTF-8 text file(s) or Parquet with a `text` column."),
+    out: str = typer.Option(..., help="Run folder."),
+    val: str = typer.Option(None, help="Validation text; default: hold out --val-fraction."),
+    val_fraction: float = typer.Option(0.1, help="Share of the text held out (its end)."),
+    cell: str = typer.Option("lstm", help="lstm, gru or rnn."),
+    layers: int = typer.Option(2, help="Recurrent layers."),
+    hidden: int = typer.Option(256, help="Hidden units per layer."),
+    embed: int = typer.Option(64, help="Character embedding size."),
+    dropout: float = typer.Option(0.0, help="Dropout between layers and before the output."),
+    seq_len: int = typer.Option(100, help="Characters per chunk: the text is read in chunks, "
+                                "the hidden state carried from one to the next (truncated "
+                                "BPTT length)."),
+    epochs: int = typer.Option(None, help=EPOCHS_HELP),
+    max_steps: int = typer.Option(None, help="Stop after this many steps in total."),
+    batch_size: int = typer.Option(None, help=BATCH_HELP.format(
+        what="text streams (default 64)")),
+    lr: float = typer.Option(None, help=LR_HELP),
+    optimizer: str = typer.Option("auto", help=OPTIMIZER_HELP),
+    workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
+    time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    seed: int = typer.Option(0, help="Random seed."),
+    init: str = INIT,
+    freeze_backbone: bool = FREEZE,
+    backbone_lr_scale: float = BACKBONE_LR,
+    address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
+):
+    """Train a character-level language model (char-rnn)."""
+    given = dict(locals())  # the options, by TrainOptions' names
+    from kiln.train.job import run_train
+
+    run_job(run_train, TrainOptions("rnn", **given, debug=DEBUG["on"]))
+
+
+# `kiln tune cnn|rnn` takes kiln train's options, its own signature derived from train's: the
+# options a search may vary (jobs/tune/space.py) are read as text, a value or a space.
+tune_app = typer.Typer(help="Search hyperparameters with Ray Tune: trials of kiln train.",
+                       no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
+SPACE_HELP = {str: " Searchable: a list a,b.",
+              int: " Searchable: a list a,b,c or a range LOW:HIGH[:log].",
+              float: " Searchable: a list a,b,c or a range LOW:HIGH[:log]."}
+TUNE_OPTIONS = {
+    "trials": (int, typer.Option(None, help="Trials; default: the whole grid of lists, or 8 "
+                                 "with a range.")),
+    "concurrent": (int, typer.Option(None, help="Trials at a time; default: what the "
+                                     "cluster's CPUs (GPUs) hold at --workers per trial.")),
+    "scheduler": (str, typer.Option("asha", help="asha (stops trials that fall behind at "
+                                    "its rungs, on the validation metric) or fifo.")),
+    "search_time_limit": (float, typer.Option(None, help="Minutes for the whole search.")),
+}
+TUNE_REPLACED = {
+    "out": typer.Option(..., help="Search folder: trials/, model/ (the best trial's), "
+                        "trials.parquet, tune.png."),
+    "workers": typer.Option(1, help="Ray Train workers (DDP) per trial."),
+    "resume": typer.Option(False, "--resume", help="Continue an interrupted search: finished "
+                           "trials are not run again."),
+}
+
+
+def tune_command(kind: str, train_fn):
+    import inspect
+    import typing
+
+    from kiln.tune.space import TUNABLE
+
+    hints = typing.get_type_hints(train_fn)
+
+    def command(**kw):
+        from kiln.options import TuneOptions
+        from kiln.tune.job import run_tune
+
+        spaces = {k: kw.pop(k) for k in TUNABLE[kind]}
+        extra = {k: kw.pop(k) for k in TUNE_OPTIONS}
+        train = TrainOptions(kind, **kw, debug=DEBUG["on"])
+        run_job(run_tune, TuneOptions(train, spaces, **extra))
+
+    params = []
+    for p in inspect.signature(train_fn).parameters.values():
+        opt = p.default
+        if p.name in TUNE_REPLACED:
+            opt = TUNE_REPLACED[p.name]
+        elif p.name in TUNABLE[kind]:
+            default = None if opt.default is None else str(opt.default)
+            opt = typer.Option(default, help=(opt.help or "") + SPACE_HELP[TUNABLE[kind][p.name]])
+        annotation = str if p.name in TUNABLE[kind] else hints[p.name]
+        params.append(p.replace(default=opt, annotation=annotation))
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t)
+               for k, (t, o) in TUNE_OPTIONS.items()]
+    command.__signature__ = inspect.Signature(
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
+    command.__doc__ = f"Search the hyperparameters of `kiln train {kind}`."
+    return command
+
+
+tune_app.command("cnn", epilog="Example: kiln tune cnn --data digits.tar --out runs/search "
+                 "--lr 1e-3:1e-1:log --batch-size 64,128 --epochs 8 --trials 8")(
+    tune_command("cnn", train_cnn))
+tune_app.command("rnn", epilog="Example: kiln tune rnn --data corpus.txt --out runs/search "
+                 "--lr 1e-3:1e-2:log --hidden 128,256 --time-limit 5")(
+    tune_command("rnn", train_rnn))
+
+
+@app.command(epilog="Example: kiln label --model runs/digits --input 'photos/*.tar' "
+             "--output labels/ --top-k 3 --report")
+def label(
+    model: str = typer.Option(..., help="A trained CNN: the run folder or its model/ folder."),
+    input: list[str] = typer.Option(..., "--input", help="Directories, archives (.tar .tar.gz "
+                                    ".tgz .zip), Parquet with `image`, or globs; repeatable."),
+    output: str = typer.Option(..., help="Output folder: Parquet parts + summary.json."),
+    top_k: int = typer.Option(5, help="Class names and scores kept per image."),
+    batch_size: int = typer.Option(128, help="Images per forward pass."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
+    report: bool = typer.Option(False, "--report", help="Also write report.html beside it."),
+    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
+    address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
+    tta: str = TTA,
+):
+    """Label every image of the inputs with a trained CNN."""
+    from kiln.bulk.label import run_label
+
+    opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
+                        actors, address, debug=DEBUG["on"],
+                        forward_credentials=forward_credentials, tta=tta)
+    run_job(run_label, opts)
+
+
+@app.command(epilog="Example: kiln generate --model runs/chars --num-samples 100 "
+             "--output gen/ --temperature 0.8")
+def generate(
+    model: str = typer.Option(..., help="A trained char-RNN: run folder or model/ folder."),
+    output: str = typer.Option(..., help="Output folder: Parquet parts + summary.json."),
+    prompts: str = typer.Option(None, help="UTF-8 text file, one prompt a line (id: the line "
+                                "number), or Parquet with `prompt` (and optional `id`)."),
+    num_samples: int = typer.Option(None, help="Unconditional samples, when no --prompts."),
+    max_chars: int = typer.Option(200, help="Characters generated per row."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, help="Sample among the K likeliest characters; 0: all."),
+    seed: int = typer.Option(0, help="Each row is seeded from (seed, row id)."),
+    stop: str = typer.Option(None, help="Cut each text before this string."),
+    batch_size: int = typer.Option(None, help="Rows per block and Parquet part; default: the "
+                                   "sampling lanes (256 sequences stepped together on a CPU, "
+                                   "1024 on a GPU), or fewer: each local CPU's (or actor's) "
+                                   "equal share of the rows."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
+    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
+    address: str = ADDRESS,
+    precision: str = typer.Option("auto", help="The recurrent layers' matrix products: auto "
+                                  "(bf16 where the hardware has bf16 matrix units: a GPU, a "
+                                  "CPU with AMX; else fp32), fp32 or bf16. The state stays "
+                                  "fp32."),
+    forward_credentials: bool = FORWARD,
+):
+    """Generate text from prompts (or unconditionally) with a trained char-RNN."""
+    if (prompts is None) == (num_samples is None):
+        fail("give exactly one of --prompts or --num-samples")
+    from kiln.bulk.generate import run_generate
+
+    opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
+                           seed, stop, batch_size, gpu, overwrite, actors, address,
+                           debug=DEBUG["on"], precision=precision,
+                           forward_credentials=forward_credentials)
+    run_job(run_generate, opts)
+
+
+@app.command("eval", epilog="Example: kiln eval --model runs/digits --data test.tar "
+             "--output eval/")
+def eval_(
+    model: str = typer.Option(..., help="A trained model: the run folder or its model/ folder."),
+    data: str = typer.Option(..., help="CNN: labeled images in a training format (class-per-"
+                             "folder dir or archive, Parquet with image and label). char-RNN: "
+                             "UTF-8 text or Parquet `text`."),
+    output: str = typer.Option(..., help="Output folder: eval.json, eval.html, the scored rows "
+                               "as Parquet parts, summary.json."),
+    batch_size: int = typer.Option(128, help="Images per forward pass."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
+    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
+    address: str = ADDRESS,
+    forward_credentials: bool = FORWARD,
+    tta: str = TTA,
+):
+    """Measure a trained model on labeled images (accuracy, per-class F1, confusion,
+    calibration) or on text (nats and bits per character)."""
+    from kiln.bulk.eval import EvalOptions, run_eval
+
+    run_job(run_eval, EvalOptions(model, data, output, batch_size, gpu, overwrite, actors,
+                                  address, debug=DEBUG["on"],
+                                  forward_credentials=forward_credentials, tta=tta))
+
+
+@app.command(epilog="Example: kiln info runs/digits")
+def info(
+    uri: str = typer.Argument(..., help="A run folder or model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print config.json as it is."),
+):
+    """Print the model card of a trained model."""
+    from kiln.pipelines.storage import load_model
+    from kiln.reports.card import model_card
+
+    loaded = run_job(load_model, uri)
+    if as_json:
+        print(json.dumps(loaded.config, indent=2))
+    else:
+        Console().print(model_card(loaded), highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Example: kiln submit --address http://127.0.0.1:8265 -- kiln label "
+             "--model s3://b/run --input s3://b/imgs.tar --output s3://b/labels")
+def submit(
+    ctx: typer.Context,
+    address: str = ADDRESS,
+    gpus: float = typer.Option(0, help="GPUs the job's driver reserves."),
+    cpus: float = typer.Option(1, help="CPUs the job's driver reserves."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return once submitted."),
+    forward_credentials: bool = typer.Option(
+        False, "--forward-credentials", help="Give the job's processes this shell's AWS_* "
+        "variables (in a package Ray uploads but never logs or shows); by default the "
+        "cluster uses its own credentials."),
+):
+    """Run a kiln job on a Ray cluster through Ray Jobs (the args after --)."""
+    from kiln.cluster.submit import submit as submit_job
+    from kiln.options import SubmitOptions
+
+    opts = SubmitOptions(list(ctx.args), address, gpus, cpus, not no_wait,
+                         forward_credentials=forward_credentials)
+    run_job(submit_job, opts)
+
+
+@app.command()
+def status(job_id: str, address: str = ADDRESS):
+    """Show a submitted job's status."""
+    from kiln.cluster.submit import status as job_status
+
+    run_job(job_status, job_id, address)
+
+
+@app.command()
+def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
+         address: str = ADDRESS):
+    """Print a submitted job's logs."""
+    from kiln.cluster.submit import logs as job_logs
+
+    run_job(job_logs, job_id, address, follow)
+
+
+@app.command()
+def stop(job_id: str, address: str = ADDRESS):
+    """Stop a submitted job."""
+    from kiln.cluster.submit import stop as stop_job
+
+    run_job(stop_job, job_id, address)
+
+
+@app.command("list")
+def list_jobs(address: str = ADDRESS):
+    """List the jobs of a Ray cluster."""
+    from kiln.cluster.submit import list_jobs as jobs_list
+
+    run_job(jobs_list, address)
+
+
+@app.command(epilog="Example: kiln demo --out demo-output")
+def demo(
+    out: str = typer.Option("demo-output", help="Where the demo writes everything."),
+    small: bool = typer.Option(False, "--small", help="A faster, smaller run (for tests)."),
+):
+    """The whole flow on embedded data: build data sets, train, label, generate, report."""
+    from kiln.demo import run_demo
+
+    run_job(run_demo, out, small, DEBUG["on"])
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """The app, with a mistyped command line as one line too: Click's own answer is a usage
+    line and a boxed message."""
+    try:  # typer 0.29 carries its own copy of Click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(args, standalone_mode=False)
+    except NoArgsIsHelpError as e:  # `kiln`, `kiln train`: their help
+        e.show()
+        return 0
+    except UsageError as e:
+        where = e.ctx.command_path if e.ctx else "kiln"
+        console.print(f"[bold red]error:[/] {e.format_message().rstrip('.')} (`{where} --help` "
+                      "lists what it takes)", highlight=False)
+        return 2
+    except typer.Abort:
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    from kiln.cluster.connect import quiet_ray_data_logs
+
+    quiet_ray_data_logs()
+    try:
+        code = run_cli()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        # The work is done, every output closed and any Ray shut down; tearing down torch's
+        # (and Ray's) native modules at interpreter exit takes more time that nobody waits
+        # on gladly.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

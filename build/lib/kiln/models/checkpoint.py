@@ -1,0 +1,313 @@
+"""The model folder's format: `config.json` (what to build, how to feed it, how it did) and
+`weights.safetensors` (the state dict), and beside them for resume the optimizer's state, all
+as {file name: bytes}. Loading never unpickles. No disk or storage I/O here: reading and
+writing folders, and finding the model folder of a run, is pipelines.storage's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .cnn import build_cnn
+from .rnn import CharRNN
+from .vocab import CharVocab
+
+FORMAT = "kiln-model"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.safetensors"
+KINDS = ("cnn", "rnn")
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is missing, corrupt, or not what the caller needs."""
+
+
+@dataclass
+class CNNSpec:
+    arch: str
+    classes: list[str]
+    channels: int = 1
+    image_size: int = 28
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+
+
+@dataclass
+class RNNSpec:
+    vocab: list[str]
+    cell: str = "lstm"
+    embed: int = 64
+    hidden: int = 256
+    layers: int = 2
+    dropout: float = 0.0
+
+
+SPECS = {"cnn": CNNSpec, "rnn": RNNSpec}
+
+
+def build_model(kind: str, spec: CNNSpec | RNNSpec) -> torch.nn.Module:
+    if kind == "cnn":
+        return build_cnn(spec.arch, len(spec.classes), spec.channels, spec.image_size)
+    if kind == "rnn":
+        return CharRNN(len(CharVocab(spec.vocab)), spec.cell, spec.embed, spec.hidden,
+                       spec.layers, spec.dropout)
+    raise ModelFolderError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+
+
+@dataclass
+class LoadedModel:
+    kind: str
+    spec: CNNSpec | RNNSpec
+    model: torch.nn.Module
+    config: dict  # the whole config.json, metrics and training settings included
+
+    @property
+    def id(self) -> str:
+        return self.config["id"]
+
+    @property
+    def vocab(self) -> CharVocab:
+        return CharVocab(self.spec.vocab)
+
+
+def model_to_bytes(model: torch.nn.Module, kind: str, spec, extra: dict | None = None
+                   ) -> dict[str, bytes]:
+    """{file name: bytes} of the model folder. `extra` (metrics, training settings) joins the
+    config; the id is the architecture plus a hash of the weights."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = st_save(state, metadata={"format": FORMAT})
+    from . import __version__
+
+    name = spec.arch if kind == "cnn" else f"char-{spec.cell}"
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kiln_version": __version__,
+        "kind": kind,
+        "id": f"{name}-{hashlib.sha256(weights).hexdigest()[:12]}",
+        "spec": asdict(spec),
+        **(extra or {}),
+    }
+    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: weights}
+
+
+def parse_config(config_bytes: bytes, where: str = "config.json") -> dict:
+    try:
+        config = json.loads(config_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        msg = f"{where} is not valid JSON ({str(e)[:200]}); the model folder is corrupt"
+        raise ModelFolderError(msg) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFolderError(f"{where} is not a kiln model config (no \"format\": \"{FORMAT}\")")
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFolderError(f"{where}: format_version must be a whole number, got "
+                               f"{version!r}; the model folder is corrupt")
+    if version > FORMAT_VERSION:
+        raise ModelFolderError(
+            f"{where} has format version {config['format_version']}; this kiln reads up to "
+            f"{FORMAT_VERSION}: upgrade kiln"
+        )
+    if config.get("kind") not in KINDS:
+        raise ModelFolderError(f"{where} names kind {config.get('kind')!r:.100}; expected "
+                               f"{KINDS}")
+    model_id = config.get("id")
+    if not isinstance(model_id, str) or not 0 < len(model_id) <= 200:
+        raise ModelFolderError(f"{where}: \"id\" must be text of 1 to 200 characters (every "
+                               "output row carries it); the model folder is corrupt")
+    return config
+
+
+def model_from_bytes(config_bytes: bytes, weights_bytes: bytes, expect_kind: str | None = None,
+                     where: str = "model folder") -> LoadedModel:
+    config = parse_config(config_bytes, f"{where}/{CONFIG_FILE}")
+    kind = config["kind"]
+    if expect_kind and kind != expect_kind:
+        raise ModelFolderError(
+            f"{where} holds a {kind.upper()} model, but this command needs a "
+            f"{expect_kind.upper()} model"
+        )
+    spec = parse_spec(kind, config.get("spec"), f"{where}/{CONFIG_FILE}")
+    try:
+        with torch.device("meta"):  # shapes alone: no memory is taken for the tensors
+            expected = build_model(kind, spec).state_dict()
+    except (TypeError, KeyError, ValueError) as e:
+        msg = f"{where}/{CONFIG_FILE} does not describe a buildable model: {e}"
+        raise ModelFolderError(msg) from None
+    check_weights(weights_bytes, expected, f"{where}/{WEIGHTS_FILE}")
+    model = build_model(kind, spec)
+    try:
+        state = st_load(weights_bytes)
+    except Exception as e:  # the Rust parser raises several kinds
+        raise ModelFolderError(f"{where}/{WEIGHTS_FILE} is corrupt or truncated: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelFolderError(
+            f"{where}/{WEIGHTS_FILE} does not match {CONFIG_FILE}: {str(e).splitlines()[0]} ..."
+        ) from None
+    model.eval()
+    return LoadedModel(kind, spec, model, config)
+
+
+# What a config.json may ask kiln to build: a hand-edited or hostile one must not take the
+# machine's memory before its weights are compared with it (layers: 10**6 would be ~34 GB of
+# modules). The sizes are far above what kiln trains.
+LIMITS = {"classes": 100_000, "image_size": 2048, "vocab": 100_000, "embed": 16_384,
+          "hidden": 16_384, "layers": 64}
+HEADER_LIMIT = 16 * 1024 * 1024  # a safetensors header (JSON) of at most this many bytes
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1}
+
+
+def parse_spec(kind: str, spec, where: str) -> CNNSpec | RNNSpec:
+    """The spec of a config.json, each field checked for its type and bounds (LIMITS)."""
+    def bad(why: str) -> ModelFolderError:
+        return ModelFolderError(f"{where}: {why}; the model folder is corrupt or hand-edited "
+                                "wrongly")
+
+    if not isinstance(spec, dict):
+        raise bad("\"spec\" must be an object")
+    fields = {f for f in SPECS[kind].__dataclass_fields__}
+    if set(spec) - fields:
+        raise bad(f"\"spec\" has unknown fields: {', '.join(sorted(set(spec) - fields))}")
+
+    def whole(name: str, low: int, high: int) -> None:
+        v = spec.get(name)
+        if name in spec and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high):
+            raise bad(f"{name} must be a whole number from {low} to {high:,}, got {v!r}")
+
+    def names(name: str, limit: int, low: int) -> list:
+        v = spec.get(name)
+        if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+            raise bad(f"{name} must be a list of strings")
+        if not low <= len(v) <= limit or len(set(v)) != len(v):
+            raise bad(f"{name} must hold {low} to {limit:,} distinct names, got {len(v):,}")
+        return v
+
+    if kind == "cnn":
+        names("classes", LIMITS["classes"], 2)
+        if not isinstance(spec.get("arch"), str):
+            raise bad("arch must be a string")
+        whole("channels", 1, 3)
+        whole("image_size", 1, LIMITS["image_size"])
+        channels = spec.get("channels", 1)
+        # Pixels are 0..1: a mean or std far outside it is a mistake, and (x - mean) / std
+        # must stay finite in float32 (std 1e-308 gave NaN confidences).
+        for name, low, high in (("mean", -100.0, 100.0), ("std", 1e-4, 100.0)):
+            v = spec.get(name, [0.5])
+            if not isinstance(v, list) or len(v) not in (1, channels) or not all(
+                    isinstance(x, int | float) and not isinstance(x, bool)
+                    and low <= x <= high for x in v):
+                raise bad(f"{name} must be {channels} number(s) from {low:g} to {high:g}, "
+                          f"got {str(v)[:100]}")
+    else:
+        names("vocab", LIMITS["vocab"], 1)
+        if not isinstance(spec.get("cell", "lstm"), str):
+            raise bad("cell must be a string")
+        for name in ("embed", "hidden", "layers"):
+            whole(name, 1, LIMITS[name])
+        d = spec.get("dropout", 0.0)
+        if not isinstance(d, int | float) or isinstance(d, bool) or not 0 <= d < 1:
+            raise bad(f"dropout must be a number in [0, 1), got {d!r}")
+    try:
+        return SPECS[kind](**spec)
+    except TypeError as e:
+        raise bad(str(e)) from None
+
+
+def check_weights(data: bytes, expected: dict, where: str) -> None:
+    """The safetensors header of `data` against the tensors the config builds (`expected`, a
+    state dict of meta tensors): the same names and shapes, each tensor's bytes inside the
+    file. Before any tensor is made: a mismatch costs no memory."""
+    def bad(why: str) -> ModelFolderError:
+        return ModelFolderError(f"{where} does not match {CONFIG_FILE}: {why}")
+
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= min(HEADER_LIMIT, len(data) - 8):
+        raise ModelFolderError(f"{where} is corrupt or truncated: no safetensors header")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelFolderError(f"{where} is corrupt: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{where} is corrupt: its header is not a table of tensors")
+    header.pop("__metadata__", None)
+    if not all(isinstance(v, dict) for v in header.values()):
+        raise ModelFolderError(f"{where} is corrupt: its header is not a table of tensors")
+    missing = [k for k in expected if k not in header]
+    extra = [k for k in header if k not in expected]
+    if missing or extra:
+        raise bad("; ".join(p for p in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(extra[:3])}" if extra else "") if p))
+    body = len(data) - 8 - n
+    for name, t in expected.items():
+        entry = header[name]
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if shape != list(t.shape):
+            raise bad(f"{name} is {shape}, the config builds {list(t.shape)}")
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(x, int) for x in offsets)) or dtype not in DTYPE_BYTES:
+            raise ModelFolderError(f"{where} is corrupt at {name}")
+        start, end = offsets
+        if end - start != math.prod(shape) * DTYPE_BYTES[dtype] or not 0 <= start <= end <= body:
+            raise ModelFolderError(f"{where} is corrupt or truncated at {name}")
+
+
+def weights_limit(config: dict, where: str = CONFIG_FILE) -> int:
+    """The most bytes a model folder's weights file may have for its config (its tensors in
+    float64, and the largest header); a config that builds nothing is its error here, before
+    the weights are read."""
+    kind = config["kind"]
+    spec = parse_spec(kind, config.get("spec"), where)
+    try:
+        with torch.device("meta"):
+            numel = sum(t.numel() for t in build_model(kind, spec).state_dict().values())
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelFolderError(f"{where} does not describe a buildable model: {e}") from None
+    return 8 + HEADER_LIMIT + 8 * numel
+
+
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
+
+
+def training_state_to_bytes(optimizer: torch.optim.Optimizer, state: dict
+                            ) -> dict[str, bytes]:
+    """{file name: bytes} of what resume needs beside the model folder: the optimizer's
+    tensors as safetensors, its settings and the trainer's progress (`state`, JSON-able) as
+    JSON. Resume reads these back, no pickle."""
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per_param in opt["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    meta = {"trainer": state, "param_groups": opt["param_groups"], "scalars": scalars}
+    return {OPTIMIZER_FILE: st_save(tensors), STATE_FILE: json.dumps(meta, indent=1).encode()}
+
+
+def training_state_from_bytes(files: dict[str, bytes], optimizer: torch.optim.Optimizer | None,
+                              where: str = "checkpoint") -> dict:
+    """Restores the optimizer (when given) and returns the trainer's progress."""
+    try:
+        saved = json.loads(files[STATE_FILE])
+        tensors = st_load(files[OPTIMIZER_FILE])
+    except (KeyError, ValueError) as e:
+        raise ModelFolderError(f"{where}: the training checkpoint is incomplete: {e}") from None
+    if optimizer is not None:
+        state: dict = {}
+        for name, value in list(tensors.items()) + list(saved["scalars"].items()):
+            idx, key = name.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    return saved["trainer"]

@@ -1,0 +1,566 @@
+"""Image sources: directories (recursive), .tar/.tar.gz/.tgz/.zip archives and Parquet files
+with an `image` column, local or s3://, and glob patterns of these.
+
+plan() cuts the inputs into Units, small slices that one task reads on its own: a directory's
+files in chunks, a local tar's or a zip's members in chunks (found from the headers, so one
+huge archive is read by many tasks at once), a Parquet file's row groups. A compressed tar
+(or a tar on S3) can only be read front to back, so it is one streaming unit that yields its
+members a few at a time. read_unit() yields Records; nothing is ever extracted onto disk."""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import stat
+import struct
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from . import names, storage
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a bigger single member is refused, never read
+
+
+@dataclass
+class Record:
+    source: str  # the input URI: archive, directory, Parquet file or lone image file
+    path: str  # member path, path under the directory, or the Parquet row's path/id, in
+    # pipelines.names' text form: unique in its source
+    data: bytes | None  # encoded image; None where error is set
+    error: str | None = None  # "kind: detail"
+    label: str | None = None  # class name, for training data
+
+
+@dataclass
+class Unit:
+    source: str
+    kind: str  # files | tar | tarstream | zip | parquet | broken
+    items: list = field(default_factory=list)  # files: (path, URI, size, error); tar: (path,
+    # data offset, size, error); zip: (path, entry index); parquet: row group numbers
+    index: int = 0
+    repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
+    # that repeat in the file
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}#{self.index}"
+
+
+def input_kind(uri: str) -> str:
+    low = uri.lower()
+    if low.endswith((".tar.gz", ".tgz")) or (low.endswith(".tar") and storage.is_s3(uri)):
+        return "tarstream"
+    if low.endswith(".tar"):
+        return "tar"
+    if low.endswith(".zip"):
+        return "zip"
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "dir" if storage.is_dir(uri) else "file"
+
+
+def unsafe_name(name: str) -> bool:
+    return name.startswith("/") or ".." in name.replace("\\", "/").split("/")
+
+
+def plan(inputs: list[str], chunk: int = 1000) -> list[Unit]:
+    """Units covering every input; fails fast when an input does not exist."""
+    units: list[Unit] = []
+    for pattern in inputs:
+        uris = storage.expand(pattern)
+        if not uris:
+            raise storage.StorageError(f"{pattern}: the pattern matches nothing")
+        for uri in uris:
+            if not storage.exists(uri):
+                raise storage.StorageError(f"{uri}: not found")
+            units.extend(_plan_one(uri, chunk))
+    return units
+
+
+def unit_paths(unit: Unit) -> list[str] | None:
+    """Every path a unit yields when it is known without reading it, else None."""
+    if unit.kind in ("files", "tar", "zip"):
+        return [item[0] for item in unit.items]
+    if unit.kind == "broken":
+        return [""]
+    return None  # parquet and streamed tars only learn their paths as they read
+
+
+def count_known(units: list[Unit]) -> int | None:
+    """How many rows the units hold, when every unit knows without reading."""
+    total = 0
+    for unit in units:
+        paths = unit_paths(unit)
+        if paths is None:
+            return None
+        total += len(paths)
+    return total
+
+
+def _chunks(source: str, kind: str, items: list, chunk: int) -> list[Unit]:
+    return [Unit(source, kind, items[i : i + chunk], n)
+            for n, i in enumerate(range(0, len(items), chunk))]
+
+
+def _plan_one(uri: str, chunk: int) -> list[Unit]:
+    kind = input_kind(uri)
+    if kind == "dir":
+        return _chunks(uri, "files", _dir_items(uri), chunk)
+    if kind == "file":
+        i = storage.info(uri)
+        error = None if i.type == pafs.FileType.File else \
+            "not_a_file: device, fifo, socket or other special file"
+        return [Unit(uri, "files", [(names.text(posixpath.basename(uri)), uri, i.size, error)])]
+    if kind == "tarstream":
+        return [Unit(uri, "tarstream")]
+    if kind == "parquet":
+        return _plan_parquet(uri)
+    with storage.open_input(uri) as f:
+        if kind == "tar":
+            try:
+                tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo)
+            except tarfile.TarError as e:
+                return [Unit(uri, "broken", [str(e)])]
+            return _chunks(uri, "tar", _scan_tar(tar), chunk)
+        try:
+            with open_zip(f) as zf:
+                count = names.Counter()
+                entries = [(count.key(zip_name(i)), n) for n, i in enumerate(zf.infolist())
+                           if not i.is_dir()]
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            return [Unit(uri, "broken", [str(e)])]
+        return _chunks(uri, "zip", entries, chunk)
+
+
+def open_zip(f) -> zipfile.ZipFile:
+    """A zip archive, also where an entry's name is flagged UTF-8 but is not (zipfile then
+    refuses the whole archive): such names are read as the bytes they are."""
+    try:
+        return zipfile.ZipFile(f)
+    except UnicodeDecodeError:
+        return zipfile.ZipFile(_Unflagged(f))
+
+
+class _Unflagged(io.RawIOBase):
+    """A zip file as it is, but for the UTF-8 flag cleared on the entries whose names are not
+    UTF-8, in the central directory and their local headers: zipfile reads those names as
+    cp437, from which zip_name takes the bytes back. A zip64 archive is left as it is."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.patches = f, 0, {}
+        size = f.seek(0, io.SEEK_END)
+        f.seek(max(0, size - 65_557))
+        tail = f.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) < end + 22:
+            return
+        cd_size, cd_offset = struct.unpack("<II", tail[end + 12 : end + 20])
+        f.seek(cd_offset)
+        cd, at = f.read(cd_size), 0
+        while at + 46 <= len(cd) and cd[at : at + 4] == b"PK\x01\x02":
+            flags, = struct.unpack("<H", cd[at + 8 : at + 10])
+            n, extra, comment = struct.unpack("<HHH", cd[at + 28 : at + 34])
+            if flags & 0x800 and not _utf8(cd[at + 46 : at + 46 + n]):
+                self.patches[cd_offset + at + 8] = struct.pack("<H", flags & ~0x800)
+                local, = struct.unpack("<I", cd[at + 42 : at + 46])  # its local header's
+                f.seek(local + 6)
+                self.patches[local + 6] = struct.pack("<H", struct.unpack(
+                    "<H", f.read(2))[0] & ~0x800)
+            at += 46 + n + extra + comment
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = self.f.seek(offset, whence)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        self.f.seek(self.pos)
+        data = bytearray(self.f.read(n))
+        for where, patch in self.patches.items():
+            if self.pos <= where and where + 2 <= self.pos + len(data):
+                data[where - self.pos : where - self.pos + 2] = patch
+        self.pos += len(data)
+        return bytes(data)
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def zip_name(info: zipfile.ZipInfo) -> str:
+    """A zip entry's name as bytes would give it: zipfile reads a name without the UTF-8 flag
+    as cp437 (the format's old default), but most tools write UTF-8 there; so the bytes are
+    read as UTF-8, and where they are not, kept as they are (pipelines.names)."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    return names.from_bytes(info.filename.encode("cp437"))
+
+
+def _plan_parquet(uri: str) -> list[Unit]:
+    try:
+        with storage.open_input(uri) as f:
+            pf = pq.ParquetFile(f)
+            groups, cols = pf.num_row_groups, pf.schema_arrow.names
+            key = parquet_key(cols)
+            repeats = _repeated_keys(pf, key) if key else {}
+    except (pa.ArrowException, OSError) as e:
+        return [Unit(uri, "broken", [str(e)])]
+    if "image" not in cols:
+        raise storage.StorageError(f"{uri}: Parquet input needs an 'image' column (encoded "
+                                   f"image bytes); it has {', '.join(cols)}")
+    units = _chunks(uri, "parquet", list(range(groups)), 1)
+    for unit, before in zip(units, repeats.get("before", []), strict=False):
+        unit.repeats = before
+    return units
+
+
+def parquet_key(columns: list[str]) -> str | None:
+    return "path" if "path" in columns else "id" if "id" in columns else None
+
+
+def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
+    """{"before": for each row group, {key: its rows in earlier groups} for the keys of the
+    group that occur more than once in the file} (empty, mostly: then {}). Only the key
+    column is read; the dicts hold at most the rows of repeated keys."""
+    import pyarrow.compute as pc
+
+    col = pf.read(columns=[key]).column(key)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or \
+            pa.types.is_integer(col.type):  # their text is Arrow's and Python's alike
+        counts = pc.value_counts(col.drop_null()).to_pylist()
+        repeated = {key_text(v["values"]) for v in counts if v["counts"] > 1}
+    else:
+        seen: set[str] = set()
+        repeated = set()
+        for v in col.to_pylist():
+            if v is not None:
+                k = key_text(v)
+                (repeated if k in seen else seen).add(k)
+    del col
+    if not repeated:
+        return {}
+    before, total = [], {}
+    for g in range(pf.num_row_groups):
+        here = [k for k in map(key_text, pf.read_row_group(g, columns=[key]).column(key)
+                               .drop_null().to_pylist()) if k in repeated]
+        before.append({k: total.get(k, 0) for k in set(here)})
+        for k in here:
+            total[k] = total.get(k, 0) + 1
+    return {"before": before}
+
+
+def _dir_items(uri: str) -> list[tuple]:
+    """(path under the directory, URI, size, error) of every entry but directories. A local
+    walk uses lstat so that links to regular files are followed but broken links, links to
+    directories (never followed: they can loop) and FIFOs or devices (reading one can block
+    forever) become error rows instead of vanishing or hanging a reader."""
+    if storage.is_s3(uri):
+        _, base = storage.filesystem(uri)
+        return [(names.text(posixpath.relpath(i.path, base)), storage.to_uri(uri, i.path),
+                 i.size, None) for i in storage.list_files(uri)]
+    base = storage.local_path(uri)
+    items = []
+
+    def unlistable(e: OSError) -> None:
+        rel = os.path.relpath(e.filename or base, base)
+        items.append((names.text(rel), e.filename or base, None,
+                      f"unreadable: cannot list directory: {e.strerror}"))
+
+    for root, dirs, files in os.walk(base, onerror=unlistable):
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)):
+                full = os.path.join(root, name)
+                items.append((names.text(os.path.relpath(full, base)), full, None,
+                              "not_a_file: link to a directory (not followed)"))
+        for name in files:
+            full = os.path.join(root, name)
+            items.append((names.text(os.path.relpath(full, base)), full, *_file_status(full)))
+    return sorted(items)
+
+
+def _file_status(path: str) -> tuple[int | None, str | None]:
+    try:
+        st = os.stat(path)  # follows links
+    except OSError:
+        return None, "not_a_file: broken link"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not_a_file: device, fifo, socket or other special file"
+    return st.st_size, None
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive silently at a bad header after the first; this notes the
+    error on the TarFile so the reader can report the rest of the archive as unreadable."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+            raise  # a normal end of archive
+        except tarfile.HeaderError as e:
+            tf.kiln_error = (tf.offset, e)
+            raise
+
+
+def _tar_end_error(tar: tarfile.TarFile, last: str | None) -> tuple | None:
+    """An error item for an archive that ended at a bad header, else None."""
+    bad = getattr(tar, "kiln_error", None)
+    if bad is None:
+        return None
+    offset, e = bad
+    kind = "truncated" if isinstance(e, tarfile.TruncatedHeaderError) else "corrupt"
+    after = f" after {names.text(last)}" if last else ""
+    return (f"<archive byte {offset}>", 0, 0, f"{kind}: bad member header{after}: {e}")
+
+
+def _scan_tar(tar: tarfile.TarFile) -> list[tuple]:
+    """The members of a seekable tar from their headers (the data is skipped), and an error
+    item where the archive turns out truncated or corrupt; members before it are kept."""
+    items, last, count = [], None, names.Counter()
+    while True:
+        try:
+            m = tar.next()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if "end of data" in str(e) and items and items[-1][2] > 0:
+                break  # the last member's data runs past the end: its own row says so
+            kind = "truncated" if "end of data" in str(e) else "corrupt"
+            items.append((f"<archive byte {tar.offset}>", 0, 0, f"{kind}: {e}"))
+            break
+        if m is None:
+            end = _tar_end_error(tar, last)
+            if end:
+                items.append(end)
+            break
+        tar.members.clear()  # tarfile keeps every header otherwise: memory for huge archives
+        last = m.name
+        item = _tar_item(m, count)
+        if item:
+            items.append(item)
+    return items
+
+
+def _tar_item(m: tarfile.TarInfo, count: names.Counter):
+    """(path, data offset, size, error) for a tar member; None for a directory. `count`: the
+    names of the archive so far (a tar appended to holds a name twice: two rows)."""
+    if m.isdir():
+        return None
+    path = count.key(m.name)
+    if unsafe_name(m.name):
+        return (path, 0, 0, "unsafe_path: absolute or '..' member name")
+    if m.issym() or m.islnk():
+        return (path, 0, 0, "not_a_file: link member")
+    if not m.isfile():
+        return (path, 0, 0, "not_a_file: device, fifo or other special member")
+    if m.size > MAX_MEMBER_BYTES:
+        return (path, 0, 0, f"too_large: {m.size} bytes")
+    return (path, m.offset_data, m.size, None)
+
+
+def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
+              with_labels: bool = False) -> Iterator[Record]:
+    """Every record of a unit, in order, but those whose path is in `skip`."""
+    readers = {"files": _read_files, "tar": _read_tar, "tarstream": _read_tarstream,
+               "zip": _read_zip, "parquet": _read_parquet, "broken": _read_broken}
+    for rec in readers[unit.kind](unit, skip):
+        if with_labels and rec.label is None and unit.kind != "parquet":
+            rec.label = names.folder(rec.path)
+        yield rec
+
+
+def _read_broken(unit: Unit, skip) -> Iterator[Record]:
+    yield Record(unit.source, "", None, f"unreadable: archive cannot be opened: {unit.items[0]}")
+
+
+def _read_files(unit: Unit, skip) -> Iterator[Record]:
+    for rel, uri, size, error in unit.items:
+        if rel in skip:
+            continue
+        if error:
+            yield Record(unit.source, rel, None, error)
+        elif size is not None and size > MAX_MEMBER_BYTES:
+            yield Record(unit.source, rel, None, f"too_large: {size} bytes")
+        else:
+            try:  # at most MAX_MEMBER_BYTES, and only a regular file: it may have changed
+                yield Record(unit.source, rel, storage.read_bytes(uri, MAX_MEMBER_BYTES))
+            except storage.TooLarge as e:
+                yield Record(unit.source, rel, None, f"too_large: {e}")
+            except storage.StorageError as e:
+                yield Record(unit.source, rel, None, f"unreadable: {e}")
+
+
+def _read_tar(unit: Unit, skip) -> Iterator[Record]:
+    with storage.open_input(unit.source) as f:
+        for name, offset, size, error in unit.items:
+            if name in skip:
+                continue
+            if error:
+                yield Record(unit.source, name, None, error)
+                continue
+            try:
+                f.seek(offset)
+                data = f.read(size)
+            except OSError as e:
+                yield Record(unit.source, name, None, f"unreadable: {e}")
+                continue
+            if len(data) != size:
+                yield Record(unit.source, name, None, "truncated: archive ends inside member")
+            else:
+                yield Record(unit.source, name, data)
+
+
+def _read_tarstream(unit: Unit, skip) -> Iterator[Record]:
+    name, count = None, names.Counter()
+    try:
+        with storage.open_stream(unit.source) as f, \
+                tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+            for m in tar:
+                tar.members.clear()  # memory stays flat on a huge archive
+                name = m.name
+                item = _tar_item(m, count)
+                if item is None or item[0] in skip:
+                    continue
+                if item[3]:
+                    yield Record(unit.source, item[0], None, item[3])
+                    continue
+                yield Record(unit.source, item[0], tar.extractfile(m).read())
+            end = _tar_end_error(tar, name)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        # The stream cannot go past this point; what came before is kept.
+        where = f" after {names.text(name)}" if name else ""
+        end = (f"<archive{where}>", 0, 0, f"truncated: {e}")
+    if end and end[0] not in skip:
+        yield Record(unit.source, end[0], None, end[3])
+
+
+def _zip_member_error(info: zipfile.ZipInfo) -> str | None:
+    if unsafe_name(info.filename):
+        return "unsafe_path: absolute or '..' member name"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "not_a_file: link member"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return f"too_large: {info.file_size} bytes"
+    return None
+
+
+def _read_zip(unit: Unit, skip) -> Iterator[Record]:
+    with storage.open_input(unit.source) as f, open_zip(f) as zf:
+        entries = zf.infolist()
+        for name, index in unit.items:
+            if name in skip:
+                continue
+            info = entries[index]  # by place: two entries of one name are two members
+            error = _zip_member_error(info)
+            if error:
+                yield Record(unit.source, name, None, error)
+                continue
+            try:
+                # zipfile stops at the size the directory declares, so a lying member cannot
+                # inflate past MAX_MEMBER_BYTES; a bad CRC or stream raises instead.
+                with zf.open(info) as member:
+                    data = member.read()
+            except Exception as e:  # BadZipFile, zlib.error, RuntimeError (encrypted), ...
+                yield Record(unit.source, name, None, f"unreadable: {type(e).__name__}: {e}")
+                continue
+            yield Record(unit.source, name, data)
+
+
+def _read_parquet(unit: Unit, skip) -> Iterator[Record]:
+    """A row group in batches of about READ_BYTES by its average row. pyarrow decodes a
+    column chunk whole (about twice its size at the peak), so a group of more than
+    MAX_GROUP_BYTES (uncompressed, the columns read) is an error row: a 4 KB file of zeros
+    would otherwise inflate to gigabytes."""
+    with storage.open_input(unit.source) as f:
+        # The images as a dictionary array, each row made bytes only as it is read: a value
+        # repeated a thousand times is not a thousand copies at once.
+        pf = pq.ParquetFile(f, read_dictionary=["image"])
+        cols = pf.schema_arrow.names
+        key = parquet_key(cols)
+        cols = ["image"] + [c for c in (key, "label") if c and c in cols]
+        for group in unit.items:
+            meta = pf.metadata.row_group(group)
+            size = sum(meta.column(i).total_uncompressed_size for i in range(meta.num_columns)
+                       if meta.column(i).path_in_schema in cols)
+            if size > MAX_GROUP_BYTES:
+                where = f"<row group {group}>"
+                if where not in skip:
+                    yield Record(unit.source, where, None, (
+                        f"too_large: a row group of {size:,} bytes uncompressed (at most "
+                        f"{MAX_GROUP_BYTES:,}): write the file with smaller row groups"))
+                continue
+            rows = int(max(1, min(1024, READ_BYTES * meta.num_rows // max(1, size))))
+            row = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+            seen = dict(unit.repeats or {})
+            try:
+                for batch in pf.iter_batches(batch_size=rows, row_groups=[group], columns=cols):
+                    yield from _parquet_records(unit, batch, row, key, skip, seen)
+                    row += batch.num_rows
+            except (pa.ArrowException, OSError) as e:
+                where = f"<row group {group}>"
+                if where not in skip:
+                    yield Record(unit.source, where, None, f"unreadable: {e}")
+
+
+READ_BYTES = 64 * 1024 * 1024
+MAX_GROUP_BYTES = 1024 * 1024 * 1024
+
+
+def key_text(value) -> str:
+    """A Parquet `path` or `id` value as a name: text as it is, bytes as a file name's bytes,
+    anything else as Python writes it."""
+    if isinstance(value, bytes):
+        return names.from_bytes(value)
+    return value if isinstance(value, str) else str(value)
+
+
+def _parquet_records(unit, batch, base, key, skip, seen) -> Iterator[Record]:
+    """A row's path is its `path` or `id` (a repeated one: names' `#N` form; a null one:
+    `"row-N"`, quoted, which no key of the file can be), else `row-N`. `seen`: the rows of
+    each repeated key so far."""
+    source = unit.source
+    images = batch.column("image")
+    keys = batch.column(key).to_pylist() if key else None
+    labels = (batch.column("label").to_pylist() if "label" in batch.schema.names
+              else [None] * len(images))
+    for i, lab in enumerate(labels):
+        if keys is None:
+            path_ = f"row-{base + i}"
+        elif keys[i] is None:
+            path_ = f'"row-{base + i}"'
+        else:
+            k = key_text(keys[i])
+            n = 1
+            if unit.repeats is not None and k in seen:
+                seen[k] = n = seen[k] + 1
+            path_ = names.text(k, n)
+        if path_ in skip:
+            continue
+        img = images[i].as_py()
+        if img is None:
+            yield Record(source, path_, None, "empty: null image", lab)
+        elif not isinstance(img, bytes | bytearray):
+            yield Record(source, path_, None, "not_image: image column is not binary", lab)
+        else:
+            yield Record(source, path_, bytes(img), None, lab)

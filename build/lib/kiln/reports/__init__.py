@@ -1,0 +1,1 @@
+"""The pages and tables kiln writes: model cards, label, eval and demo reports."""

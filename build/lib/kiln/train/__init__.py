@@ -1,0 +1,1 @@
+"""The training driver, the per-worker loop and what it reads."""

@@ -1,0 +1,359 @@
+"""What differs between training a CNN and a char-RNN, as two small task objects that the one
+per-worker loop (jobs/train/loop.py) drives: which batches a worker reads (jobs/train/batches.py
+holds them), batch -> loss, validation sums -> metrics, and the optimizer of the family.
+
+Batches are global: --batch-size B means B images (or B text streams) per optimizer step
+whatever the number of workers; each of W workers takes B / W of them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kiln.models import CharVocab, CNNSpec, RNNSpec
+from kiln.models.rnn import nll_sum
+from kiln.pipelines.transforms import ImagePreset, augment_batch, scale_shift
+from kiln.train.batches import (
+    ImageBatches,
+    TextStreams,
+    ValBatches,
+    image_steps,
+    per_worker,
+    text_steps,
+)
+
+LN2 = math.log(2)
+TRAIN_CACHE_BYTES = 512 * 1024 * 1024  # a training set up to this size is held by each worker
+VAL_STREAMS_PER_WORKER = 4
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a training worker is told; the driver fills it (jobs/train/job.py)."""
+
+    kind: str  # "cnn" | "rnn"
+    spec: CNNSpec | RNNSpec
+    out: str  # the run folder URI
+    data: str  # the training data URI (for the model card)
+    batch: int  # global batch: images or text streams per step, all workers together
+    lr: float  # peak learning rate
+    optimizer: str  # "sgd" | "adamw"
+    cooldown: float  # the last share of the run over which the rate decays to zero
+    epochs: int | None  # None: the time limit alone ends the run
+    max_steps: int | None  # from --epochs or --max-steps, whichever is smaller
+    time_limit_s: float | None
+    seed: int = 0
+    warmup: tuple = (20, 0.02)  # warm-up steps at most, and at most this share of the run
+    threads: int = 1  # torch threads per worker
+    augment: str = "none"  # CNN: shift | flip | none
+    label_smoothing: float = 0.0  # CNN: the target's share spread over every class
+    seq_len: int = 100  # RNN: characters per chunk (truncated BPTT length)
+    whole_train: bool = True  # every worker holds the whole training set (else a split)
+    train_rows: int = 0
+    cache_val: bool = True  # the validation shard is read once and kept
+    settings: dict = field(default_factory=dict)  # the user's options, for the model card
+    init: dict | None = None  # --init: the tensors to start from (models/init.py InitFit)
+    head: list | None = None  # --init: the head's tensor names
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+    held: dict | None = None  # {"train", "val"}: pipelines.train_data.HeldShard, where the
+    # data is handed over as object refs (else Ray Train's dataset shards)
+    lines: object = None  # a ray.util.queue.Queue: rank 0 puts each metrics record for the
+    # driver's epoch line
+
+
+def param_groups(model, cfg: WorkerConfig) -> list[dict]:
+    """One group, or with --init the loaded backbone at its share of the rate (`lr_scale`)
+    and the head at the whole rate; --freeze-backbone leaves the backbone out (and fixed)."""
+    if cfg.head is None:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    head = set(cfg.head)
+    named = list(model.named_parameters())
+    backbone = [p for n, p in named if n not in head]
+    top = {"params": [p for n, p in named if n in head], "lr_scale": 1.0}
+    if cfg.freeze_backbone:
+        for p in backbone:
+            p.requires_grad_(False)
+        return [top]
+    return [{"params": backbone, "lr_scale": cfg.backbone_lr_scale}, top]
+
+
+def make_optimizer(model, cfg: WorkerConfig, weight_decay: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=weight_decay)
+
+
+def train_mode(model, frozen: bool) -> None:
+    """Training mode, but for the batch norms of a frozen backbone: their statistics stay
+    the loaded ones."""
+    model.train()
+    for m in model.modules() if frozen else ():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+class CNNTask:
+    # bf16 autocast on CUDA and channels-last everywhere: faster than the fp32 NCHW step for
+    # resnet20 and resnet18 at 224 on an H200, and for resnet20, resnet8 and mnist_cnn on a
+    # CPU (measured: BENCHMARKS.md, GPU and Photo recipe sections).
+    metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
+    weight_decay = {"sgd": 5e-4, "adamw": 1e-4}  # the ResNet recipe's; Keras' MNIST net's
+    metric_key = "val_accuracy"  # the curve beside the loss
+
+    @staticmethod
+    def summary_line(rec: dict) -> str:
+        return f"val_loss {rec['val_loss']:.4f}  val_accuracy {rec['val_accuracy']:.4f}"
+
+    @staticmethod
+    def rank(rec: dict) -> tuple[float, float]:
+        """Accuracy, then loss: on a small validation set epochs often tie on accuracy, and
+        the first of them is seldom the best model."""
+        return rec["val_accuracy"], -rec["val_loss"]
+
+    @staticmethod
+    def noise(rec: dict, now: dict) -> float:
+        """One standard error of the validation accuracy `rec` (binomial, over its images;
+        a line of an older kiln has no count, the run's current line gives it): two
+        validations closer than a few of these are not told apart by it. The accuracy is
+        taken as (correct + 1) / (images + 2), so that a perfect score is not noiseless."""
+        n = rec.get("val_images") or now.get("val_images") or 0
+        if not n:
+            return 0.0
+        p = (rec["val_accuracy"] * n + 1) / (n + 2)
+        return math.sqrt(p * (1 - p) / n)
+
+    @staticmethod
+    def check_data(opts) -> dict:
+        """Before Ray starts: the data and validation sources are image sets laid out by
+        class, with enough images for a batch."""
+        from kiln.pipelines.train_data import check_image_source
+
+        units, known = check_image_source(opts.data)
+        val_units = check_image_source(opts.val)[0] if opts.val else []
+        if known is not None and known < opts.batch_size:
+            raise ValueError(f"{opts.data} holds {known} images, less than one batch of "
+                             f"{opts.batch_size}: lower --batch-size")
+        return {"units": units, "val_units": val_units}  # planned once
+
+    @staticmethod
+    def prepare(opts, early: dict) -> dict:
+        """Decoded to uint8 on Ray Data; normalized by the workers with the training set's own
+        mean and std."""
+        from kiln.pipelines.train_data import image_dataset
+
+        preset = ImagePreset(opts.image_size, opts.channels)
+        data = image_dataset(opts.data, preset, opts.val_fraction, seed=opts.seed,
+                             shuffle_above=TRAIN_CACHE_BYTES, val_uri=opts.val,
+                             units=early["units"], val_units=early["val_units"])
+        spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean,
+                       data.std)
+        rows = data.train.count()
+        skipped = "".join(f"\n  skipped {bad}" for bad in data.skipped[:5])
+        return CNNTask.for_options(opts, {
+            "train": data.train, "val": data.val, "spec": spec, "train_rows": rows,
+            "whole_train": data.train.size_bytes() <= TRAIN_CACHE_BYTES,
+            "summary": f"{rows:,} train / {data.val.count():,} val images, "
+                       f"{len(data.classes)} classes, {len(data.skipped)} skipped{skipped}"})
+
+    @staticmethod
+    def data_key(opts) -> tuple:
+        """The options prepare() depends on: runs that agree on them share prepared data."""
+        return opts.image_size, opts.channels
+
+    @staticmethod
+    def for_options(opts, data: dict) -> dict:
+        """Prepared data as a run with these options takes it: its architecture, its steps an
+        epoch."""
+        per_epoch = image_steps(data["train_rows"], opts.batch_size, opts.workers,
+                                data["whole_train"])
+        if per_epoch < 1:
+            raise ValueError(f"{data['train_rows']} training images are less than one batch "
+                             f"of {opts.batch_size}: lower --batch-size")
+        return {**data, "spec": replace(data["spec"], arch=opts.arch),
+                "steps_per_epoch": per_epoch}
+
+    def __init__(self, spec, cfg: WorkerConfig):
+        self.index = {c: i for i, c in enumerate(spec.classes)}
+        self.scale, self.shift = scale_shift(ImagePreset.from_spec(spec))
+        self.augment, self.smoothing = cfg.augment, cfg.label_smoothing
+
+    def collate(self, batch: dict) -> dict:
+        """numpy rows -> tensors (x stays uint8); class names -> indices (-1: a class
+        training never saw)."""
+        return {"x": torch.from_numpy(batch["x"].copy()),  # Ray's arrays are read-only
+                "y": torch.tensor([self.index.get(c, -1) for c in batch["label"]])}
+
+    def to_device(self, batch: dict, device, layout) -> dict:
+        """Moves a batch and normalizes it there, as labeling does: x * scale + shift."""
+        if self.scale.device != device:  # once: the worker's device is known only here
+            self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        x = batch["x"].to(device, non_blocking=True).float()  # (B, C, S, S)
+        x = x * self.scale + self.shift
+        if layout is torch.channels_last:
+            x = x.contiguous(memory_format=layout)
+        return {"x": x, "y": batch["y"].to(device, non_blocking=True)}
+
+    def loaders(self, shards: dict, cfg: WorkerConfig, rank: int, workers: int):
+        train = ImageBatches(shards["train"], self, cfg, rank, workers)
+        val_bs = max(256, 2 * per_worker(cfg.batch, workers))
+        val = ValBatches(lambda: shards["val"].iter_torch_batches(
+            batch_size=val_bs, collate_fn=self.collate), cfg.cache_val)
+        return train, val
+
+    def begin_epoch(self) -> None:
+        pass
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        x = batch["x"]  # (B, C, S, S), in the worker's memory format
+        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+               else torch.contiguous_format)
+        x = augment_batch(x, self.augment).contiguous(memory_format=fmt)  # its gathers: NCHW
+        return F.cross_entropy(model(x), batch["y"], label_smoothing=self.smoothing), len(x)
+
+    def val_sums(self, model, val, device, layout, autocast) -> torch.Tensor:
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for batch in val.batches():
+            batch = self.to_device(batch, device, layout)
+            with autocast:
+                logits = model(batch["x"])  # (B, classes)
+            y = batch["y"]
+            loss = F.cross_entropy(logits.float(), y, reduction="sum", ignore_index=-1)
+            correct = (logits.argmax(1) == y).sum()
+            sums += torch.stack([loss.double(), correct.double(),
+                                 torch.tensor(float(len(y)), device=device).double()])
+        return sums  # [loss sum, correct, images]; read once, after the last batch
+
+    def metrics(self, sums: list[float]) -> dict:
+        loss, correct, n = sums
+        return {"val_loss": loss / max(n, 1), "val_accuracy": correct / max(n, 1),
+                "val_images": int(n)}
+
+
+def detach(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+class RNNTask:
+    # char-rnn clips gradients at 5. No bf16 autocast: cuDNN's LSTM ran slower under it than
+    # in fp32 (measured: BENCHMARKS.md, GPU section).
+    metric, mode, clip, bf16, channels_last = "val_loss", "min", 5.0, False, False
+    weight_decay = {"sgd": 5e-4, "adamw": 0.0}  # char-rnn trains without
+    metric_key = "bits_per_char"
+
+    @staticmethod
+    def summary_line(rec: dict) -> str:
+        return (f"val_loss {rec.get('val_loss', float('nan')):.4f} nats/char  "
+                f"{rec.get('bits_per_char', float('nan')):.4f} bits/char")
+
+    @staticmethod
+    def rank(rec: dict) -> tuple[float]:
+        return (-rec["val_loss"],)
+
+    @staticmethod
+    def noise(rec: dict, now: dict) -> float:
+        """A mean over every character of the validation text: its noise is not measured,
+        and is small next to a char-RNN's overfitting (the best validation is kept)."""
+        return 0.0
+
+    @staticmethod
+    def check_data(opts) -> dict:
+        """Before Ray starts: the text read, the vocabulary built, and the streams sized."""
+        from kiln.pipelines.train_data import read_text
+
+        text = read_text(opts.data)
+        if opts.val:
+            train_text, val_text = text, read_text(opts.val)
+        else:
+            cut = int(len(text) * (1 - opts.val_fraction))
+            train_text, val_text = text[:cut], text[cut:]
+        vocab = CharVocab.build(train_text, min_count=2 if len(train_text) > 100_000 else 1)
+        ids = np.asarray(vocab.encode(train_text), dtype=np.int64)
+        # One stream per sequence of the global batch, unless the text is too short for each
+        # to hold two chunks.
+        streams = max(opts.workers, min(opts.batch_size, (len(ids) - 1) // (2 * opts.seq_len)))
+        if (len(ids) - 1) // streams < 2 * opts.seq_len - 1:
+            raise ValueError(f"the training text ({len(ids):,} characters) is too short for "
+                             f"--seq-len {opts.seq_len} on {opts.workers} workers")
+        val_ids = np.asarray(vocab.encode(val_text), dtype=np.int64)
+        val_streams = min(opts.workers * VAL_STREAMS_PER_WORKER, len(val_ids) - 1)
+        if val_streams < opts.workers:
+            raise ValueError(f"the validation text ({len(val_ids):,} characters) is too short")
+        note = f" ({streams} streams: the text is short)" if streams < opts.batch_size else ""
+        return {"ids": ids, "streams": streams, "val_ids": val_ids,
+                "val_streams": val_streams - val_streams % opts.workers,
+                "spec": RNNSpec(vocab.chars, opts.cell, opts.embed, opts.hidden, opts.layers,
+                                opts.dropout),
+                "summary": f"{len(train_text):,} train / {len(val_text):,} val characters, "
+                           f"vocabulary {len(vocab)}{note}"}
+
+    @staticmethod
+    def prepare(opts, early: dict) -> dict:
+        from kiln.pipelines.train_data import text_streams
+
+        length = (len(early["ids"]) - 1) // early["streams"]
+        return RNNTask.for_options(opts, {
+            "train": text_streams(early["ids"], early["streams"]).materialize(),
+            "val": text_streams(early["val_ids"], early["val_streams"]).materialize(),
+            "spec": early["spec"], "train_rows": early["streams"],
+            "steps_per_epoch": text_steps(length, opts.seq_len), "summary": early["summary"]})
+
+    @staticmethod
+    def data_key(opts) -> tuple:
+        """The options the text streams depend on (the streams are the batch)."""
+        return opts.batch_size, opts.seq_len, opts.workers
+
+    @staticmethod
+    def for_options(opts, data: dict) -> dict:
+        return {**data, "spec": replace(data["spec"], cell=opts.cell, embed=opts.embed,
+                                        hidden=opts.hidden, layers=opts.layers,
+                                        dropout=opts.dropout)}
+
+    VAL_CHUNK = 1000  # characters per forward pass in validation (the state carried)
+
+    def __init__(self, spec, cfg: WorkerConfig):
+        self.state = None  # carried from chunk to chunk (truncated BPTT)
+
+    def to_device(self, batch: dict, device, layout) -> dict:
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def loaders(self, shards: dict, cfg: WorkerConfig, rank: int, workers: int):
+        train = TextStreams(shards["train"], cfg.seq_len, rank, workers, cfg.seed)
+        val = TextStreams(shards["val"], self.VAL_CHUNK, rank, workers, cfg.seed)
+        return train, val
+
+    def begin_epoch(self) -> None:
+        self.state = None
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        ids = batch["ids"]  # (b, T + 1)
+        if batch.get("first"):
+            self.state = None
+        logits, state = model(ids[:, :-1], self.state)  # (b, T, V)
+        self.state = detach(state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               ids[:, 1:].reshape(-1))
+        return loss, ids[:, 1:].numel()
+
+    def val_sums(self, model, val, device, layout, autocast) -> torch.Tensor:
+        """The whole validation text with the state carried, as char-rnn evaluates: each of
+        this worker's streams from its first character to its last."""
+        val.load()
+        ids = val.ids.to(device)  # (b, L + 1)
+        loss, _ = nll_sum(model, ids, self.VAL_CHUNK)
+        return torch.stack([loss, loss.new_tensor(float(ids[:, 1:].numel()))])
+
+    def metrics(self, sums: list[float]) -> dict:
+        nats = sums[0] / max(sums[1], 1)
+        return {"val_loss": nats, "bits_per_char": nats / LN2}
+
+
+TASKS = {"cnn": CNNTask, "rnn": RNNTask}

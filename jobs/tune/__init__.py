@@ -1,0 +1,1 @@
+"""Kiln tune: the search, its trials' plan and its results."""
