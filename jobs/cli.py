@@ -11,6 +11,7 @@ import sys
 import typer
 from rich.console import Console
 
+from kiln import compat
 from kiln.cluster import connect
 from kiln.options import BACKBONE_LR_SCALE, GenerateOptions, LabelOptions, TrainOptions
 
@@ -425,10 +426,7 @@ def demo(
 def run_cli(args: list[str] | None = None) -> int:
     """The app, with a mistyped command line as one line too: Click's own answer is a usage
     line and a boxed message."""
-    try:  # typer 0.29 carries its own copy of Click
-        from typer._click.exceptions import NoArgsIsHelpError, UsageError
-    except ImportError:
-        from click.exceptions import NoArgsIsHelpError, UsageError
+    NoArgsIsHelpError, UsageError = compat.click_exceptions()  # noqa: N806
 
     try:
         code = app(args, standalone_mode=False)

@@ -8,6 +8,7 @@ the same every way."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -19,6 +20,29 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+_switch_lock = threading.Lock()
+_switch = {"tasks": 0, "saved": 0.005}  # tasks running in this process; the interval before
+
+
+@contextlib.contextmanager
+def short_switch_interval(seconds: float = 0.0005):
+    """Python's GIL switch interval, shortened while a task that decodes in threads runs: a
+    decode thread holding the GIL would otherwise make the model thread wait a whole interval
+    (5 ms by default) after each of its ops. Counted across the threads of a process, so that
+    the process's own interval comes back once, when its last task ends."""
+    with _switch_lock:
+        if _switch["tasks"] == 0:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(seconds)
+        _switch["tasks"] += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch["tasks"] -= 1
+            if _switch["tasks"] == 0:
+                sys.setswitchinterval(_switch["saved"])
 
 
 def pack(task) -> dict:

@@ -14,7 +14,6 @@ import hashlib
 import heapq
 import io
 import queue
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import names, sink, storage
-from .bulk import BulkActor, pack
+from .bulk import BulkActor, pack, short_switch_interval
 from .sources import Record, Unit, read_unit, unit_paths
 from .transforms import (
     ImageError,
@@ -125,9 +124,6 @@ class LabelPredictor(BulkActor):
         self.torch, self.s = torch, settings
         torch.set_num_threads(max(1, settings.threads))
         keep_freed_memory()
-        # A decode thread holding the GIL would otherwise make the model thread wait a whole
-        # switch interval (5 ms) after each of its ops.
-        sys.setswitchinterval(0.0005)
         loaded = loaded or storage.load_model(settings.model, expect_kind="cnn")
         self.device = torch.device("cuda" if settings.gpu else "cpu")
         # On a GPU, JPEG batches decode there (nvJPEG); on a CPU, file by file in threads.
@@ -144,7 +140,8 @@ class LabelPredictor(BulkActor):
         self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), "kiln-decode")
 
     def run_task(self, task: tuple[Unit, frozenset[str]]) -> Iterator[dict]:
-        return self.label_unit(*task)
+        with short_switch_interval():  # the decode threads and the model's share the GIL
+            yield from self.label_unit(*task)
 
     def label_unit(self, unit: Unit, skip: frozenset[str]) -> Iterator[dict]:
         """Labels one unit; yields the stats of each part once it is written."""

@@ -8,6 +8,7 @@ import os
 import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,14 @@ def odd_images() -> dict[str, bytes]:
 def bomb_png(side: int = 8000) -> bytes:
     """A tiny file that claims side x side pixels (64 M at 8000): refused before decoding."""
     return encode(Image.new("1", (side, side)))
+
+
+def claimed_png(side: int) -> bytes:
+    """An 8x8 PNG whose header claims side x side pixels (the IHDR rewritten, its CRC too)."""
+    data = bytearray(encode(Image.new("1", (8, 8))))
+    data[16:24] = struct.pack(">II", side, side)  # IHDR: width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # over type + fields
+    return bytes(data)
 
 
 def corrupt_png(good: bytes) -> bytes:

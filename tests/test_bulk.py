@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from kiln.pipelines.bulk import can_fork, pack, run_in_processes, run_in_threads
+from kiln.pipelines.bulk import (
+    can_fork,
+    pack,
+    run_in_processes,
+    run_in_threads,
+    short_switch_interval,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forks worker processes (Linux)")
@@ -105,3 +111,17 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "Z"
+
+
+def test_the_switch_interval_is_short_while_tasks_run_and_the_callers_after():
+    """Labeling's short GIL switch interval lasts while any of a process's tasks runs, however
+    the threads' tasks overlap, and the caller's own interval comes back after the last."""
+    before = sys.getswitchinterval()
+    first, second = short_switch_interval(), short_switch_interval()
+    first.__enter__()
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first task ends while the second still runs
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before

@@ -3,6 +3,9 @@ raises ImageError with its kind. No Ray."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -89,6 +92,18 @@ def test_truncated_jpeg_and_limit_per_preset():
     with pytest.raises(ImageError) as err:
         decode(GOOD, small_limit)
     assert err.value.kind == "too_large"
+
+
+def test_a_claim_past_pillows_own_limit_is_too_large_and_kiln_leaves_pillow_as_it_was():
+    """An image claiming 30,000 x 30,000 pixels trips Pillow's own bomb guard before kiln's
+    limit is asked: still a too_large row. Importing kiln changes no setting of Pillow's."""
+    with pytest.raises(ImageError) as err:
+        decode(ic.claimed_png(30_000), GRAY)
+    assert err.value.kind == "too_large"
+    probe = ("from PIL import Image, ImageFile; before = (Image.MAX_IMAGE_PIXELS, "
+             "ImageFile.LOAD_TRUNCATED_IMAGES); import kiln.pipelines.label, kiln.bulk.label; "
+             "assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before")
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
 
 
 def _photo_cases() -> list[tuple[str, bytes]]:

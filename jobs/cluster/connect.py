@@ -15,6 +15,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from kiln import compat
+
 DEFAULT_OBJECT_STORE_MB = 1536
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "ray_data_logging.yaml")
@@ -141,16 +143,12 @@ def ensure_token_auth() -> None:
     a client the token file if it has none, as `ray get-auth-token --generate` would."""
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
-
-        Config.initialize("")  # Ray read its config at import: make it see token mode
+        compat.reread_ray_config()  # Ray read its config at import: make it see token mode
     if os.environ["RAY_AUTH_MODE"].lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
         return
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     if not os.path.exists(path):
-        from ray._private.authentication.authentication_token_setup import generate_and_save_token
-
-        generate_and_save_token()
+        compat.generate_auth_token()
 
 
 def _quiet_data_context() -> None:
@@ -349,7 +347,4 @@ def logs_dir() -> str | None:
     """The log folder of this process's Ray session (where every worker's output is kept),
     or None without one."""
     ray = sys.modules.get("ray")
-    try:
-        return ray._private.worker._global_node.get_logs_dir_path()  # no public API has it
-    except AttributeError:
-        return None
+    return compat.session_logs_dir() if ray is not None and ray.is_initialized() else None

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kiln import compat
 from kiln.cluster.connect import forwarded_credentials
 from kiln.options import SubmitOptions
 from kiln.redact import redact
@@ -123,7 +124,7 @@ def client(address: str | None):
     address = _resolve_address(address)
     _require_token()
     # Ray's client logs at INFO each file it skips in the upload and each log stream's end.
-    for name in ("ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging"):
+    for name in compat.RAY_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     _check_reachable(address)
     # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the argument; --address must win.

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from rich.console import Console
 
+from kiln import compat
 from kiln.cluster.connect import local_gpus, logs_dir
 from kiln.options import TrainOptions
 from kiln.pipelines import storage
@@ -98,16 +99,10 @@ def lost(error: BaseException) -> bool:
     fails the same way again, so it is raised at once."""
     import ray.exceptions as rex
 
-    try:
-        from ray.train.v2._internal.exceptions import (
-            WorkerHealthCheckFailedError,
-            WorkerHealthCheckTimeoutError,
-        )
-    except ImportError:  # another Ray: nothing is known to be lost beyond Ray's own errors
-        WorkerHealthCheckFailedError = WorkerHealthCheckTimeoutError = ()  # noqa: N806
-    if isinstance(error, WorkerHealthCheckTimeoutError):
+    failed, timed_out = compat.worker_health_errors()
+    if isinstance(error, timed_out):
         return True
-    if isinstance(error, WorkerHealthCheckFailedError):
+    if isinstance(error, failed):
         error = error.health_check_failure
     return isinstance(error, (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError,
                               rex.ObjectLostError, rex.OutOfMemoryError, ConnectionError,
@@ -119,22 +114,12 @@ def trainer_class():
     dataset manager actor for a run whose data goes to the workers as object refs (no
     `datasets`; a process start, seconds on a small machine). Ray Train V2 takes its policy
     from FailureConfig alone, which retries every error, and adds its datasets callback to
-    every run; both classes are internal, so where this Ray has none the plain trainer is
-    used (it retries everything)."""
+    every run; both are internal (kiln.compat)."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.exceptions import WorkerGroupError
 
-    try:
-        from ray.train.v2._internal.callbacks import DatasetsCallback
-    except ImportError:
-        DatasetsCallback = ()  # noqa: N806 (isinstance of nothing: every callback stays)
-    try:
-        from ray.train.v2._internal.execution.failure_handling import (
-            DefaultFailurePolicy,
-            FailureDecision,
-        )
-        from ray.train.v2.api.exceptions import WorkerGroupError
-    except ImportError:
-        return TorchTrainer
+    datasets_callback = compat.datasets_callback()
+    DefaultFailurePolicy, FailureDecision = compat.failure_policy()  # noqa: N806
 
     class LostWorkersOnly(DefaultFailurePolicy):
         def make_decision(self, training_failed_error):
@@ -144,17 +129,17 @@ def trainer_class():
                 return FailureDecision.RAISE
             return super().make_decision(training_failed_error)
 
-    class Trainer(TorchTrainer):
+    class Trainer(TorchTrainer):  # the private methods named in compat.RUN_CONTROLLER, ...
         def _initialize_and_run_controller(self, **kwargs):
-            if "failure_policy" in kwargs:
-                kwargs["failure_policy"] = LostWorkersOnly(self.run_config.failure_config)
+            policy = LostWorkersOnly(self.run_config.failure_config)
+            kwargs[compat.FAILURE_POLICY_ARG] = policy
             return super()._initialize_and_run_controller(**kwargs)
 
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
             if self.datasets:
                 return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            return [c for c in callbacks if not isinstance(c, datasets_callback)]
 
     return Trainer
 

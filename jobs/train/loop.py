@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from kiln import compat
 from kiln.models import build_model
 from kiln.models.checkpoint import (
     OPTIMIZER_FILE,
@@ -70,10 +71,7 @@ def quiet_train_logs() -> None:
     """The driver prints one line a validation; Train V2's per-report INFO line comes from a
     logger named by its module's file path."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    with contextlib.suppress(ImportError):
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(compat.train_report_logger()).setLevel(logging.WARNING)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from ray import tune
 from rich.console import Console
 
+from kiln import compat
 from kiln.cluster import connect
 from kiln.cluster.connect import RayOptions, has_cluster, local_cpus, local_gpus, ray_session
 from kiln.options import TrainOptions, TuneOptions
@@ -324,16 +325,12 @@ def actor_placement_groups() -> tuple[list, int]:
     """This job's live placement groups made by an actor (Ray Train's controllers): those
     whose actor has died, and how many are live in all."""
     import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup
 
     job = ray.get_runtime_context().get_job_id()
-    table = gcs_pb2.PlacementGroupTableData
-    live = (table.PENDING, table.PREPARED, table.CREATED, table.RESCHEDULING)
+    records, live = compat.placement_groups()
     found, count = [], 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        info = table.FromString(raw)
+    for info in records:
         made_by_actor = not ray.ActorID(info.creator_actor_id).is_nil()  # not the driver
         if (made_by_actor and not info.is_detached and info.state in live
                 and info.creator_job_id.hex() == job):
