@@ -63,6 +63,7 @@ from kiln.pipelines import sources, storage  # noqa: E402
 from kiln.pipelines.label import LabelPredictor, LabelSettings  # noqa: E402
 from kiln.pipelines.transforms import ImagePreset, choose_augment, decode_uint8  # noqa: E402
 from kiln.train.batches import TextStreams, ValBatches  # noqa: E402
+from kiln.train.families import family  # noqa: E402
 from kiln.train.loop import train_step  # noqa: E402
 from kiln.train.schedule import lr_at  # noqa: E402
 from kiln.train.tasks import CNNTask, RNNTask, WorkerConfig, make_optimizer  # noqa: E402
@@ -97,7 +98,7 @@ def config(kind: str, spec, batch: int, lr: float, augment: str = "none") -> Wor
 
 
 def make_task(kind: str, spec, cfg: WorkerConfig):
-    return (CNNTask if kind == "cnn" else RNNTask)(spec, cfg)
+    return family(kind).task(spec, cfg)
 
 
 def cnn_case(arch, classes, channels, size, batch):

@@ -9,6 +9,8 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as fields_of
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load as st_load
@@ -21,15 +23,23 @@ from .vocab import CharVocab
 FORMAT = "kiln-model"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.safetensors"
-KINDS = ("cnn", "rnn")
 
 
 class ModelFolderError(ValueError):
     """A model folder that is missing, corrupt, or not what the caller needs."""
 
 
+# A model family, as the model folder knows it, is its spec class: the `kind` it is saved
+# under, how to build its network, the names its head is over (`labels`, which --init
+# carries across by name), and the checks a config.json's spec must pass. Everything else
+# that differs by family lives in the family's object one floor up (kiln.train.families).
+
+
 @dataclass
 class CNNSpec:
+    kind: ClassVar[str] = "cnn"
+    label_field: ClassVar[str] = "classes"
+    head_offset: ClassVar[int] = 0  # the head's rows before the labels'
     arch: str
     classes: list[str]
     channels: int = 1
@@ -37,9 +47,47 @@ class CNNSpec:
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.5])
 
+    @property
+    def name(self) -> str:
+        return self.arch
+
+    def build(self) -> torch.nn.Module:
+        return build_cnn(self.arch, len(self.classes), self.channels, self.image_size)
+
+    def head_names(self, model: torch.nn.Module) -> list[str]:
+        """The tensors that depend on the classes: the last linear layer's."""
+        last = None
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                last = name
+        if last is None:
+            raise ModelFolderError("this architecture has no linear head to replace")
+        return [f"{last}.{k}" for k, _ in model.get_submodule(last).named_parameters()]
+
+    @staticmethod
+    def check(f: SpecFields) -> None:
+        f.names("classes", LIMITS["classes"], 2)
+        if not isinstance(f.spec.get("arch"), str):
+            raise f.bad("arch must be a string")
+        f.whole("channels", 1, 3)
+        f.whole("image_size", 1, LIMITS["image_size"])
+        channels = f.spec.get("channels", 1)
+        # Pixels are 0..1: a mean or std far outside it is a mistake, and (x - mean) / std
+        # must stay finite in float32 (std 1e-308 gave NaN confidences).
+        for name, low, high in (("mean", -100.0, 100.0), ("std", 1e-4, 100.0)):
+            v = f.spec.get(name, [0.5])
+            if not isinstance(v, list) or len(v) not in (1, channels) or not all(
+                    isinstance(x, int | float) and not isinstance(x, bool)
+                    and low <= x <= high for x in v):
+                raise f.bad(f"{name} must be {channels} number(s) from {low:g} to {high:g}, "
+                            f"got {str(v)[:100]}")
+
 
 @dataclass
 class RNNSpec:
+    kind: ClassVar[str] = "rnn"
+    label_field: ClassVar[str] = "vocab"
+    head_offset: ClassVar[int] = 1  # the unknown token's row
     vocab: list[str]
     cell: str = "lstm"
     embed: int = 64
@@ -47,17 +95,44 @@ class RNNSpec:
     layers: int = 2
     dropout: float = 0.0
 
+    @property
+    def name(self) -> str:
+        return f"char-{self.cell}"
 
-SPECS = {"cnn": CNNSpec, "rnn": RNNSpec}
+    def build(self) -> torch.nn.Module:
+        return CharRNN(len(CharVocab(self.vocab)), self.cell, self.embed, self.hidden,
+                       self.layers, self.dropout)
+
+    def head_names(self, model: torch.nn.Module) -> list[str]:
+        """The tensors that depend on the vocabulary: the embedding's and the output's."""
+        return ["embed.weight", "head.weight", "head.bias"]
+
+    @staticmethod
+    def check(f: SpecFields) -> None:
+        f.names("vocab", LIMITS["vocab"], 1)
+        if not isinstance(f.spec.get("cell", "lstm"), str):
+            raise f.bad("cell must be a string")
+        for name in ("embed", "hidden", "layers"):
+            f.whole(name, 1, LIMITS[name])
+        d = f.spec.get("dropout", 0.0)
+        if not isinstance(d, int | float) or isinstance(d, bool) or not 0 <= d < 1:
+            raise f.bad(f"dropout must be a number in [0, 1), got {d!r}")
+
+
+SPECS = {spec.kind: spec for spec in (CNNSpec, RNNSpec)}  # the registry of model families
+KINDS = tuple(SPECS)
 
 
 def build_model(kind: str, spec: CNNSpec | RNNSpec) -> torch.nn.Module:
-    if kind == "cnn":
-        return build_cnn(spec.arch, len(spec.classes), spec.channels, spec.image_size)
-    if kind == "rnn":
-        return CharRNN(len(CharVocab(spec.vocab)), spec.cell, spec.embed, spec.hidden,
-                       spec.layers, spec.dropout)
-    raise ModelFolderError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    if SPECS.get(kind) is not type(spec):
+        raise ModelFolderError(f"unknown model kind {kind!r} for a {type(spec).__name__}; "
+                               f"expected one of {KINDS}")
+    return spec.build()
+
+
+def labels(spec: CNNSpec | RNNSpec) -> list[str]:
+    """The names a model's head is over: a CNN's classes, a char-RNN's vocabulary."""
+    return list(getattr(spec, spec.label_field))
 
 
 @dataclass
@@ -84,7 +159,7 @@ def model_to_bytes(model: torch.nn.Module, kind: str, spec, extra: dict | None =
     weights = st_save(state, metadata={"format": FORMAT})
     from . import __version__
 
-    name = spec.arch if kind == "cnn" else f"char-{spec.cell}"
+    name = spec.name
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -166,60 +241,45 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "U8": 1, "BOOL": 1}
 
 
-def parse_spec(kind: str, spec, where: str) -> CNNSpec | RNNSpec:
-    """The spec of a config.json, each field checked for its type and bounds (LIMITS)."""
-    def bad(why: str) -> ModelFolderError:
-        return ModelFolderError(f"{where}: {why}; the model folder is corrupt or hand-edited "
-                                "wrongly")
+class SpecFields:
+    """A config.json's spec (a dict) and the checks its family's fields take (`check`)."""
 
-    if not isinstance(spec, dict):
-        raise bad("\"spec\" must be an object")
-    fields = {f for f in SPECS[kind].__dataclass_fields__}
-    if set(spec) - fields:
-        raise bad(f"\"spec\" has unknown fields: {', '.join(sorted(set(spec) - fields))}")
+    def __init__(self, spec: dict, where: str):
+        self.spec, self.where = spec, where
 
-    def whole(name: str, low: int, high: int) -> None:
-        v = spec.get(name)
-        if name in spec and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high):
-            raise bad(f"{name} must be a whole number from {low} to {high:,}, got {v!r}")
+    def bad(self, why: str) -> ModelFolderError:
+        return ModelFolderError(f"{self.where}: {why}; the model folder is corrupt or "
+                                "hand-edited wrongly")
 
-    def names(name: str, limit: int, low: int) -> list:
-        v = spec.get(name)
+    def whole(self, name: str, low: int, high: int) -> None:
+        v = self.spec.get(name)
+        if name in self.spec and (not isinstance(v, int) or isinstance(v, bool)
+                                  or not low <= v <= high):
+            raise self.bad(f"{name} must be a whole number from {low} to {high:,}, got {v!r}")
+
+    def names(self, name: str, limit: int, low: int) -> list:
+        v = self.spec.get(name)
         if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
-            raise bad(f"{name} must be a list of strings")
+            raise self.bad(f"{name} must be a list of strings")
         if not low <= len(v) <= limit or len(set(v)) != len(v):
-            raise bad(f"{name} must hold {low} to {limit:,} distinct names, got {len(v):,}")
+            raise self.bad(f"{name} must hold {low} to {limit:,} distinct names, got "
+                           f"{len(v):,}")
         return v
 
-    if kind == "cnn":
-        names("classes", LIMITS["classes"], 2)
-        if not isinstance(spec.get("arch"), str):
-            raise bad("arch must be a string")
-        whole("channels", 1, 3)
-        whole("image_size", 1, LIMITS["image_size"])
-        channels = spec.get("channels", 1)
-        # Pixels are 0..1: a mean or std far outside it is a mistake, and (x - mean) / std
-        # must stay finite in float32 (std 1e-308 gave NaN confidences).
-        for name, low, high in (("mean", -100.0, 100.0), ("std", 1e-4, 100.0)):
-            v = spec.get(name, [0.5])
-            if not isinstance(v, list) or len(v) not in (1, channels) or not all(
-                    isinstance(x, int | float) and not isinstance(x, bool)
-                    and low <= x <= high for x in v):
-                raise bad(f"{name} must be {channels} number(s) from {low:g} to {high:g}, "
-                          f"got {str(v)[:100]}")
-    else:
-        names("vocab", LIMITS["vocab"], 1)
-        if not isinstance(spec.get("cell", "lstm"), str):
-            raise bad("cell must be a string")
-        for name in ("embed", "hidden", "layers"):
-            whole(name, 1, LIMITS[name])
-        d = spec.get("dropout", 0.0)
-        if not isinstance(d, int | float) or isinstance(d, bool) or not 0 <= d < 1:
-            raise bad(f"dropout must be a number in [0, 1), got {d!r}")
+
+def parse_spec(kind: str, spec, where: str) -> CNNSpec | RNNSpec:
+    """The spec of a config.json, each field checked for its type and bounds (LIMITS)."""
+    fields = SpecFields(spec, where)
+    if not isinstance(spec, dict):
+        raise fields.bad("\"spec\" must be an object")
+    known = {f.name for f in fields_of(SPECS[kind])}
+    if set(spec) - known:
+        raise fields.bad(f"\"spec\" has unknown fields: {', '.join(sorted(set(spec) - known))}")
+    SPECS[kind].check(fields)
     try:
         return SPECS[kind](**spec)
     except TypeError as e:
-        raise bad(str(e)) from None
+        raise fields.bad(str(e)) from None
 
 
 def check_weights(data: bytes, expected: dict, where: str) -> None:

@@ -23,10 +23,19 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as st_load
 
-from .checkpoint import ModelFolderError
+from .checkpoint import ModelFolderError, labels
 
 WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "module")  # checkpoints' keys
 PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's
+
+
+class InitMismatch(ModelFolderError):
+    """The source's tensors do not fit the model outside its head. `source_spec`: the
+    source's own spec where it is a kiln model (a caller can say which options would fit)."""
+
+    def __init__(self, message: str, source_spec: dict | None):
+        super().__init__(message)
+        self.source_spec = source_spec
 
 
 @dataclass
@@ -102,19 +111,6 @@ def unwrap(obj, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def head_names(model: torch.nn.Module, kind: str) -> list[str]:
-    """The tensors that depend on the classes or the vocabulary."""
-    if kind == "rnn":
-        return ["embed.weight", "head.weight", "head.bias"]
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            last = name
-    if last is None:
-        raise ModelFolderError("this architecture has no linear head to replace")
-    return [f"{last}.{k}" for k, _ in model.get_submodule(last).named_parameters()]
-
-
 def align(source: dict[str, torch.Tensor], target: dict) -> dict[str, torch.Tensor]:
     """Source names as the model's: torchvision's bare names into a one-channel model's
     `net.` wrapper, and back."""
@@ -131,15 +127,15 @@ def shown(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-def fit_init(source: InitSource, model: torch.nn.Module, kind: str, spec) -> InitFit:
+def fit_init(source: InitSource, model: torch.nn.Module, spec) -> InitFit:
     """The source's tensors fitted to `model` (built from `spec`), or one error naming the
-    first keys that differ outside the head."""
-    if source.kind is not None and source.kind != kind:
+    first keys that differ outside the head (InitMismatch)."""
+    if source.kind is not None and source.kind != spec.kind:
         raise ModelFolderError(f"--init {source.where} holds a {source.kind.upper()} model; "
-                               f"this run trains a {kind.upper()}")
+                               f"this run trains a {spec.kind.upper()}")
     target = model.state_dict()
     state = align(source.state, target)
-    head = head_names(model, kind)
+    head = spec.head_names(model)
     body = [k for k in target if k not in head]
     missing = [k for k in body if k not in state]
     unexpected = [k for k in state if k not in target]
@@ -154,42 +150,30 @@ def fit_init(source: InitSource, model: torch.nn.Module, kind: str, spec) -> Ini
             parts.append("missing from the source: " + ", ".join(missing[:3]))
         if unexpected:
             parts.append("not in the model: " + ", ".join(unexpected[:3]))
-        hint = ""
-        if source.spec is not None:
-            s = source.spec
-            hint = (f"; the source is a {s['arch']} for {s['channels']} x {s['image_size']} px"
-                    f" images: pass --arch {s['arch']} --image-size {s['image_size']} "
-                    f"--channels {s['channels']}" if kind == "cnn" else
-                    f"; the source is {s['layers']} x {s['cell']} {s['hidden']} (embedding "
-                    f"{s['embed']}): pass --cell {s['cell']} --layers {s['layers']} --hidden "
-                    f"{s['hidden']} --embed {s['embed']}")
-        raise ModelFolderError(f"--init {source.where} does not fit this model: "
-                               + "; ".join(parts) + hint)
+        raise InitMismatch(f"--init {source.where} does not fit this model: "
+                           + "; ".join(parts), source.spec)
     loaded = {k: state[k].to(target[k].dtype) for k in body}
-    rnn = kind == "rnn"
-    ours = list(spec.vocab if rnn else spec.classes)
+    ours = labels(spec)
     # A bare state dict names no classes: its head is taken where its shape fits.
-    theirs = ours if source.spec is None else list(
-        source.spec.get("vocab" if rnn else "classes") or [])
+    theirs = ours if source.spec is None else list(source.spec.get(spec.label_field) or [])
     if theirs == ours and all(k in state and state[k].shape == target[k].shape for k in head):
         loaded.update({k: state[k].to(target[k].dtype) for k in head})
         return InitFit(loaded, head)
     if source.spec is None or not all(
             k in state and state[k].shape[1:] == target[k].shape[1:] for k in head):
         return InitFit(loaded, head, fresh=head)
-    return _carry_rows(state, target, loaded, head, theirs, ours, unk=rnn)
+    return _carry_rows(state, target, loaded, head, theirs, ours, spec.head_offset)
 
 
 def _carry_rows(state: dict, target: dict, loaded: dict, head: list, theirs: list,
-                ours: list, unk: bool) -> InitFit:
-    """The head's rows by name: the rows of classes (a char-RNN's characters, and its
-    unknown token at row 0) that both the source and the run know are the source's, the
-    others the model's own initialization."""
-    offset = 1 if unk else 0
+                ours: list, offset: int) -> InitFit:
+    """The head's rows by name: the rows of classes (a char-RNN's characters, and the
+    `offset` rows before them: its unknown token at row 0) that both the source and the run
+    know are the source's, the others the model's own initialization."""
     src = {c: i + offset for i, c in enumerate(theirs)}
     shared = [c for c in ours if c in src]
-    rows_to = [0] * unk + [i + offset for i, c in enumerate(ours) if c in src]
-    rows_from = [0] * unk + [src[c] for c in shared]
+    rows_to = list(range(offset)) + [i + offset for i, c in enumerate(ours) if c in src]
+    rows_from = list(range(offset)) + [src[c] for c in shared]
     for k in head:
         t = target[k].clone()
         t[rows_to] = state[k][rows_from].to(t.dtype)

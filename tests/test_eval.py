@@ -197,3 +197,17 @@ def test_rnn_eval_refuses_non_utf8_text(tmp_path):
     bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8 text"):
         run_eval(EvalOptions(folder, str(bad), str(tmp_path / "out")))
+
+
+def test_rnn_eval_says_actors_and_address_do_not_apply(tmp_path):
+    """A char-RNN's evaluation runs in the command's own process: a pool size or a cluster
+    address is refused, before anything is written, rather than silently ignored."""
+    spec = RNNSpec(list("ab"), "lstm", 4, 8, 1)
+    storage.save_model(str(tmp_path / "lm"), model_to_bytes(build_model("rnn", spec), "rnn", spec))
+    (tmp_path / "t.txt").write_text("abba" * 50)
+    for extra, flag in (({"actors": 2}, "--actors"), ({"address": "127.0.0.1:6379"}, "--address")):
+        opts = EvalOptions(str(tmp_path / "lm"), str(tmp_path / "t.txt"), str(tmp_path / "out"),
+                           **extra)
+        with pytest.raises(ValueError, match=f"{flag} does not apply"):
+            run_eval(opts)
+    assert not (tmp_path / "out").exists()

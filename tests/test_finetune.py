@@ -211,7 +211,7 @@ def test_a_char_rnn_carries_its_rows_character_by_character(tmp_path):
     src_model = build_model("rnn", old)
     folder = tmp_path / "chars"
     storage.save_model(str(folder), model_to_bytes(src_model, "rnn", old))
-    fit = fit_init(read_init(str(folder)), build_model("rnn", new), "rnn", new)
+    fit = fit_init(read_init(str(folder)), build_model("rnn", new), new)
     assert fit.carried == list("cdef") and fit.of == 6
     model = build_model("rnn", new)
     model.load_state_dict(fit.state)
@@ -226,7 +226,7 @@ def test_a_char_rnn_carries_its_rows_character_by_character(tmp_path):
     with pytest.raises(ModelFolderError, match=r"shapes differ at rnn.weight_ih_l0 \(source "
                        r"\(64, 8\), model \(128, 8\)\)"):
         fit_init(InitSource("raw.pt", dict(src_model.state_dict())), build_model("rnn", other),
-                 "rnn", other)
+                 other)
 
 
 def test_backbone_lr_scale_is_checked():

@@ -91,11 +91,11 @@ def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     assert cfg["train"]["augment"] == "shift"  # no flips for digits
     # model/ holds the final weights where they validate as well as the best within noise,
     # else the best validation's.
+    from kiln.train.cnn import CNNFamily
     from kiln.train.loop import within_noise
-    from kiln.train.tasks import CNNTask
 
-    best = max(rows, key=CNNTask.rank)
-    final = within_noise(CNNTask, rows[-1], rows)
+    best = max(rows, key=CNNFamily.rank)
+    final = within_noise(CNNFamily, rows[-1], rows)
     assert cfg["metrics"]["step"] == (rows[-1] if final else best)["step"]
 
 
@@ -173,25 +173,26 @@ def test_model_keeps_the_final_weights_unless_an_earlier_validation_is_better_be
     """model/ under an annealed schedule: the last validation's weights where they are as good
     as the best within two standard errors of its accuracy (on 1,000 images, 2.4 points near
     0.83), the best otherwise; a char-RNN's loss over every character keeps its best."""
+    from kiln.train.cnn import CNNFamily
     from kiln.train.loop import within_noise
-    from kiln.train.tasks import CNNTask, RNNTask
+    from kiln.train.rnn import RNNFamily
 
     def rec(acc, n=1000, loss=0.5):
         return {"val_accuracy": acc, "val_loss": loss, "val_images": n}
 
     history = [rec(0.80), rec(0.83), rec(0.82)]
-    assert within_noise(CNNTask, history[-1], history)  # 1 point under: noise
-    assert not within_noise(CNNTask, rec(0.79), [*history[:2], rec(0.79)])  # 4 points: not
-    assert not within_noise(CNNTask, rec(0.82, n=100_000), [rec(0.83, n=100_000),
+    assert within_noise(CNNFamily, history[-1], history)  # 1 point under: noise
+    assert not within_noise(CNNFamily, rec(0.79), [*history[:2], rec(0.79)])  # 4 points: not
+    assert not within_noise(CNNFamily, rec(0.82, n=100_000), [rec(0.83, n=100_000),
                                                             rec(0.82, n=100_000)])
-    assert within_noise(CNNTask, rec(0.83, loss=0.6), [rec(0.83), rec(0.83, loss=0.6)])
+    assert within_noise(CNNFamily, rec(0.83, loss=0.6), [rec(0.83), rec(0.83, loss=0.6)])
     # A perfect score on 359 images is not noiseless; a line of an older kiln has no count.
-    assert within_noise(CNNTask, rec(0.997, n=359), [rec(1.0, n=359), rec(0.997, n=359)])
+    assert within_noise(CNNFamily, rec(0.997, n=359), [rec(1.0, n=359), rec(0.997, n=359)])
     old = {"val_accuracy": 0.83, "val_loss": 0.5}
-    assert within_noise(CNNTask, rec(0.82), [old, rec(0.82)])
-    assert not within_noise(CNNTask, rec(0.79), [old, rec(0.79)])
+    assert within_noise(CNNFamily, rec(0.82), [old, rec(0.82)])
+    assert not within_noise(CNNFamily, rec(0.79), [old, rec(0.79)])
     lm = [{"val_loss": 0.80}, {"val_loss": 0.86}]
-    assert not within_noise(RNNTask, lm[-1], lm) and within_noise(RNNTask, lm[0], lm[:1])
+    assert not within_noise(RNNFamily, lm[-1], lm) and within_noise(RNNFamily, lm[0], lm[:1])
 
 
 def test_label_smoothing_spreads_the_target_over_every_class():
@@ -423,8 +424,8 @@ def test_a_workers_error_is_one_line_and_not_retried(ray_local, tmp_path):
     from ray.util.queue import Queue
     from rich.console import Console
 
+    from kiln.train.cnn import CNNFamily
     from kiln.train.fit import MAX_FAILURES, TrainingError, trainer_class, with_epoch_lines
-    from kiln.train.tasks import CNNTask
 
     attempts = tmp_path / "attempts"
 
@@ -441,7 +442,7 @@ def test_a_workers_error_is_one_line_and_not_retried(ray_local, tmp_path):
     lines = Queue(actor_options={"num_cpus": 0})
     try:
         with pytest.raises(TrainingError) as e:
-            with_epoch_lines(trainer.fit, lines, CNNTask, Console(file=io.StringIO()))
+            with_epoch_lines(trainer.fit, lines, CNNFamily, Console(file=io.StringIO()))
     finally:
         lines.shutdown()
     assert str(e.value) == "training failed: worker 0 raised ValueError: row 7 has no label"

@@ -30,6 +30,7 @@ from kiln.pipelines.fence import check_output
 from kiln.pipelines.label import LabelSettings, flip_tta
 from kiln.pipelines.sink import OutputDir
 from kiln.redact import redact
+from kiln.train.families import family
 
 EVAL_FILE, PAGE_FILE = "eval.json", "eval.html"
 COLUMNS = ["source", "path", "label", "confidence", "top_labels", "error", "truth"]
@@ -148,12 +149,23 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     flip_tta(opts.tta, {})  # a known value, before anything is read
     opts = replace(opts, data=storage.absolute(opts.data),  # actors read it from elsewhere
                    output=check_output(opts.output, [opts.data, opts.model]))
-    kind = storage.read_model_config(opts.model)["kind"]
-    if kind == "rnn":
+    fam = family(storage.read_model_config(opts.model)["kind"])
+    if fam.evaluates == "text":
         if opts.tta == "flip":
             raise ValueError("--tta flip averages an image with its mirror image: a text "
                              "model has none (leave --tta out)")
+        for given, flag in ((opts.actors is not None, "--actors"), (opts.address, "--address")):
+            if given:
+                raise ValueError(f"kiln eval of a char-RNN is one pass over the text in this "
+                                 f"process: {flag} does not apply (leave it out; kiln submit "
+                                 "runs the command on a cluster)")
         return eval_text(opts, console)
+    return eval_images(opts, console)
+
+
+def eval_images(opts: EvalOptions, console: Console) -> dict:
+    """Accuracy, per-class figures, confusion and calibration over labeled images, as a bulk
+    job (in this process or on Ray)."""
     from kiln.pipelines.train_data import check_image_source
 
     prepare_process(opts)

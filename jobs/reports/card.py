@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from kiln.models import LoadedModel
+from kiln.train.families import family
 
 
 def model_card(loaded: LoadedModel) -> Table:
@@ -14,16 +15,8 @@ def model_card(loaded: LoadedModel) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("kind", loaded.kind)
-    if loaded.kind == "cnn":
-        table.add_row("architecture", spec.arch)
-        table.add_row("input", f"{spec.channels} x {spec.image_size} x {spec.image_size}, "
-                      f"mean {spec.mean}, std {spec.std}")
-        shown = ", ".join(spec.classes[:20]) + (" ..." if len(spec.classes) > 20 else "")
-        table.add_row("classes", f"{len(spec.classes)}: {shown}")
-    else:
-        table.add_row("architecture", f"{spec.layers} x {spec.cell.upper()} {spec.hidden}, "
-                      f"embedding {spec.embed}, dropout {spec.dropout}")
-        table.add_row("vocabulary", f"{len(spec.vocab)} characters + UNK")
+    for name, value in family(loaded.kind).card_rows(spec):
+        table.add_row(name, value)
     table.add_row("parameters", f"{n_params:,}")
     for key, value in (cfg.get("metrics") or {}).items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))

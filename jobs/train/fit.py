@@ -15,7 +15,8 @@ from kiln.cluster.connect import local_gpus, logs_dir
 from kiln.options import TrainOptions
 from kiln.pipelines import storage
 from kiln.pipelines.train_data import HeldShard
-from kiln.pipelines.transforms import choose_augment
+from kiln.train.families import family
+from kiln.train.plan import Prepared
 from kiln.train.schedule import SGD_WARMUP, WARMUP_SHARE, WARMUP_STEPS
 from kiln.train.tasks import WorkerConfig
 
@@ -29,28 +30,26 @@ class TrainingError(ValueError):
     """A training worker raised: its exception's type and message, for one line."""
 
 
-def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> WorkerConfig:
-    per_epoch = data["steps_per_epoch"]
+def worker_config(opts: TrainOptions, data: Prepared, cpus: float, lines=None) -> WorkerConfig:
+    per_epoch = data.steps_per_epoch
     max_steps = opts.max_steps
     if opts.epochs is not None:
         max_steps = min(max_steps or per_epoch * opts.epochs, per_epoch * opts.epochs)
-    settings = {k: getattr(opts, k) for k in (
+    own = family(opts.kind).worker_options(opts)  # the family's options, as workers take them
+    settings = {**{k: getattr(opts, k) for k in (
         "epochs", "max_steps", "time_limit", "batch_size", "lr", "optimizer", "workers",
-        "seed", *(("augment", "label_smoothing") if opts.kind == "cnn" else ("seq_len",)))}
-    augment = choose_augment(opts.augment, opts.channels) if opts.kind == "cnn" else "none"
-    if opts.kind == "cnn":
-        settings["augment"] = augment
-    spec, init, head = data["spec"], None, None
+        "seed")}, **own}
+    spec, init, head = data.spec, None, None
     freeze, scale = opts.freeze_backbone, opts.backbone_lr_scale
-    if data.get("resumed_init"):  # its checkpoint holds the weights; its start, the layout
+    if data.resumed_init:  # its checkpoint holds the weights; its start, the layout
         from kiln.train.init import resumed_layout
 
-        spec, head, freeze, scale = resumed_layout(spec, data["resumed_init"])
-        settings["init"] = data["resumed_init"]["card"]
+        spec, head, freeze, scale = resumed_layout(spec, data.resumed_init)
+        settings["init"] = data.resumed_init["card"]
     elif opts.init:
         from kiln.train.init import card, fit_for_run
 
-        spec, fit, source = fit_for_run(opts, spec, data.get("init_source"))
+        spec, fit, source = fit_for_run(opts, spec, data.init_source)
         init, head = fit.state, fit.head
         settings["init"] = card(opts, fit, source)
     return WorkerConfig(
@@ -63,10 +62,8 @@ def worker_config(opts: TrainOptions, data: dict, cpus: float, lines=None) -> Wo
         # A lone worker on a small machine takes every core as torch threads; Ray's own
         # reservation stays below the CPUs so that Ray Data's tasks always find room.
         threads=1 if opts.gpu else max(1, int(cpus // opts.workers)),
-        augment=augment, label_smoothing=opts.label_smoothing, seq_len=opts.seq_len,
-        whole_train=data.get("whole_train", True),
-        train_rows=data["train_rows"],
-        cache_val=data["val"].size_bytes() / opts.workers <= VAL_CACHE_BYTES,
+        **own, whole_train=data.whole_train, train_rows=data.train_rows,
+        cache_val=data.val.size_bytes() / opts.workers <= VAL_CACHE_BYTES,
         settings=settings, lines=lines,
         init=init, head=head, freeze_backbone=freeze, backbone_lr_scale=scale)
 
@@ -144,14 +141,14 @@ def trainer_class():
     return Trainer
 
 
-def fit(opts: TrainOptions, data: dict, task, console: Console) -> None:
+def fit(opts: TrainOptions, data: Prepared, fam, console: Console) -> None:
     import ray
     from ray.util.queue import Queue
 
     cpus = ray.cluster_resources().get("CPU", 1)
     lines = Queue(actor_options={"num_cpus": 0})
     try:
-        run_fit(opts, data, task, console, cpus, lines)
+        run_fit(opts, data, fam, console, cpus, lines)
     except TrainingError as e:
         where = logs_dir()
         raise TrainingError(f"{e} (all of the workers' output: {where})" if where else str(e)
@@ -160,13 +157,13 @@ def fit(opts: TrainOptions, data: dict, task, console: Console) -> None:
         lines.shutdown()
 
 
-def run_fit(opts: TrainOptions, data: dict, task, console: Console, cpus: float, lines
+def run_fit(opts: TrainOptions, data: Prepared, fam, console: Console, cpus: float, lines
             ) -> None:
     trainer = make_trainer(opts, data, cpus, cpus_per_worker(opts, cpus), lines)
-    with_epoch_lines(trainer.fit, lines, task, console)
+    with_epoch_lines(trainer.fit, lines, fam, console)
 
 
-def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float, lines=None,
+def make_trainer(opts: TrainOptions, data: Prepared, cpus: float, per_worker: float, lines=None,
                  callbacks: tuple = ()):
     """The TorchTrainer of one run: `cpus` are the run's to use (its workers' torch threads),
     `per_worker` each worker's reservation; `callbacks` Ray Train's (kiln tune's report to
@@ -183,13 +180,11 @@ def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float,
     from kiln.train.loop import train_loop_per_worker
 
     cfg = worker_config(opts, data, cpus, lines)
-    # Text streams are never split (each worker picks its own by number); images are split
-    # only when the training set is too large for every worker to hold it. Data that every
-    # worker holds whole goes to them as object refs (HeldShard), the rest through Ray
-    # Train's streaming ingest.
-    split = [] if opts.kind == "rnn" else ["val"] + ([] if cfg.whole_train else ["train"])
-    datasets = {"train": data["train"], "val": data["val"]}
-    if opts.kind == "rnn" or (cfg.whole_train and cfg.cache_val):
+    # Data that every worker holds whole goes to them as object refs (HeldShard), the rest
+    # through Ray Train's streaming ingest; the family says which, and what is split.
+    held, split = family(opts.kind).held(cfg)
+    datasets = {"train": data.train, "val": data.val}
+    if held:
         cfg = replace(cfg, held={n: HeldShard.of(d, split=n in split)
                                  for n, d in datasets.items()})
         datasets = {}
@@ -211,14 +206,14 @@ def make_trainer(opts: TrainOptions, data: dict, cpus: float, per_worker: float,
     )
 
 
-def epoch_line(rec: dict, task) -> str:
+def epoch_line(rec: dict, fam) -> str:
     """A validation record as the console shows it (kiln train's lines, kiln tune's)."""
     return (f"epoch {rec['epoch']:>5}  train_loss {rec['train_loss']:.4f}  "
-            f"{task.summary_line(rec)}  {rec['samples_per_s']:,.0f} samples/s  "
+            f"{fam.summary_line(rec)}  {rec['samples_per_s']:,.0f} samples/s  "
             f"{rec['elapsed_s']:.0f}s")
 
 
-def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
+def with_epoch_lines(fit_fn, lines, fam, console: Console) -> None:
     """Runs fit() in a thread and prints each record that rank 0 reports as an epoch line;
     a worker's exception comes back as a TrainingError naming its type and message."""
     box: dict = {}
@@ -242,7 +237,7 @@ def with_epoch_lines(fit_fn, lines, task, console: Console) -> None:
         except Exception:  # the queue is gone: the run goes on without its epoch lines
             thread.join()
             break
-        console.print(epoch_line(rec, task), highlight=False)
+        console.print(epoch_line(rec, fam), highlight=False)
     thread.join()
     if "error" in box:
         raise worker_error(box["error"]) from None

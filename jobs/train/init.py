@@ -6,9 +6,9 @@ architecture before Ray starts and fitted to its classes or vocabulary once the 
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 
 from kiln.pipelines import storage
+from kiln.train.families import family
 
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -33,17 +33,17 @@ def read_init(uri: str):
     return InitSource(uri, state_from_bytes(storage.read_bytes(uri), uri))
 
 
-def placeholder_spec(opts, source):
-    """The run's spec before its data is read: the architecture is the options', the classes
-    or vocabulary the source's where it has them (only the head depends on them)."""
-    from kiln.models import CNNSpec, RNNSpec
+def fitted(source, model, spec):
+    """fit_init, its error saying which options would fit where the source is a kiln model."""
+    from kiln.models.checkpoint import ModelFolderError
+    from kiln.models.init import InitMismatch, fit_init
 
-    known = source.spec if source.kind == opts.kind else None
-    if opts.kind == "cnn":
-        classes = (known or {}).get("classes") or ["a", "b"]
-        return CNNSpec(opts.arch, list(classes), opts.channels, opts.image_size)
-    vocab = (known or {}).get("vocab") or ["a", "b"]
-    return RNNSpec(list(vocab), opts.cell, opts.embed, opts.hidden, opts.layers, opts.dropout)
+    try:
+        return fit_init(source, model, spec)
+    except InitMismatch as e:
+        if e.source_spec is None:
+            raise
+        raise ModelFolderError(f"{e}; {family(spec.kind).init_hint(e.source_spec)}") from None
 
 
 def check_init(opts) -> None:
@@ -63,32 +63,30 @@ def check_init(opts) -> None:
         raise ValueError("--backbone-lr-scale does not apply with --freeze-backbone (the "
                          "backbone does not train): give one of them")
     from kiln.models import build_model
-    from kiln.models.init import fit_init
 
     source = read_init(opts.init)
-    spec = placeholder_spec(opts, source)
-    fit_init(source, build_model(opts.kind, spec), opts.kind, spec)
+    # The run's spec before its data is read: only the head depends on the data.
+    spec = family(opts.kind).placeholder_spec(
+        opts, source.spec if source.kind == opts.kind else None)
+    fitted(source, build_model(opts.kind, spec), spec)
 
 
 def fit_for_run(opts, spec, source=None):
-    """(the run's spec, InitFit, InitSource) once the data has made the spec. A CNN from a
-    kiln model of the same channels keeps that model's input normalization: its layers were
-    trained on it.
+    """(the run's spec, InitFit, InitSource) once the data has made the spec, which the
+    family may start from the source's (a CNN keeps its input normalization).
     `source`: the InitSource where the caller read it already (a search's trial actors may
     run on nodes that cannot see the driver's files)."""
     import torch
 
     from kiln.models import build_model
-    from kiln.models.init import fit_init
 
     source = source or read_init(opts.init)
-    if opts.kind == "cnn" and source.kind == "cnn" and source.spec and \
-            source.spec.get("channels") == spec.channels:
-        spec = replace(spec, mean=list(source.spec["mean"]), std=list(source.spec["std"]))
+    if source.kind == opts.kind:
+        spec = family(opts.kind).start_from(spec, source.spec)
     with torch.random.fork_rng():  # a carried head's new rows: the same for the same --seed
         torch.manual_seed(opts.seed)
         model = build_model(opts.kind, spec)
-    return spec, fit_init(source, model, opts.kind, spec), source
+    return spec, fitted(source, model, spec), source
 
 
 def resumed_init(opts) -> dict | None:
@@ -105,15 +103,13 @@ def resumed_init(opts) -> dict | None:
                          "run: drop it to resume, or choose another --out")
     if not saved:
         return None
-    return {"card": saved, "mean": config["spec"].get("mean"),
-            "std": config["spec"].get("std")}
+    return {"card": saved, "spec": config["spec"]}
 
 
 def resumed_layout(spec, prior: dict) -> tuple:
     """(spec, head, freeze, scale) of a resumed run, as its start chose them."""
     card = prior["card"]
-    if prior.get("mean") is not None and hasattr(spec, "mean"):
-        spec = replace(spec, mean=list(prior["mean"]), std=list(prior["std"]))
+    spec = family(spec.kind).start_from(spec, prior["spec"])
     return spec, card["head"], card["freeze_backbone"], card["backbone_lr_scale"] or 1.0
 
 

@@ -1,6 +1,6 @@
-"""The per-worker training function, one loop for both model kinds. What differs between a
-CNN and a char-RNN lives in the task objects of jobs/train/tasks.py; how long the run is, its
-learning rate and when it validates, in jobs/train/schedule.py."""
+"""The per-worker training function, one loop for every model family. What differs between a
+CNN and a char-RNN lives in the family's objects (jobs/train/cnn.py, jobs/train/rnn.py); how
+long the run is, its learning rate and when it validates, in jobs/train/schedule.py."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from kiln.models.checkpoint import (
     training_state_to_bytes,
 )
 from kiln.pipelines import storage
+from kiln.train.families import family
 from kiln.train.schedule import Budget, lr_at, warmup_steps
-from kiln.train.tasks import TASKS, WorkerConfig, make_optimizer, train_mode
+from kiln.train.tasks import BATCH_NORMS, WorkerConfig, make_optimizer, train_mode
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Progress:
     step: int = 0  # optimizer steps completed
     elapsed_s: float = 0.0  # training time before this attempt
     history: list = field(default_factory=list)
-    best: list | None = None  # the best record's task.rank(), as a list (JSON)
+    best: list | None = None  # the best record's family.rank(), as a list (JSON)
     ended: list | None = None  # [max_steps, time_limit_s] of the budget the run completed
 
 
@@ -57,14 +58,14 @@ def all_sum(values: torch.Tensor) -> list[float]:
     return _all_reduce(values.double()).tolist()
 
 
-def better(task, record: dict, best) -> bool:
-    """Whether a validation record beats the best so far, by the task's rank (higher is
+def better(fam, record: dict, best) -> bool:
+    """Whether a validation record beats the best so far, by the family's rank (higher is
     better). A best saved as a bare metric by an earlier kiln ranks as that metric alone."""
     if best is None:
         return True
     if not isinstance(best, list):
-        best = [best if task.mode == "max" else -best, -math.inf][:len(task.rank(record))]
-    return tuple(task.rank(record)) > tuple(best)
+        best = [best if fam.mode == "max" else -best, -math.inf][:len(fam.rank(record))]
+    return tuple(fam.rank(record)) > tuple(best)
 
 
 def quiet_train_logs() -> None:
@@ -80,7 +81,8 @@ class Worker:
     the module inside it that validates and is saved."""
 
     cfg: WorkerConfig
-    task: object
+    family: object  # the model family's object (kiln.train.families): its metric's rank
+    task: object  # the family's worker side
     spec: object
     model: torch.nn.Module
     raw: torch.nn.Module
@@ -104,7 +106,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)
     spec = cfg.spec
-    task = TASKS[cfg.kind](spec, cfg)
+    fam = family(cfg.kind)
+    task = fam.task(spec, cfg)
     model = build_model(cfg.kind, spec)
     checkpoint = ray.train.get_checkpoint()
     if cfg.init is not None and not checkpoint:  # --init; the head's fresh tensors stay
@@ -127,7 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and task.bf16)
-    w = Worker(cfg, task, spec, model, raw, opt, device, layout, autocast, rank,
+    w = Worker(cfg, fam, task, spec, model, raw, opt, device, layout, autocast, rank,
                ctx.get_world_size())
     shards = ({n: h.for_worker(rank, w.workers) for n, h in cfg.held.items()} if cfg.held
               else {n: ray.train.get_dataset_shard(n) for n in ("train", "val")})
@@ -246,7 +249,7 @@ PRECISE_BN_MIN_S = 2.0  # ... and at most a validation's time, or this where tha
 
 def norms(model) -> list:
     return [m for m in model.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+            if isinstance(m, BATCH_NORMS) and m.training
             and m.track_running_stats]
 
 
@@ -307,12 +310,12 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
               "val_s": round(val_s, 3), "elapsed_s": elapsed + val_s,
               "lr": w.opt.param_groups[-1]["lr"]}  # the head's, with --init
     prog.history.append(record)
-    is_best = better(w.task, record, prog.best)
+    is_best = better(w.family, record, prog.best)
     # The final weights where they are as good as the best within noise; only at the end:
     # a resumed run that trains on also holds an `ended` from its first budget.
-    keep = is_best or (train is not None and within_noise(w.task, record, prog.history))
+    keep = is_best or (train is not None and within_noise(w.family, record, prog.history))
     if is_best:
-        prog.best = list(w.task.rank(record))
+        prog.best = list(w.family.rank(record))
     report(w, prog, record, keep)
     # What a validation costs, checkpoint included, plans the later ones and is kept out of
     # the training steps' share of a time budget: every worker needs the same figure.
@@ -323,14 +326,14 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
 NOISE_ERRORS = 2.0
 
 
-def within_noise(task, record: dict, history: list[dict]) -> bool:
+def within_noise(fam, record: dict, history: list[dict]) -> bool:
     """Whether the run's last validation is as good as its best within the validation's
     noise (NOISE_ERRORS standard errors): then model/ keeps the final weights, which a
     schedule that anneals to zero trained to its end, and an earlier validation only where it
     is better beyond noise (an overfitting run). On 2% of 50,000 images one standard error
     of accuracy is 1.3 points: the best of eight validations is often the luckiest."""
-    best = max(history, key=task.rank)
-    return task.rank(record)[0] >= task.rank(best)[0] - NOISE_ERRORS * task.noise(best, record)
+    best = max(history, key=fam.rank)
+    return fam.rank(record)[0] >= fam.rank(best)[0] - NOISE_ERRORS * fam.noise(best, record)
 
 
 def train_step(task, model, opt, batch: dict, autocast) -> tuple[torch.Tensor, int]:

@@ -1,6 +1,9 @@
-"""What differs between training a CNN and a char-RNN, as two small task objects that the one
-per-worker loop (jobs/train/loop.py) drives: which batches a worker reads (jobs/train/batches.py
-holds them), batch -> loss, validation sums -> metrics, and the optimizer of the family.
+"""A training worker's side: the WorkerConfig the driver fills, the optimizer and its parameter
+groups (--init's backbone and head), training mode with a frozen backbone's batch norms held,
+and each model family's task object, which the one per-worker loop (jobs/train/loop.py)
+drives: which batches a worker reads (jobs/train/batches.py holds them), batch -> loss,
+validation sums -> metrics. The driver's side of a family is its family object
+(kiln.train.families).
 
 Batches are global: --batch-size B means B images (or B text streams) per optimizer step
 whatever the number of workers; each of W workers takes B / W of them."""
@@ -8,27 +11,21 @@ whatever the number of workers; each of W workers takes B / W of them."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kiln.models import CharVocab, CNNSpec, RNNSpec
+from kiln.models import CNNSpec, RNNSpec
 from kiln.models.rnn import nll_sum
 from kiln.pipelines.transforms import ImagePreset, augment_batch, scale_shift
-from kiln.train.batches import (
-    ImageBatches,
-    TextStreams,
-    ValBatches,
-    image_steps,
-    per_worker,
-    text_steps,
-)
+from kiln.train.batches import ImageBatches, TextStreams, ValBatches, per_worker
 
 LN2 = math.log(2)
-TRAIN_CACHE_BYTES = 512 * 1024 * 1024  # a training set up to this size is held by each worker
-VAL_STREAMS_PER_WORKER = 4
+
+# Every batch norm class of torch's (SyncBatchNorm and the lazy ones derive from these).
+BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+               torch.nn.SyncBatchNorm)
 
 
 @dataclass
@@ -95,90 +92,19 @@ def train_mode(model, frozen: bool) -> None:
     the loaded ones."""
     model.train()
     for m in model.modules() if frozen else ():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+        if isinstance(m, BATCH_NORMS) and not any(
                 p.requires_grad for p in m.parameters()):
             m.eval()
 
 
 class CNNTask:
+    """A CNN training worker's side: batches -> loss, validation -> metrics."""
+
     # bf16 autocast on CUDA and channels-last everywhere: faster than the fp32 NCHW step for
     # resnet20 and resnet18 at 224 on an H200, and for resnet20, resnet8 and mnist_cnn on a
     # CPU (measured: BENCHMARKS.md, GPU and Photo recipe sections).
-    metric, mode, clip, bf16, channels_last = "val_accuracy", "max", None, True, True
+    clip, bf16, channels_last = None, True, True
     weight_decay = {"sgd": 5e-4, "adamw": 1e-4}  # the ResNet recipe's; Keras' MNIST net's
-    metric_key = "val_accuracy"  # the curve beside the loss
-
-    @staticmethod
-    def summary_line(rec: dict) -> str:
-        return f"val_loss {rec['val_loss']:.4f}  val_accuracy {rec['val_accuracy']:.4f}"
-
-    @staticmethod
-    def rank(rec: dict) -> tuple[float, float]:
-        """Accuracy, then loss: on a small validation set epochs often tie on accuracy, and
-        the first of them is seldom the best model."""
-        return rec["val_accuracy"], -rec["val_loss"]
-
-    @staticmethod
-    def noise(rec: dict, now: dict) -> float:
-        """One standard error of the validation accuracy `rec` (binomial, over its images;
-        a line of an older kiln has no count, the run's current line gives it): two
-        validations closer than a few of these are not told apart by it. The accuracy is
-        taken as (correct + 1) / (images + 2), so that a perfect score is not noiseless."""
-        n = rec.get("val_images") or now.get("val_images") or 0
-        if not n:
-            return 0.0
-        p = (rec["val_accuracy"] * n + 1) / (n + 2)
-        return math.sqrt(p * (1 - p) / n)
-
-    @staticmethod
-    def check_data(opts) -> dict:
-        """Before Ray starts: the data and validation sources are image sets laid out by
-        class, with enough images for a batch."""
-        from kiln.pipelines.train_data import check_image_source
-
-        units, known = check_image_source(opts.data)
-        val_units = check_image_source(opts.val)[0] if opts.val else []
-        if known is not None and known < opts.batch_size:
-            raise ValueError(f"{opts.data} holds {known} images, less than one batch of "
-                             f"{opts.batch_size}: lower --batch-size")
-        return {"units": units, "val_units": val_units}  # planned once
-
-    @staticmethod
-    def prepare(opts, early: dict) -> dict:
-        """Decoded to uint8 on Ray Data; normalized by the workers with the training set's own
-        mean and std."""
-        from kiln.pipelines.train_data import image_dataset
-
-        preset = ImagePreset(opts.image_size, opts.channels)
-        data = image_dataset(opts.data, preset, opts.val_fraction, seed=opts.seed,
-                             shuffle_above=TRAIN_CACHE_BYTES, val_uri=opts.val,
-                             units=early["units"], val_units=early["val_units"])
-        spec = CNNSpec(opts.arch, data.classes, opts.channels, opts.image_size, data.mean,
-                       data.std)
-        rows = data.train.count()
-        skipped = "".join(f"\n  skipped {bad}" for bad in data.skipped[:5])
-        return CNNTask.for_options(opts, {
-            "train": data.train, "val": data.val, "spec": spec, "train_rows": rows,
-            "whole_train": data.train.size_bytes() <= TRAIN_CACHE_BYTES,
-            "summary": f"{rows:,} train / {data.val.count():,} val images, "
-                       f"{len(data.classes)} classes, {len(data.skipped)} skipped{skipped}"})
-
-    @staticmethod
-    def data_key(opts) -> tuple:
-        """The options prepare() depends on: runs that agree on them share prepared data."""
-        return opts.image_size, opts.channels
-
-    @staticmethod
-    def for_options(opts, data: dict) -> dict:
-        """Prepared data as a run with these options takes it: its architecture, its steps an
-        epoch."""
-        per_epoch = image_steps(data["train_rows"], opts.batch_size, opts.workers,
-                                data["whole_train"])
-        if per_epoch < 1:
-            raise ValueError(f"{data['train_rows']} training images are less than one batch "
-                             f"of {opts.batch_size}: lower --batch-size")
-        return {**data, "spec": replace(data["spec"], arch=opts.arch),
-                "steps_per_epoch": per_epoch}
 
     def __init__(self, spec, cfg: WorkerConfig):
         self.index = {c: i for i, c in enumerate(spec.classes)}
@@ -242,79 +168,13 @@ def detach(state):
 
 
 class RNNTask:
+    """A char-RNN training worker's side: text streams -> loss (truncated BPTT, the state
+    carried), the whole validation text -> nats and bits per character."""
+
     # char-rnn clips gradients at 5. No bf16 autocast: cuDNN's LSTM ran slower under it than
     # in fp32 (measured: BENCHMARKS.md, GPU section).
-    metric, mode, clip, bf16, channels_last = "val_loss", "min", 5.0, False, False
+    clip, bf16, channels_last = 5.0, False, False
     weight_decay = {"sgd": 5e-4, "adamw": 0.0}  # char-rnn trains without
-    metric_key = "bits_per_char"
-
-    @staticmethod
-    def summary_line(rec: dict) -> str:
-        return (f"val_loss {rec.get('val_loss', float('nan')):.4f} nats/char  "
-                f"{rec.get('bits_per_char', float('nan')):.4f} bits/char")
-
-    @staticmethod
-    def rank(rec: dict) -> tuple[float]:
-        return (-rec["val_loss"],)
-
-    @staticmethod
-    def noise(rec: dict, now: dict) -> float:
-        """A mean over every character of the validation text: its noise is not measured,
-        and is small next to a char-RNN's overfitting (the best validation is kept)."""
-        return 0.0
-
-    @staticmethod
-    def check_data(opts) -> dict:
-        """Before Ray starts: the text read, the vocabulary built, and the streams sized."""
-        from kiln.pipelines.train_data import read_text
-
-        text = read_text(opts.data)
-        if opts.val:
-            train_text, val_text = text, read_text(opts.val)
-        else:
-            cut = int(len(text) * (1 - opts.val_fraction))
-            train_text, val_text = text[:cut], text[cut:]
-        vocab = CharVocab.build(train_text, min_count=2 if len(train_text) > 100_000 else 1)
-        ids = np.asarray(vocab.encode(train_text), dtype=np.int64)
-        # One stream per sequence of the global batch, unless the text is too short for each
-        # to hold two chunks.
-        streams = max(opts.workers, min(opts.batch_size, (len(ids) - 1) // (2 * opts.seq_len)))
-        if (len(ids) - 1) // streams < 2 * opts.seq_len - 1:
-            raise ValueError(f"the training text ({len(ids):,} characters) is too short for "
-                             f"--seq-len {opts.seq_len} on {opts.workers} workers")
-        val_ids = np.asarray(vocab.encode(val_text), dtype=np.int64)
-        val_streams = min(opts.workers * VAL_STREAMS_PER_WORKER, len(val_ids) - 1)
-        if val_streams < opts.workers:
-            raise ValueError(f"the validation text ({len(val_ids):,} characters) is too short")
-        note = f" ({streams} streams: the text is short)" if streams < opts.batch_size else ""
-        return {"ids": ids, "streams": streams, "val_ids": val_ids,
-                "val_streams": val_streams - val_streams % opts.workers,
-                "spec": RNNSpec(vocab.chars, opts.cell, opts.embed, opts.hidden, opts.layers,
-                                opts.dropout),
-                "summary": f"{len(train_text):,} train / {len(val_text):,} val characters, "
-                           f"vocabulary {len(vocab)}{note}"}
-
-    @staticmethod
-    def prepare(opts, early: dict) -> dict:
-        from kiln.pipelines.train_data import text_streams
-
-        length = (len(early["ids"]) - 1) // early["streams"]
-        return RNNTask.for_options(opts, {
-            "train": text_streams(early["ids"], early["streams"]).materialize(),
-            "val": text_streams(early["val_ids"], early["val_streams"]).materialize(),
-            "spec": early["spec"], "train_rows": early["streams"],
-            "steps_per_epoch": text_steps(length, opts.seq_len), "summary": early["summary"]})
-
-    @staticmethod
-    def data_key(opts) -> tuple:
-        """The options the text streams depend on (the streams are the batch)."""
-        return opts.batch_size, opts.seq_len, opts.workers
-
-    @staticmethod
-    def for_options(opts, data: dict) -> dict:
-        return {**data, "spec": replace(data["spec"], cell=opts.cell, embed=opts.embed,
-                                        hidden=opts.hidden, layers=opts.layers,
-                                        dropout=opts.dropout)}
 
     VAL_CHUNK = 1000  # characters per forward pass in validation (the state carried)
 
@@ -354,6 +214,3 @@ class RNNTask:
     def metrics(self, sums: list[float]) -> dict:
         nats = sums[0] / max(sums[1], 1)
         return {"val_loss": nats, "bits_per_char": nats / LN2}
-
-
-TASKS = {"cnn": CNNTask, "rnn": RNNTask}

@@ -33,9 +33,9 @@ from kiln.options import TrainOptions, TuneOptions
 from kiln.pipelines import storage
 from kiln.pipelines.fence import check_run_folder, mark_run_folder
 from kiln.pipelines.lease import Lease
+from kiln.train.families import family
 from kiln.train.fit import epoch_line, make_trainer, worker_error
 from kiln.train.job import resolve, validate
-from kiln.train.tasks import TASKS
 from kiln.tune.space import flag, parse_spaces, plan_trials, shown, trial_ids
 
 SEARCH_STATE = "tune"  # Ray Tune's experiment folder under OUT
@@ -61,7 +61,7 @@ class Setup:
     """What every trial is handed (through the object store, once)."""
 
     trials: dict  # id -> TrainOptions, resolved
-    prepared: dict  # the task's data_key -> its prepared data
+    prepared: dict  # the family's data_key -> its data (kiln.train.plan.Prepared)
     layout: Layout
 
 
@@ -90,11 +90,11 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
     storage.check_reachable(out)
     state = plan_state(opts, base, spaces, trials)
     check_resume(out, state, base.resume)
-    task = TASKS[base.kind]
+    fam = family(base.kind)
     if not (base.address or has_cluster()):  # the fit is checked before Ray starts
         layout(opts, trials, local_cpus(), local_gpus() if base.gpu else 0)
-    groups = data_groups(trials, task)
-    early = {key: task.check_data(rep) for key, rep in groups.items()}
+    groups = data_groups(trials, fam)
+    early = {key: fam.check_data(rep) for key, rep in groups.items()}
     # The lease: one search writes a search folder at a time.
     with Lease(out, "tune", uuid.uuid4().hex[:8]), \
             ray_session(RayOptions(address=base.address, log_to_driver=base.debug,
@@ -106,9 +106,9 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
         res = ray.cluster_resources()
         lay = layout(opts, trials, res.get("CPU", 1), res.get("GPU", 0))
         t0 = time.monotonic()
-        prepared = prepare(trials, task, groups, early)
+        prepared = prepare(trials, fam, groups, early)
         console.print(f"data ready in {time.monotonic() - t0:.1f}s: "
-                      f"{next(iter(prepared.values()))['summary']}")
+                      f"{next(iter(prepared.values())).summary}")
         console.print(f"{len(trials)} trials, {lay.concurrent} at a time, {base.workers} "
                       f"worker{'s' if base.workers > 1 else ''} each; scheduler "
                       f"{opts.scheduler}", highlight=False)
@@ -116,13 +116,13 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
             storage.write_bytes(storage.join(out, PLAN_FILE), json.dumps(state, indent=2)
                                 .encode())
         try:
-            results = search(opts, Setup(trials, prepared, lay), task)
+            results = search(opts, Setup(trials, prepared, lay), fam)
         except KeyboardInterrupt:
             results = None
         if results is None or interrupted(results, opts):  # Tune returns from a Ctrl-C
             raise KeyboardInterrupt(f"interrupted; run the same command with --resume to "
                                     f"continue the search in {out}")
-    return finish(opts, base, trials, spaces, results, task, console)
+    return finish(opts, base, trials, spaces, results, fam, console)
 
 
 def interrupted(results, opts: TuneOptions) -> bool:
@@ -211,25 +211,25 @@ def layout(opts: TuneOptions, trials: dict, cpus: float, gpus: float) -> Layout:
     return Layout(k, per_worker, cpus / k)
 
 
-def data_groups(trials: dict, task) -> dict:
-    """The trials by the data they need (the task's data_key): each group's data is checked
+def data_groups(trials: dict, fam) -> dict:
+    """The trials by the data they need (the family's data_key): each group's data is checked
     before Ray starts, with its largest batch, and prepared once."""
     groups: dict = {}
     for t in trials.values():
-        groups.setdefault(task.data_key(t), []).append(t)
+        groups.setdefault(fam.data_key(t), []).append(t)
     return {key: max(group, key=lambda t: t.batch_size) for key, group in groups.items()}
 
 
-def prepare(trials: dict, task, groups: dict, early: dict) -> dict:
-    prepared = {key: task.prepare(rep, early[key]) for key, rep in groups.items()}
+def prepare(trials: dict, fam, groups: dict, early: dict) -> dict:
+    prepared = {key: fam.prepare(rep, early[key]) for key, rep in groups.items()}
     for key, rep in groups.items():  # --init read here, once: trials may run on other nodes
         if rep.init:
             from kiln.train.init import read_init
 
-            prepared[key]["init_source"] = read_init(rep.init)
+            prepared[key] = replace(prepared[key], init_source=read_init(rep.init))
     for tid, t in trials.items():  # every trial's steps checked before the search starts
         try:
-            task.for_options(t, prepared[task.data_key(t)])
+            fam.for_options(t, prepared[fam.data_key(t)])
         except ValueError as e:
             raise ValueError(f"trial {tid}: {e}") from None
     return prepared
@@ -241,8 +241,8 @@ def run_trial(config: dict, setup: Setup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     opts = setup.trials[config["trial"]]
-    task = TASKS[opts.kind]
-    data = task.for_options(opts, setup.prepared[task.data_key(opts)])
+    fam = family(opts.kind)
+    data = fam.for_options(opts, setup.prepared[fam.data_key(opts)])
     trainer = make_trainer(opts, data, setup.layout.cpus, setup.layout.per_worker,
                            callbacks=[TuneReportCallback()])
     try:
@@ -253,7 +253,7 @@ def run_trial(config: dict, setup: Setup) -> None:
         raise worker_error(result.error) from None
 
 
-def search(opts: TuneOptions, setup: Setup, task):
+def search(opts: TuneOptions, setup: Setup, fam):
     """Runs (or restores) the Tuner; returns its ResultGrid."""
     base = opts.train
     fs, path = storage.filesystem(base.out)
@@ -262,14 +262,14 @@ def search(opts: TuneOptions, setup: Setup, task):
                                     {"CPU": TRIAL_DRIVER_CPUS})
     exp = storage.join(base.out, SEARCH_STATE)
     run_config = tune.RunConfig(name=SEARCH_STATE, storage_path=path, storage_filesystem=fs,
-                                verbose=0, callbacks=[TrialLines(task)])
+                                verbose=0, callbacks=[TrialLines(fam)])
     if base.resume and storage.exists(storage.join(exp, "tuner.pkl")):
         tuner = tune.Tuner.restore(storage.filesystem(exp)[1], trainable,
                                    resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
     else:
         tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(list(setup.trials))},
-                           tune_config=tune_config(opts, setup, task), run_config=run_config)
+                           tune_config=tune_config(opts, setup, fam), run_config=run_config)
     with sweeping_placement_groups():
         if base.debug:
             return tuner.fit()
@@ -340,7 +340,7 @@ def actor_placement_groups() -> tuple[list, int]:
     return found, count
 
 
-def tune_config(opts: TuneOptions, setup: Setup, task):
+def tune_config(opts: TuneOptions, setup: Setup, fam):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if opts.scheduler == "asha":
@@ -354,7 +354,7 @@ def tune_config(opts: TuneOptions, setup: Setup, task):
         scheduler = FIFOScheduler()
     name = lambda trial: trial.config["trial"]  # noqa: E731
     return tune.TuneConfig(
-        metric=task.metric, mode=task.mode, scheduler=scheduler,
+        metric=fam.metric, mode=fam.mode, scheduler=scheduler,
         max_concurrent_trials=setup.layout.concurrent,
         time_budget_s=opts.search_time_limit * 60 if opts.search_time_limit else None,
         trial_name_creator=name, trial_dirname_creator=name)
@@ -377,10 +377,10 @@ def max_validations(setup: Setup) -> int:
 class TrialLines(tune.Callback):
     """Tune's callback, run in this process: a line as each trial starts, validates, fails.
     Tune keeps it in its experiment state (a restored search gets it back from there), so
-    it holds the task and finds the console here."""
+    it holds the family and finds the console here."""
 
-    def __init__(self, task):
-        self.task = task
+    def __init__(self, fam):
+        self.fam = fam
 
     def line(self, trial, text: str) -> None:
         (CONSOLE["now"] or connect.console()).print(f"{trial.config['trial']}  {text}",
@@ -391,7 +391,7 @@ class TrialLines(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" in result:
-            self.line(trial, epoch_line(result, self.task))
+            self.line(trial, epoch_line(result, self.fam))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

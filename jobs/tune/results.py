@@ -20,11 +20,11 @@ from kiln.tune.space import flag, shown
 STATUSES = ("finished", "stopped early", "failed", "not run")
 
 
-def finish(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict, results, task,
+def finish(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict, results, fam,
            console: Console) -> dict:
-    rows = trial_rows(trials, spaces, results, task)
+    rows = trial_rows(trials, spaces, results, fam)
     ranked = sorted((r for r in rows if r["best"] is not None),
-                    key=lambda r: tuple(task.rank(r["best_record"])), reverse=True)
+                    key=lambda r: tuple(fam.rank(r["best_record"])), reverse=True)
     if not ranked:
         errors = [f"{r['trial']}: {r['error']}" for r in rows if r["error"]]
         raise TrainingError("no trial finished a validation" +
@@ -36,20 +36,20 @@ def finish(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict, re
     for tid, history in histories.items():  # a stopped trial's too (its actor was ended)
         if history:
             storage.write_bytes(storage.join(trials[tid].out, "curves.png"),
-                                curves_png(history, task.metric_key))
+                                curves_png(history, fam.metric_key))
     storage.write_bytes(storage.join(base.out, "tune.png"),
-                        tune_png(histories, task.metric_key, best["trial"]))
-    console.print(table(rows, spaces, task, best["trial"]))
+                        tune_png(histories, fam.metric_key, best["trial"]))
+    console.print(table(rows, spaces, fam, best["trial"]))
     given = " ".join(f"{flag(k)} {shown(best[k])}" for k in spaces)
     console.print(f"[bold green]done[/]: best trial {best['trial']} ({given}): "
-                  f"{task.summary_line(best['best_record'])} -> {base.out}/model",
+                  f"{fam.summary_line(best['best_record'])} -> {base.out}/model",
                   highlight=False)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     return {"best": best["trial"], "metrics": best["best_record"], "trials": rows,
             "counts": counts, "out": base.out}
 
 
-def trial_rows(trials: dict, spaces: dict, results, task) -> list[dict]:
+def trial_rows(trials: dict, spaces: dict, results, fam) -> list[dict]:
     """One row per planned trial, from its run folder and Tune's record of it."""
     by_id = {}
     for r in results:
@@ -75,7 +75,7 @@ def trial_rows(trials: dict, spaces: dict, results, task) -> list[dict]:
             status = "stopped early"
         last = (result.metrics or {}) if result is not None else {}
         rows.append({"trial": tid, "status": status, **{k: getattr(t, k) for k in spaces},
-                     "metric": task.metric, "best": best[task.metric] if best else None,
+                     "metric": fam.metric, "best": best[fam.metric] if best else None,
                      "best_epoch": float(best["epoch"]) if best else None,
                      "val_loss": best["val_loss"] if best else None,
                      "epochs": float(history[-1]["epoch"]) if history else 0.0,
@@ -147,9 +147,9 @@ def tune_png(histories: dict, key: str, best: str) -> bytes:
     return buf.getvalue()
 
 
-def table(rows: list[dict], spaces: dict, task, best: str) -> Table:
+def table(rows: list[dict], spaces: dict, fam, best: str) -> Table:
     out = Table(title="trials", title_justify="left")
-    for name in ("trial", *(flag(k) for k in spaces), task.metric, "epochs", "status"):
+    for name in ("trial", *(flag(k) for k in spaces), fam.metric, "epochs", "status"):
         out.add_column(name, justify="left" if name in ("trial", "status") else "right")
     for r in rows:
         metric = f"{r['best']:.4f}" if r["best"] is not None else "-"

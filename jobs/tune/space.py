@@ -18,15 +18,12 @@ import math
 import random
 from dataclasses import dataclass
 
+from kiln.train.families import FAMILIES
+
 DEFAULT_TRIALS = 8
 
-# The options a search may vary, and their types; each model kind takes its own.
-TUNABLE = {
-    "cnn": {"lr": float, "batch_size": int, "image_size": int, "arch": str, "optimizer": str,
-            "augment": str, "label_smoothing": float},
-    "rnn": {"lr": float, "batch_size": int, "hidden": int, "layers": int, "embed": int,
-            "dropout": float, "seq_len": int, "cell": str, "optimizer": str},
-}
+# The options a search may vary, and their types: each model family's own (`tunable`).
+TUNABLE = {kind: fam.tunable for kind, fam in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
