@@ -1,6 +1,7 @@
 """The kiln command line, run as a user runs it."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -205,8 +206,15 @@ def test_installed_kiln_leaves_a_users_own_models_and_jobs_packages_theirs(tmp_p
     run kiln's code, and `import models` is still the user's."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     wheels, target, project = tmp_path / "wheels", tmp_path / "site", tmp_path / "project"
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, part), source / part)
+    for part in ("jobs", "models", "pipelines"):
+        shutil.copytree(os.path.join(root, part), source / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
-                    str(wheels), root], check=True, timeout=600)
+                    str(wheels), str(source)], check=True, timeout=600)
     (wheel,) = wheels.glob("kiln-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
                     str(target), str(wheel)], check=True, timeout=300)

@@ -13,13 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kiln import embedded
-from kiln.bulk.generate import run_generate
-from kiln.bulk.label import run_label
 from kiln.cluster.connect import ensure_token_auth
-from kiln.options import GenerateOptions, LabelOptions, TrainOptions
 from kiln.pipelines import storage
-from kiln.pipelines.sink import OutputDir
-from kiln.train.job import run_train
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -28,40 +23,6 @@ pytestmark = pytest.mark.slow
 def upload(local: str, uri: str) -> str:
     with open(local, "rb") as f:
         storage.write_bytes(uri, f.read())
-    return uri
-
-
-def test_s3_end_to_end_train_label_generate(ray_local, s3_bucket, digits_files, tmp_path):
-    """Every URI is s3://: data in, checkpoints, model folders, outputs."""
-    b = s3_bucket
-    tar = upload(str(digits_files["tar"]), f"{b}/data/digits.tar")
-    run_train(TrainOptions("cnn", tar, f"{b}/runs/digits", epochs=2, batch_size=64))
-    assert storage.exists(f"{b}/runs/digits/model/weights.safetensors")
-    assert storage.exists(f"{b}/runs/digits/checkpoints")
-    pngs = digits_files["test_images"][:50]
-    local = embedded.write_flat_archive(tmp_path / "x.zip", pngs,
-                                        [f"{i}.png" for i in range(len(pngs))])
-    summary = run_label(LabelOptions(f"{b}/runs/digits", [upload(str(local), f"{b}/in/x.zip")],
-                                     f"{b}/labels", top_k=2))
-    assert summary["rows_written"] == 50
-    rows = OutputDir(f"{b}/labels", {}).read_table().to_pylist()
-    assert len(rows) == 50 and all(r["label"] is not None for r in rows)
-    assert storage.exists(f"{b}/labels/summary.json")
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in storage.read_bytes(
-        f"{b}/labels/summary.json").decode()
-
-    text = upload_text(f"{b}/data/corpus.txt", embedded.stdlib_corpus(60_000))
-    run_train(TrainOptions("rnn", text, f"{b}/runs/chars", max_steps=10, hidden=32, layers=1,
-                           seq_len=32, batch_size=16))
-    prompts = upload_text(f"{b}/data/prompts.txt", "def \nclass \nimport \n")
-    run_generate(GenerateOptions(f"{b}/runs/chars", f"{b}/gen", prompts=prompts, max_chars=20))
-    gen = OutputDir(f"{b}/gen", {}).read_table().to_pylist()
-    assert sorted(r["prompt"] for r in gen) == ["class ", "def ", "import "]
-    assert all(len(r["text"]) == 20 for r in gen)
-
-
-def upload_text(uri: str, text: str) -> str:
-    storage.write_bytes(uri, text.encode())
     return uri
 
 

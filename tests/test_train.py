@@ -1,5 +1,6 @@
-"""Ray Train: CNNs learn real digits from a tar and from Parquet, a char-RNN learns real text,
-a killed run resumes, and a killed worker is replaced."""
+"""Ray Train: CNNs learn real digits from a tar and from Parquet on S3, a char-RNN learns real
+text on S3, the models label and generate there, a killed run resumes, and a killed worker is
+replaced."""
 
 import io
 import json
@@ -37,8 +38,14 @@ def held_out_accuracy(run: str, images: list[bytes], labels: list[str]) -> float
                                                                         strict=True)]))
 
 
-def metrics(run) -> list[dict]:
-    return [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")).read().splitlines()]
+def metrics(run: str) -> list[dict]:
+    text = storage.read_bytes(storage.join(run, "metrics.jsonl")).decode()
+    return [json.loads(x) for x in text.splitlines()]
+
+
+def upload(local, uri: str) -> str:
+    storage.write_bytes(uri, open(local, "rb").read())
+    return uri
 
 
 def train_workers() -> list[psutil.Process]:
@@ -72,17 +79,22 @@ def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, di
     assert acc >= 0.95, f"held-out accuracy {acc:.3f}"
 
 
-def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
-    run = str(tmp_path / "run")
+def test_cnn_learns_digits_from_parquet_on_s3_and_labels_there(ray_local, s3_bucket,
+                                                                 digits_files, tmp_path):
+    """Every URI is s3://: Parquet data in, checkpoints, the model folder, then a label job
+    with that model over an archive on S3 into an output on S3."""
+    b = s3_bucket
+    data = upload(digits_files["parquet"], f"{b}/data/digits.parquet")
+    run = f"{b}/runs/digits"
     t0 = time.monotonic()
-    run_train(TrainOptions("cnn", str(digits_files["parquet"]), run, epochs=8, batch_size=64,
-                           workers=2))
+    run_train(TrainOptions("cnn", data, run, epochs=8, batch_size=64, workers=2))
     wall = time.monotonic() - t0
     rows = metrics(run)
+    assert storage.exists(f"{run}/checkpoints")
     # elapsed_s is training time so far: it grows by at least each epoch's training time and
     # never passes the run's wall time.
-    for a, b in zip(rows, rows[1:], strict=False):
-        assert b["elapsed_s"] - a["elapsed_s"] >= 0.9 * b["train_s"]
+    for a, b_ in zip(rows, rows[1:], strict=False):
+        assert b_["elapsed_s"] - a["elapsed_s"] >= 0.9 * b_["train_s"]
     assert rows[-1]["elapsed_s"] < wall
     acc = held_out_accuracy(run, digits_files["test_images"], digits_files["test_labels"])
     assert acc >= 0.95, f"held-out accuracy {acc:.3f}"
@@ -98,12 +110,27 @@ def test_cnn_learns_digits_from_parquet(ray_local, digits_files, tmp_path):
     final = within_noise(CNNFamily, rows[-1], rows)
     assert cfg["metrics"]["step"] == (rows[-1] if final else best)["step"]
 
+    from kiln.bulk.label import run_label
+    from kiln.options import LabelOptions
 
-def test_rnn_learns_python_source(ray_local, tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(embedded.stdlib_corpus(300_000))
-    run = str(tmp_path / "run")
-    run_train(TrainOptions("rnn", str(corpus), run, max_steps=150, batch_size=64, workers=2,
+    pngs = digits_files["test_images"][:50]
+    local = embedded.write_flat_archive(tmp_path / "x.zip", pngs,
+                                        [f"{i}.png" for i in range(len(pngs))])
+    summary = run_label(LabelOptions(run, [upload(local, f"{b}/in/x.zip")], f"{b}/labels",
+                                     top_k=2))
+    assert summary["rows_written"] == 50
+    labeled = OutputDir(f"{b}/labels", {}).read_table().to_pylist()
+    assert len(labeled) == 50 and all(r["label"] is not None for r in labeled)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in storage.read_bytes(
+        f"{b}/labels/summary.json").decode()
+
+
+def test_rnn_learns_python_source_on_s3_and_generates_there(ray_local, s3_bucket):
+    b = s3_bucket
+    corpus = f"{b}/data/corpus.txt"
+    storage.write_bytes(corpus, embedded.stdlib_corpus(300_000).encode())
+    run = f"{b}/runs/chars"
+    run_train(TrainOptions("rnn", corpus, run, max_steps=150, batch_size=64, workers=2,
                            hidden=128, layers=2, seq_len=64, lr=4e-3))
     loaded = storage.load_model(run, expect_kind="rnn")
     uniform = np.log(len(loaded.vocab))
@@ -111,6 +138,16 @@ def test_rnn_learns_python_source(ray_local, tmp_path):
     assert last["step"] == 150
     assert last["val_loss"] < 0.6 * uniform, f"{last['val_loss']:.3f} vs uniform {uniform:.3f}"
     assert last["bits_per_char"] == pytest.approx(last["val_loss"] / np.log(2))
+
+    from kiln.bulk.generate import run_generate
+    from kiln.options import GenerateOptions
+
+    prompts = f"{b}/data/prompts.txt"
+    storage.write_bytes(prompts, b"def \nclass \nimport \n")
+    run_generate(GenerateOptions(run, f"{b}/gen", prompts=prompts, max_chars=20))
+    gen = OutputDir(f"{b}/gen", {}).read_table().to_pylist()
+    assert sorted(r["prompt"] for r in gen) == ["class ", "def ", "import "]
+    assert all(len(r["text"]) == 20 for r in gen)
 
 
 def kiln(*args):

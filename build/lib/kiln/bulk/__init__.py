@@ -1,1 +1,0 @@
-"""The bulk jobs kiln label, kiln generate and kiln eval, and the driver they share."""

@@ -1,1 +1,0 @@
-"""The pages and tables kiln writes: model cards, label, eval and demo reports."""

@@ -1,1 +1,0 @@
-"""The training driver, the per-worker loop and what it reads."""

@@ -1,1 +1,0 @@
-"""Kiln tune: the search, its trials' plan and its results."""
