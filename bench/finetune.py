@@ -2,7 +2,7 @@
 them (whole commands), in one run on this machine, at the same training-time budget.
 
 A ResNet-8 is trained on five of the ten classes of the colour photo set
-(jobs.embedded.photos: crops of ten photos bundled with scikit-image and scikit-learn), then
+(kiln.embedded.photos: crops of ten photos bundled with scikit-image and scikit-learn), then
 trained on all ten classes for --target-s seconds (--time-limit) in several ways: from
 scratch, and from the five-class model with its head replaced, the loaded layers at
 --backbone-lr-scale 1, 0.3 and 0.1 of the learning rate, or frozen (--freeze-backbone).

@@ -411,11 +411,11 @@ def label_rate(model: Path, tar: Path, work: Path, threads: int, batch: int,
     actor = LabelPredictor(settings)
     units = sources.plan([str(tar)], chunk=chunk)
     rows = 0
-    list(actor.label_unit(units[0], frozenset()))  # warm-up: CUDA kernels, page cache
+    list(actor.run_task((units[0], frozenset())))  # warm-up: CUDA kernels, page cache
     sync()
     t0 = time.perf_counter()
-    for unit in units:
-        rows += sum(s["rows"] for s in actor.label_unit(unit, frozenset()))
+    for unit in units:  # as an actor runs a task (its short GIL switch interval too)
+        rows += sum(s["rows"] for s in actor.run_task((unit, frozenset())))
     sync()
     actor.pool.shutdown()
     return rows / (time.perf_counter() - t0)

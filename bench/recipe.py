@@ -1,5 +1,5 @@
 """The photo recipe taken apart (issue #34): ResNet-20 on the team's colour photo set
-(jobs.embedded.photos, 20,000 train / 2,000 test JPEGs of 10 classes), one change at a time
+(kiln.embedded.photos, 20,000 train / 2,000 test JPEGs of 10 classes), one change at a time
 from kiln's recipe before this work to the strengthened plain recipe, then the pieces the
 fastest CIFAR trainers add, each at the same training-time budget and over several seeds.
 

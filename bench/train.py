@@ -5,7 +5,7 @@ on this machine, at the same training-time budget.
 1. The Keras MNIST network on scikit-learn's digits: held-out accuracy (bench/plain/mnist.py,
    Keras's own recipe: Adam 1e-3, batch 128, no augmentation).
 2. ResNet-20 on a 10-class colour photo set cut from photos bundled with scikit-image and
-   scikit-learn (jobs.embedded.photos; test crops come from parts of each photo that no
+   scikit-learn (kiln.embedded.photos; test crops come from parts of each photo that no
    training crop shows): test accuracy (bench/plain/resnet.py, the standard CIFAR recipe:
    SGD + Nesterov 0.9, lr 0.1 at batch 128, 200 warm-up steps, then decayed linearly to 0
    over the budget, weight decay 5e-4, 4-pixel reflect pad-and-crop + flips, the final

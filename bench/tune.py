@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
-from kiln import embedded  # noqa: E402
+from kiln import compat, embedded  # noqa: E402
 
 SPACES = {"cnn": ["--lr", "3e-4,1e-3,3e-3,1e-2", "--batch-size", "32,128", "--epochs", "8",
                   "--val-fraction", "0.25"],
@@ -122,13 +122,12 @@ def compare(kind: str, data: list[str], tmp: Path, mode: str) -> tuple[list[str]
 
 
 def on_cluster(data: list[str], tmp: Path) -> list[str]:
-    from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
     from kiln.cluster.connect import ensure_token_auth
 
     ensure_token_auth()
-    os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
+    os.makedirs(os.path.dirname(compat.ray_address_file()), exist_ok=True)
     temp = tempfile.mkdtemp(prefix="kb-", dir="/tmp")
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "temp_dir": temp,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # Ray Train V2 ------------------------------------------------------------------------------
 
-# TorchTrainer's private methods that kiln's trainer (kiln.train.job.fit.trainer_class) overrides:
+# TorchTrainer's private methods that kiln's trainer (kiln.train.fit.trainer_class) overrides:
 # the first receives the controller's keyword arguments, FAILURE_POLICY_ARG among them; the
 # second lists the run's callbacks, the datasets callback among them.
 RUN_CONTROLLER = "_initialize_and_run_controller"
@@ -90,6 +90,14 @@ def placement_groups() -> tuple[list, tuple]:
     records = [table.FromString(raw)
                for raw in state._connect_and_get_accessor().get_placement_group_table()]
     return records, (table.PENDING, table.PREPARED, table.CREATED, table.RESCHEDULING)
+
+
+def ray_address_file() -> str:
+    """Where Ray records the address of the cluster this machine started last (a
+    ray.cluster_utils.Cluster writes it: bench/tune.py and the tests make its folder)."""
+    from ray._private.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
 
 
 # The loggers of Ray's own that kiln quiets, by name.

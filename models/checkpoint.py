@@ -124,9 +124,11 @@ KINDS = tuple(SPECS)
 
 
 def build_model(kind: str, spec: CNNSpec | RNNSpec) -> torch.nn.Module:
-    if SPECS.get(kind) is not type(spec):
-        raise ModelFolderError(f"unknown model kind {kind!r} for a {type(spec).__name__}; "
-                               f"expected one of {KINDS}")
+    if kind not in SPECS:
+        raise ModelFolderError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    if kind != spec.kind:
+        raise ModelFolderError(f"a {type(spec).__name__} builds a {spec.kind} model, not a "
+                               f"{kind} one")
     return spec.build()
 
 
@@ -155,17 +157,19 @@ def model_to_bytes(model: torch.nn.Module, kind: str, spec, extra: dict | None =
                    ) -> dict[str, bytes]:
     """{file name: bytes} of the model folder. `extra` (metrics, training settings) joins the
     config; the id is the architecture plus a hash of the weights."""
+    if kind != spec.kind:
+        raise ModelFolderError(f"a {type(spec).__name__} describes a {spec.kind} model, not a "
+                               f"{kind} one")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = st_save(state, metadata={"format": FORMAT})
     from . import __version__
 
-    name = spec.name
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kiln_version": __version__,
         "kind": kind,
-        "id": f"{name}-{hashlib.sha256(weights).hexdigest()[:12]}",
+        "id": f"{spec.name}-{hashlib.sha256(weights).hexdigest()[:12]}",
         "spec": asdict(spec),
         **(extra or {}),
     }

@@ -33,9 +33,12 @@ class InitMismatch(ModelFolderError):
     """The source's tensors do not fit the model outside its head. `source_spec`: the
     source's own spec where it is a kiln model (a caller can say which options would fit)."""
 
-    def __init__(self, message: str, source_spec: dict | None):
+    def __init__(self, message: str, source_spec: dict | None = None):
         super().__init__(message)
         self.source_spec = source_spec
+
+    def __reduce__(self):  # raised in a Ray worker, it travels pickled
+        return type(self), (str(self), self.source_spec)
 
 
 @dataclass

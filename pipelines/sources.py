@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 
 from . import names, storage
 
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a bigger single member is refused, never read
 

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.safetensors"
 
 GLOB_CHARS = set("*?[")
-# The standard AWS variables that S3 reads, the one list of them (jobs.redact keeps the secret
+# The standard AWS variables that S3 reads, the one list of them (kiln.redact keeps the secret
 # ones out of every log).
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -87,7 +87,7 @@ def secrets_in_a_file():
 
 
 # The package that carries a user's AWS variables to a cluster's processes when they ask for
-# it (jobs.connect.forwarded_credentials): a Ray runtime_env py_modules entry, which Ray
+# it (kiln.cluster.connect.forwarded_credentials): a Ray runtime_env py_modules entry, which Ray
 # uploads to the cluster and puts on its workers' path but never logs or shows, unlike
 # env_vars.
 FORWARD_MODULE = "kiln_forwarded_aws"
@@ -158,7 +158,7 @@ def s3_bucket_key(uri: str) -> tuple[str, str]:
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path within it) for a URI: for S3, and for writing local outputs (whose
-    paths are UTF-8: jobs.fence). Local inputs are read through Python's own file calls
+    paths are UTF-8: kiln.pipelines.fence). Local inputs are read through Python's own file calls
     (open_input, read_bytes, list_files), which take every name a disk can hold."""
     uri = str(uri)
     if is_s3(uri):

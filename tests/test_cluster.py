@@ -12,7 +12,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from kiln import embedded
+from kiln import compat, embedded
 from kiln.cluster.connect import ensure_token_auth
 from kiln.pipelines import storage
 from tests.conftest import free_port
@@ -29,13 +29,12 @@ def upload(local: str, uri: str) -> str:
 @pytest.fixture
 def cluster(s3_server):
     """A head (no CPUs: work lands on the workers) and two one-CPU worker nodes."""
-    from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
     ensure_token_auth()
     # Cluster() records the head's address in Ray's default temp dir, which a fresh machine
     # (where every other Ray here has its own temp dir) does not have yet.
-    os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
+    os.makedirs(os.path.dirname(compat.ray_address_file()), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),

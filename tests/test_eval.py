@@ -4,6 +4,9 @@ and a char-RNN's nats per character against a plain pass over the text."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -199,15 +202,21 @@ def test_rnn_eval_refuses_non_utf8_text(tmp_path):
         run_eval(EvalOptions(folder, str(bad), str(tmp_path / "out")))
 
 
-def test_rnn_eval_says_actors_and_address_do_not_apply(tmp_path):
-    """A char-RNN's evaluation runs in the command's own process: a pool size or a cluster
-    address is refused, before anything is written, rather than silently ignored."""
+def test_rnn_eval_runs_here_and_says_so(tmp_path):
+    """A char-RNN's evaluation runs in the command's own process: --actors is refused before
+    anything is written; a cluster address (RAY_ADDRESS, as Ray Jobs sets it for a job's
+    driver) is not an error, and the command says it does not use the cluster."""
     spec = RNNSpec(list("ab"), "lstm", 4, 8, 1)
     storage.save_model(str(tmp_path / "lm"), model_to_bytes(build_model("rnn", spec), "rnn", spec))
     (tmp_path / "t.txt").write_text("abba" * 50)
-    for extra, flag in (({"actors": 2}, "--actors"), ({"address": "127.0.0.1:6379"}, "--address")):
-        opts = EvalOptions(str(tmp_path / "lm"), str(tmp_path / "t.txt"), str(tmp_path / "out"),
-                           **extra)
-        with pytest.raises(ValueError, match=f"{flag} does not apply"):
-            run_eval(opts)
+    with pytest.raises(ValueError, match="--actors does not apply"):
+        run_eval(EvalOptions(str(tmp_path / "lm"), str(tmp_path / "t.txt"),
+                             str(tmp_path / "out"), actors=2))
     assert not (tmp_path / "out").exists()
+    res = subprocess.run([sys.executable, "-m", "kiln", "eval", "--model", str(tmp_path / "lm"),
+                          "--data", str(tmp_path / "t.txt"), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # nothing there
+    assert res.returncode == 0, res.stderr
+    assert "does not use the Ray cluster" in res.stdout + res.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["eval"]["characters"] == 199

@@ -229,6 +229,16 @@ def test_a_char_rnn_carries_its_rows_character_by_character(tmp_path):
                  other)
 
 
+def test_a_mismatch_raised_in_a_worker_keeps_its_message_and_source():
+    """InitMismatch travels pickled from a Ray worker (a kiln tune trial) to the driver."""
+    import pickle
+
+    from kiln.models.init import InitMismatch
+
+    back = pickle.loads(pickle.dumps(InitMismatch("does not fit", {"arch": "resnet8"})))
+    assert str(back) == "does not fit" and back.source_spec == {"arch": "resnet8"}
+
+
 def test_backbone_lr_scale_is_checked():
     opts = TrainOptions("cnn", "d", "o", init="x.pt", backbone_lr_scale=0)
     with pytest.raises(ValueError, match="--backbone-lr-scale"):

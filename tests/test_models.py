@@ -236,7 +236,7 @@ def test_greedy_top_k_and_stop(tiny_lm):
 def test_row_seed_depends_on_seed_and_id_and_nothing_else():
     """A row's text must not depend on the process that draws it: the same seed in another
     interpreter (another string-hash seed), and a value that fits int64."""
-    other = subprocess.run([sys.executable, "-c", "from models.sampling import row_seed; "
+    other = subprocess.run([sys.executable, "-c", "from kiln.models.sampling import row_seed; "
                             "print(row_seed(0, 'a'), row_seed(7, 12))"], check=True,
                            capture_output=True, text=True, env={**os.environ,
                                                                 "PYTHONHASHSEED": "123"})
@@ -246,7 +246,7 @@ def test_row_seed_depends_on_seed_and_id_and_nothing_else():
 
 
 def test_import_models_does_not_import_ray():
-    code = "import sys, models; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, kiln.models; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -44,7 +45,7 @@ def metrics(run: str) -> list[dict]:
 
 
 def upload(local, uri: str) -> str:
-    storage.write_bytes(uri, open(local, "rb").read())
+    storage.write_bytes(uri, Path(local).read_bytes())
     return uri
 
 

@@ -154,11 +154,12 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
         if opts.tta == "flip":
             raise ValueError("--tta flip averages an image with its mirror image: a text "
                              "model has none (leave --tta out)")
-        for given, flag in ((opts.actors is not None, "--actors"), (opts.address, "--address")):
-            if given:
-                raise ValueError(f"kiln eval of a char-RNN is one pass over the text in this "
-                                 f"process: {flag} does not apply (leave it out; kiln submit "
-                                 "runs the command on a cluster)")
+        if opts.actors is not None:
+            raise ValueError("kiln eval of a char-RNN is one pass over the text in this "
+                             "process: --actors does not apply (leave it out)")
+        if opts.address:  # often RAY_ADDRESS, which Ray Jobs sets for every job's driver
+            console.print("a char-RNN's evaluation is one pass over the text in this "
+                          "process: it does not use the Ray cluster", highlight=False)
         return eval_text(opts, console)
     return eval_images(opts, console)
 

@@ -50,7 +50,7 @@ class BulkJob:
     verb = ""  # "labeling" | "generating"
     done_word = ""  # "labeled" | "generated": the progress lines
     key_columns: list[str] = []  # read back from the output to skip what is done
-    rate_per_cpu = 1.0  # units of work a core does a second (jobs.connect.runs_here)
+    rate_per_cpu = 1.0  # units of work a core does a second (kiln.cluster.connect.runs_here)
     decodes = False  # whether a GPU actor wants CPUs of its own for decoding
     actor: type = object  # the pipelines.bulk.BulkActor subclass
 

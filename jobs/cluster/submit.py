@@ -38,8 +38,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # upload: a path on this machine means nothing on a cluster, and Ray caps the upload at a few
 # hundred MiB.
 EXCLUDES = [".venv", "venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache",
-            "*.egg-info", "*.pyc", "/demo-output", "/bench/out", "/out", "*.parquet", "*.tar",
-            "*.tar.gz", "*.tgz", "*.zip", "*.safetensors"]
+            "*.egg-info", "*.pyc", "/build", "/demo-output", "/bench/out", "/out", "*.parquet",
+            "*.tar", "*.tar.gz", "*.tgz", "*.zip", "*.safetensors"]
 
 
 class ClusterError(ValueError):

@@ -23,9 +23,10 @@ from kiln.train.batches import ImageBatches, TextStreams, ValBatches, per_worker
 
 LN2 = math.log(2)
 
-# Every batch norm class of torch's (SyncBatchNorm and the lazy ones derive from these).
+# Every batch norm class of torch's.
 BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
-               torch.nn.SyncBatchNorm)
+               torch.nn.SyncBatchNorm, torch.nn.LazyBatchNorm1d, torch.nn.LazyBatchNorm2d,
+               torch.nn.LazyBatchNorm3d)
 
 
 @dataclass

@@ -264,9 +264,16 @@ def search(opts: TuneOptions, setup: Setup, fam):
     run_config = tune.RunConfig(name=SEARCH_STATE, storage_path=path, storage_filesystem=fs,
                                 verbose=0, callbacks=[TrialLines(fam)])
     if base.resume and storage.exists(storage.join(exp, "tuner.pkl")):
-        tuner = tune.Tuner.restore(storage.filesystem(exp)[1], trainable,
-                                   resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
+        try:
+            tuner = tune.Tuner.restore(storage.filesystem(exp)[1], trainable,
+                                       resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
+        except ModuleNotFoundError as e:  # Tune's state pickles kiln's callback by module
+            if not (e.name or "").startswith("jobs"):
+                raise
+            raise ValueError(f"{base.out} holds a search of an older kiln (its modules were "
+                             "named jobs.*): it cannot be resumed; start the search again "
+                             "with another --out") from None
     else:
         tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(list(setup.trials))},
                            tune_config=tune_config(opts, setup, fam), run_config=run_config)
