@@ -66,7 +66,13 @@ from kiln.train.batches import TextStreams, ValBatches  # noqa: E402
 from kiln.train.families import family  # noqa: E402
 from kiln.train.loop import train_step  # noqa: E402
 from kiln.train.schedule import lr_at  # noqa: E402
-from kiln.train.tasks import CNNTask, RNNTask, WorkerConfig, make_optimizer  # noqa: E402
+from kiln.train.tasks import (  # noqa: E402
+    CNNTask,
+    RNNTask,
+    Schedule,
+    WorkerConfig,
+    make_optimizer,
+)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RESULTS: dict = {}
@@ -90,9 +96,9 @@ def autocast(on: bool):
 # ---------------------------------------------------------------------------------- training
 def config(kind: str, spec, batch: int, lr: float, augment: str = "none") -> WorkerConfig:
     """A worker's configuration as jobs/train/job.py fills it, for AdamW (weight decay 1e-4)."""
-    return WorkerConfig(kind=kind, spec=spec, out="", data="", batch=batch, lr=lr,
-                        optimizer="adamw", cooldown=1.0, epochs=None,
-                        max_steps=None, time_limit_s=None,
+    return WorkerConfig(kind=kind, spec=spec, out="", data="", schedule=Schedule(
+                            batch=batch, lr=lr, optimizer="adamw", cooldown=1.0, epochs=None,
+                            max_steps=None, time_limit_s=None),
                         augment=choose_augment("auto", spec.channels) if kind == "cnn"
                         else augment)
 
@@ -204,7 +210,7 @@ def fit(task, model, cfg, batches, epochs=None, budget_s=None, total_steps=1000,
         task.begin_epoch()
         for batch in batches(epoch):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg.lr)
+                group["lr"] = lr_at(step, total_steps, cfg.schedule.lr)
             train_step(task, model, opt, task.to_device(batch, DEV, layout),
                        autocast(task.bf16))
             step += 1

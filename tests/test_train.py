@@ -238,12 +238,13 @@ def test_label_smoothing_spreads_the_target_over_every_class():
     over every class's; 0.1 by default for the ResNets, none for the Keras MNIST net."""
     from kiln.models import CNNSpec
     from kiln.train.job import resolve
-    from kiln.train.tasks import CNNTask, WorkerConfig
+    from kiln.train.tasks import CNNTask, Schedule, WorkerConfig
 
     spec = CNNSpec("mnist_cnn", list("abc"))
-    cfg = WorkerConfig(kind="cnn", spec=spec, out="", data="", batch=4, lr=0.1,
-                       optimizer="sgd", cooldown=1.0, epochs=1, max_steps=1, time_limit_s=None,
-                       augment="none", label_smoothing=0.1)
+    cfg = WorkerConfig(kind="cnn", spec=spec, out="", data="", augment="none",
+                       label_smoothing=0.1, schedule=Schedule(
+                           batch=4, lr=0.1, optimizer="sgd", cooldown=1.0, epochs=1,
+                           max_steps=1, time_limit_s=None))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3))
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 1])
@@ -268,12 +269,13 @@ def test_precise_bn_makes_batch_norm_statistics_the_mean_over_training_images():
     from kiln.models import CNNSpec
     from kiln.train.batches import ImageBatches
     from kiln.train.loop import PRECISE_BN_IMAGES, precise_bn
-    from kiln.train.tasks import CNNTask, WorkerConfig
+    from kiln.train.tasks import CNNTask, Schedule, WorkerConfig
 
     spec = CNNSpec("resnet20", list("ab"), channels=3, image_size=8, mean=[0.5] * 3,
                    std=[0.25] * 3)
-    cfg = WorkerConfig(kind="cnn", spec=spec, out="", data="", batch=64, lr=0.1,
-                       optimizer="sgd", cooldown=1.0, epochs=1, max_steps=1, time_limit_s=None)
+    cfg = WorkerConfig(kind="cnn", spec=spec, out="", data="", schedule=Schedule(
+        batch=64, lr=0.1, optimizer="sgd", cooldown=1.0, epochs=1, max_steps=1,
+        time_limit_s=None))
     task = CNNTask(spec, cfg)
     gen = torch.Generator().manual_seed(0)
     rows = {"x": torch.randint(0, 256, (3000, 3, 8, 8), generator=gen, dtype=torch.uint8),

@@ -3,7 +3,6 @@ in order), each worker's share of the global batch, text streams read chunk afte
 state carried, and validation and the all-reduces under a real process group (gloo here; NCCL
 on a GPU)."""
 
-import dataclasses
 from datetime import timedelta
 
 import numpy as np
@@ -16,7 +15,7 @@ from kiln.models.checkpoint import CNNSpec, RNNSpec
 from kiln.pipelines.train_data import HeldShard
 from kiln.train.batches import ImageBatches, TextStreams, ValBatches
 from kiln.train.loop import agree, all_sum
-from kiln.train.tasks import CNNTask, RNNTask, WorkerConfig
+from kiln.train.tasks import CNNTask, Feed, RNNTask, Schedule, WorkerConfig
 
 
 def test_image_training_rows_are_shuffled_across_classes(ray_local, digits_data, tmp_path):
@@ -52,12 +51,11 @@ def test_text_streams_cut_the_text_into_contiguous_stretches(ray_local):
         assert np.array_equal(r["ids"], ids[i * length : (i + 1) * length + 1])
 
 
-def worker_cfg(**kw) -> WorkerConfig:
-    base = dict(kind="rnn", spec={}, out="", data="", batch=64, lr=1e-3, optimizer="adamw",
-                cooldown=1.0,
-                weight_decay=0.0, epochs=None, max_steps=None, time_limit_s=None, seed=3)
-    known = {f.name for f in dataclasses.fields(WorkerConfig)}  # weight_decay is going away
-    return WorkerConfig(**{k: v for k, v in {**base, **kw}.items() if k in known})
+def worker_cfg(kind="rnn", batch=64, **feed) -> WorkerConfig:
+    return WorkerConfig(kind=kind, spec={}, out="", data="", seed=3, feed=Feed(**feed),
+                        schedule=Schedule(batch=batch, lr=1e-3, optimizer="adamw",
+                                          cooldown=1.0, epochs=None, max_steps=None,
+                                          time_limit_s=None))
 
 
 class Rows:  # the task side of ImageBatches: numpy rows -> tensors

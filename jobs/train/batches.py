@@ -39,24 +39,24 @@ class ImageBatches:
 
     def __init__(self, shard, task, cfg: WorkerConfig, rank: int, workers: int):
         self.shard, self.task, self.rank, self.workers = shard, task, rank, workers
-        self.b, self.cfg, self.rows = per_worker(cfg.batch, workers), cfg, None
+        self.b, self.cfg, self.rows = per_worker(cfg.schedule.batch, workers), cfg, None
 
     def load(self) -> None:
-        if self.cfg.whole_train and self.rows is None:
+        if self.cfg.feed.whole_train and self.rows is None:
             parts = list(self.shard.iter_torch_batches(batch_size=4096,
                                                        collate_fn=self.task.collate))
             self.rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     @property
     def steps_per_epoch(self) -> int:
-        return image_steps(self.cfg.train_rows, self.cfg.batch, self.workers,
-                           self.cfg.whole_train)
+        return image_steps(self.cfg.feed.train_rows, self.cfg.schedule.batch, self.workers,
+                           self.cfg.feed.whole_train)
 
     def unaugmented(self, images: int):
         """Up to `images` (over every worker) of this worker's training images, in batches
         of its size as they are (not augmented), read one at a time: the same images on
         every call (precise_bn). None where the set is streamed rather than held."""
-        if not self.cfg.whole_train or self.rows is None:
+        if not self.cfg.feed.whole_train or self.rows is None:
             return None
         n = len(self.rows["y"])
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))
@@ -67,7 +67,7 @@ class ImageBatches:
                 for i in range(0, len(mine) - self.b + 1, self.b))
 
     def epoch(self, epoch: int):
-        if not self.cfg.whole_train:
+        if not self.cfg.feed.whole_train:
             yield from self.shard.iter_torch_batches(
                 batch_size=self.b, collate_fn=self.task.collate, drop_last=True,
                 local_shuffle_buffer_size=max(2000, 4 * self.b),

@@ -90,7 +90,8 @@ class CNNFamily:
         """(whether the workers hold the data, as object refs; the datasets split among
         them). Images are split only when the training set is too large for every worker to
         hold it; then they stream through Ray Train's ingest."""
-        return cfg.whole_train and cfg.cache_val, ["val"] + ([] if cfg.whole_train else ["train"])
+        whole = cfg.feed.whole_train
+        return whole and cfg.feed.cache_val, ["val"] + ([] if whole else ["train"])
 
     @staticmethod
     def placeholder_spec(opts, known: dict | None) -> CNNSpec:

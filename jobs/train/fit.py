@@ -18,7 +18,7 @@ from kiln.pipelines.train_data import HeldShard
 from kiln.train.families import family
 from kiln.train.plan import Prepared
 from kiln.train.schedule import SGD_WARMUP, WARMUP_SHARE, WARMUP_STEPS
-from kiln.train.tasks import WorkerConfig
+from kiln.train.tasks import Feed, Schedule, Start, WorkerConfig
 
 CHECKPOINTS = "checkpoints"
 ADAM_COOLDOWN = 0.3  # AdamW holds its peak rate for 70% of the run (jobs/train/schedule.py)
@@ -52,20 +52,21 @@ def worker_config(opts: TrainOptions, data: Prepared, cpus: float, lines=None) -
         spec, fit, source = fit_for_run(opts, spec, data.init_source)
         init, head = fit.state, fit.head
         settings["init"] = card(opts, fit, source)
-    return WorkerConfig(
-        kind=opts.kind, spec=spec, out=opts.out, data=opts.data,
+    schedule = Schedule(
         batch=opts.batch_size, lr=opts.lr, optimizer=opts.optimizer,
         cooldown=1.0 if opts.optimizer == "sgd" else ADAM_COOLDOWN,
         warmup=SGD_WARMUP if opts.optimizer == "sgd" else (WARMUP_STEPS, WARMUP_SHARE),
         epochs=opts.epochs, max_steps=max_steps,
-        time_limit_s=opts.time_limit * 60 if opts.time_limit else None, seed=opts.seed,
+        time_limit_s=opts.time_limit * 60 if opts.time_limit else None)
+    feed = Feed(whole_train=data.whole_train, train_rows=data.train_rows,
+                cache_val=data.val.size_bytes() / opts.workers <= VAL_CACHE_BYTES)
+    return WorkerConfig(
+        kind=opts.kind, spec=spec, out=opts.out, data=opts.data, schedule=schedule, feed=feed,
+        start=Start(init=init, head=head, freeze_backbone=freeze, backbone_lr_scale=scale),
+        seed=opts.seed, settings=settings, lines=lines, **own,
         # A lone worker on a small machine takes every core as torch threads; Ray's own
         # reservation stays below the CPUs so that Ray Data's tasks always find room.
-        threads=1 if opts.gpu else max(1, int(cpus // opts.workers)),
-        **own, whole_train=data.whole_train, train_rows=data.train_rows,
-        cache_val=data.val.size_bytes() / opts.workers <= VAL_CACHE_BYTES,
-        settings=settings, lines=lines,
-        init=init, head=head, freeze_backbone=freeze, backbone_lr_scale=scale)
+        threads=1 if opts.gpu else max(1, int(cpus // opts.workers)))
 
 
 def cpus_per_worker(opts: TrainOptions, cpus: float) -> float:
@@ -185,8 +186,8 @@ def make_trainer(opts: TrainOptions, data: Prepared, cpus: float, per_worker: fl
     held, split = family(opts.kind).held(cfg)
     datasets = {"train": data.train, "val": data.val}
     if held:
-        cfg = replace(cfg, held={n: HeldShard.of(d, split=n in split)
-                                 for n, d in datasets.items()})
+        cfg = replace(cfg, feed=replace(cfg.feed, held={n: HeldShard.of(d, split=n in split)
+                                                        for n, d in datasets.items()}))
         datasets = {}
     fs, path = storage.filesystem(opts.out)
     return trainer_class()(

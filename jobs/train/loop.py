@@ -110,10 +110,10 @@ def train_loop_per_worker(config: dict) -> None:
     task = fam.task(spec, cfg)
     model = build_model(cfg.kind, spec)
     checkpoint = ray.train.get_checkpoint()
-    if cfg.init is not None and not checkpoint:  # --init; the head's fresh tensors stay
-        model.load_state_dict(cfg.init, strict=False)
-    opt = make_optimizer(model, cfg, task.weight_decay[cfg.optimizer])
-    train_mode(model, cfg.freeze_backbone)
+    if cfg.start.init is not None and not checkpoint:  # --init; the head's fresh tensors stay
+        model.load_state_dict(cfg.start.init, strict=False)
+    opt = make_optimizer(model, cfg, task.weight_decay[cfg.schedule.optimizer])
+    train_mode(model, cfg.start.freeze_backbone)
     prog = Progress()
     if checkpoint:  # resume, or a worker group restarted after a failure
         with checkpoint.as_directory() as d:
@@ -132,7 +132,7 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and task.bf16)
     w = Worker(cfg, fam, task, spec, model, raw, opt, device, layout, autocast, rank,
                ctx.get_world_size())
-    shards = ({n: h.for_worker(rank, w.workers) for n, h in cfg.held.items()} if cfg.held
+    shards = ({n: h.for_worker(rank, w.workers) for n, h in cfg.feed.held.items()} if cfg.feed.held
               else {n: ray.train.get_dataset_shard(n) for n in ("train", "val")})
     train, val = task.loaders(shards, cfg, rank, w.workers)
     # Data that fits is read into memory before the clock starts, as a plain loop loads its
@@ -154,8 +154,8 @@ class Round:
 def run(w: Worker, train, val, prog: Progress) -> None:
     """Steps until the budget ends (jobs/train/schedule.py), validating at each epoch's end, or
     under a time limit alone at the budget's milestones, and once more at the end."""
-    cfg, task = w.cfg, w.task
-    budget = Budget(cfg.max_steps, cfg.time_limit_s, prog.step)
+    sched, task = w.cfg.schedule, w.task
+    budget = Budget(sched.max_steps, sched.time_limit_s, prog.step)
     per_epoch = train.steps_per_epoch
     if per_epoch < 1:
         raise ValueError("the training data holds less than one batch: lower --batch-size")
@@ -164,7 +164,7 @@ def run(w: Worker, train, val, prog: Progress) -> None:
     # The warm-up's length is fixed once the run's length is first known (every worker
     # agrees on it): one that followed each new estimate would jump the rate, or fall back.
     warm = None
-    if complete(cfg, prog):  # restored from the last checkpoint of a run that has ended
+    if complete(sched, prog):  # restored from the last checkpoint of a run that has ended
         return
     while True:
         if batches is None:
@@ -176,9 +176,9 @@ def run(w: Worker, train, val, prog: Progress) -> None:
             if done < per_epoch:  # its last step did not count it already
                 prog.epoch += 1
             batches = None
-            finished = cfg.epochs is not None and prog.epoch >= cfg.epochs
+            finished = sched.epochs is not None and prog.epoch >= sched.epochs
             if finished:
-                prog.ended = [cfg.max_steps, cfg.time_limit_s]
+                prog.ended = [sched.max_steps, sched.time_limit_s]
             if finished or not budget.by_time:
                 validate(w, val, prog, rnd, budget, prog.epoch, before + time.monotonic() - start,
                          train if finished else None)
@@ -187,8 +187,8 @@ def run(w: Worker, train, val, prog: Progress) -> None:
                 return
             continue
         if warm is None and math.isfinite(budget.total):
-            warm = warmup_steps(budget.total, *cfg.warmup)
-        lr = lr_at(prog.step, budget.total, cfg.lr, warm or cfg.warmup[0], cfg.cooldown)
+            warm = warmup_steps(budget.total, *sched.warmup)
+        lr = lr_at(prog.step, budget.total, sched.lr, warm or sched.warmup[0], sched.cooldown)
         for group in w.opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         loss, n = train_step(task, w.model, w.opt, task.to_device(batch, w.device, w.layout),
@@ -200,16 +200,16 @@ def run(w: Worker, train, val, prog: Progress) -> None:
         rnd.samples += n
         step_s = time.monotonic() - t0
         train_s, rnd.train_s = train_s + step_s, rnd.train_s + step_s
-        last = settle(budget, prog.step, train_s, before + time.monotonic() - start, cfg)
+        last = settle(budget, prog.step, train_s, before + time.monotonic() - start, sched)
         if last:
-            prog.ended = [cfg.max_steps, cfg.time_limit_s]
+            prog.ended = [sched.max_steps, sched.time_limit_s]
         if last or budget.eval_due(prog.step):
             validate(w, val, prog, rnd, budget, prog.epoch + done % per_epoch / per_epoch,
                      before + time.monotonic() - start, train if last else None)
             # The validation moved the clock: the next step's rate must already see it.
-            if settle(budget, prog.step, train_s, before + time.monotonic() - start, cfg) \
+            if settle(budget, prog.step, train_s, before + time.monotonic() - start, sched) \
                     and not last:  # and it spent the budget: the final validation follows
-                prog.ended, last = [cfg.max_steps, cfg.time_limit_s], True
+                prog.ended, last = [sched.max_steps, sched.time_limit_s], True
                 validate(w, val, prog, rnd, budget, prog.epoch + done % per_epoch / per_epoch,
                          before + time.monotonic() - start, train)
             rnd = Round()
@@ -217,20 +217,20 @@ def run(w: Worker, train, val, prog: Progress) -> None:
             return
 
 
-def complete(cfg, prog: Progress) -> bool:
+def complete(sched, prog: Progress) -> bool:
     """Whether the budget of a restored run is spent (its steps, which --epochs sets too, or
     its time), or is the one the run already completed: a run killed after its last
     checkpoint, or resumed again once done, trains no further and adds no line (a larger
     budget continues it)."""
-    return (prog.ended == [cfg.max_steps, cfg.time_limit_s]
-            or (cfg.max_steps is not None and prog.step >= cfg.max_steps)
-            or (cfg.time_limit_s is not None and prog.elapsed_s >= cfg.time_limit_s))
+    return (prog.ended == [sched.max_steps, sched.time_limit_s]
+            or (sched.max_steps is not None and prog.step >= sched.max_steps)
+            or (sched.time_limit_s is not None and prog.elapsed_s >= sched.time_limit_s))
 
 
-def settle(budget: Budget, step: int, train_s: float, elapsed: float, cfg) -> bool:
+def settle(budget: Budget, step: int, train_s: float, elapsed: float, sched) -> bool:
     """Agrees the run's total steps with the other workers; True when the run is over."""
     budget.total, late = agree(budget.estimate(step, train_s, elapsed),
-                               cfg.time_limit_s is not None and elapsed > cfg.time_limit_s)
+                               sched.time_limit_s is not None and elapsed > sched.time_limit_s)
     return step >= budget.total or late
 
 
@@ -299,7 +299,7 @@ def validate(w: Worker, val, prog: Progress, rnd: Round, budget: Budget, epoch: 
     with torch.no_grad():
         metrics = w.task.metrics(all_sum(w.task.val_sums(w.raw, val, w.device, w.layout,
                                                          w.autocast)))
-    train_mode(w.raw, w.cfg.freeze_backbone)
+    train_mode(w.raw, w.cfg.start.freeze_backbone)
     val_s = time.monotonic() - t0
     total = all_sum(torch.tensor([rnd.loss_sum.item(), rnd.samples, rnd.train_s]))
     mean_s = total[2] / w.workers  # total = [loss sum, samples, seconds]

@@ -29,14 +29,10 @@ BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
                torch.nn.LazyBatchNorm3d)
 
 
-@dataclass
-class WorkerConfig:
-    """Everything a training worker is told; the driver fills it (jobs/train/job.py)."""
+@dataclass(frozen=True)
+class Schedule:
+    """How long a run is and how its learning rate moves (jobs/train/schedule.py)."""
 
-    kind: str  # "cnn" | "rnn"
-    spec: CNNSpec | RNNSpec
-    out: str  # the run folder URI
-    data: str  # the training data URI (for the model card)
     batch: int  # global batch: images or text streams per step, all workers together
     lr: float  # peak learning rate
     optimizer: str  # "sgd" | "adamw"
@@ -44,22 +40,47 @@ class WorkerConfig:
     epochs: int | None  # None: the time limit alone ends the run
     max_steps: int | None  # from --epochs or --max-steps, whichever is smaller
     time_limit_s: float | None
-    seed: int = 0
     warmup: tuple = (20, 0.02)  # warm-up steps at most, and at most this share of the run
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What each worker reads, and how it gets it."""
+
+    whole_train: bool = True  # every worker holds the whole training set (else a split)
+    train_rows: int = 0
+    cache_val: bool = True  # the validation shard is read once and kept
+    held: dict | None = None  # {"train", "val"}: pipelines.train_data.HeldShard, where the
+    # data is handed over as object refs (else Ray Train's dataset shards)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the weights start: --init's tensors, or nothing (random weights)."""
+
+    init: dict | None = None  # the tensors to start from (models/init.py InitFit)
+    head: list | None = None  # the head's tensor names
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a training worker is told; the driver fills it (jobs/train/fit.py)."""
+
+    kind: str  # the model family (kiln.train.families)
+    spec: CNNSpec | RNNSpec
+    out: str  # the run folder URI
+    data: str  # the training data URI (for the model card)
+    schedule: Schedule
+    feed: Feed = Feed()
+    start: Start = Start()
+    seed: int = 0
     threads: int = 1  # torch threads per worker
     augment: str = "none"  # CNN: shift | flip | none
     label_smoothing: float = 0.0  # CNN: the target's share spread over every class
     seq_len: int = 100  # RNN: characters per chunk (truncated BPTT length)
-    whole_train: bool = True  # every worker holds the whole training set (else a split)
-    train_rows: int = 0
-    cache_val: bool = True  # the validation shard is read once and kept
     settings: dict = field(default_factory=dict)  # the user's options, for the model card
-    init: dict | None = None  # --init: the tensors to start from (models/init.py InitFit)
-    head: list | None = None  # --init: the head's tensor names
-    freeze_backbone: bool = False
-    backbone_lr_scale: float = 1.0
-    held: dict | None = None  # {"train", "val"}: pipelines.train_data.HeldShard, where the
-    # data is handed over as object refs (else Ray Train's dataset shards)
     lines: object = None  # a ray.util.queue.Queue: rank 0 puts each metrics record for the
     # driver's epoch line
 
@@ -67,25 +88,25 @@ class WorkerConfig:
 def param_groups(model, cfg: WorkerConfig) -> list[dict]:
     """One group, or with --init the loaded backbone at its share of the rate (`lr_scale`)
     and the head at the whole rate; --freeze-backbone leaves the backbone out (and fixed)."""
-    if cfg.head is None:
+    if cfg.start.head is None:
         return [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    head = set(cfg.head)
+    head = set(cfg.start.head)
     named = list(model.named_parameters())
     backbone = [p for n, p in named if n not in head]
     top = {"params": [p for n, p in named if n in head], "lr_scale": 1.0}
-    if cfg.freeze_backbone:
+    if cfg.start.freeze_backbone:
         for p in backbone:
             p.requires_grad_(False)
         return [top]
-    return [{"params": backbone, "lr_scale": cfg.backbone_lr_scale}, top]
+    return [{"params": backbone, "lr_scale": cfg.start.backbone_lr_scale}, top]
 
 
 def make_optimizer(model, cfg: WorkerConfig, weight_decay: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True,
+    if cfg.schedule.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.schedule.lr, momentum=0.9, nesterov=True,
                                weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.schedule.lr, weight_decay=weight_decay)
 
 
 def train_mode(model, frozen: bool) -> None:
@@ -130,9 +151,9 @@ class CNNTask:
 
     def loaders(self, shards: dict, cfg: WorkerConfig, rank: int, workers: int):
         train = ImageBatches(shards["train"], self, cfg, rank, workers)
-        val_bs = max(256, 2 * per_worker(cfg.batch, workers))
+        val_bs = max(256, 2 * per_worker(cfg.schedule.batch, workers))
         val = ValBatches(lambda: shards["val"].iter_torch_batches(
-            batch_size=val_bs, collate_fn=self.collate), cfg.cache_val)
+            batch_size=val_bs, collate_fn=self.collate), cfg.feed.cache_val)
         return train, val
 
     def begin_epoch(self) -> None:
