@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 BACKBONE_LR_SCALE = 1.0
 
 
+def one_of(flag: str, value, choices) -> None:
+    """Raises the one line that names a flag's value that is not among its `choices`."""
+    if value not in choices:
+        raise ValueError(f"unknown {flag} {value!r}; choose one of {', '.join(choices)}")
+
+
 @dataclass
 class TrainOptions:
     kind: str  # "cnn" or "rnn"

@@ -10,7 +10,8 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from kiln.train.plan import Prepared
+from kiln.options import one_of
+from kiln.train.family import Family, Prepared
 
 if TYPE_CHECKING:  # the family's driver side imports no torch until a method needs it
     from kiln.models import CNNSpec
@@ -23,7 +24,7 @@ LABEL_SMOOTHING = 0.1
 MAX_IMAGE_SIZE = 2048  # beyond it one decoded image alone would take tens of megabytes
 
 
-class CNNFamily:
+class CNNFamily(Family):
     kind = "cnn"
     metric, mode = "val_accuracy", "max"  # what picks the best validation, and which way
     metric_key = "val_accuracy"  # the curve beside the loss
@@ -31,6 +32,9 @@ class CNNFamily:
     # The options a search (kiln tune) may vary, and their types.
     tunable = {"lr": float, "batch_size": int, "image_size": int, "arch": str,
                "optimizer": str, "augment": str, "label_smoothing": float}
+
+    batch_size = 128  # images a step, all workers together
+    adamw_lr = 2e-3  # the Keras MNIST net's
 
     @staticmethod
     def task(spec, cfg):
@@ -40,21 +44,13 @@ class CNNFamily:
         return CNNTask(spec, cfg)
 
     @staticmethod
-    def defaults(opts) -> dict:
-        """The defaults that depend on the family and architecture: ResNets and torchvision
-        networks train with SGD + Nesterov at lr 0.1 per 128 images, decayed linearly to
-        zero (the standard recipe), with label smoothing; the Keras MNIST net with AdamW at
-        2e-3 and none."""
-        batch = opts.batch_size if opts.batch_size is not None else 128
+    def auto(opts) -> dict:
+        """What --optimizer auto and an unset --label-smoothing mean for the architecture:
+        ResNets and torchvision networks train with SGD + Nesterov (the standard recipe) and
+        label smoothing, the Keras MNIST net with AdamW and none."""
         keras = opts.arch == "mnist_cnn"
-        optimizer = opts.optimizer if opts.optimizer != "auto" else (
-            "adamw" if keras else "sgd")
-        lr = opts.lr if opts.lr is not None else (
-            0.1 * batch / 128 if optimizer == "sgd" else 2e-3)
-        smoothing = opts.label_smoothing if opts.label_smoothing is not None else (
-            0.0 if keras else LABEL_SMOOTHING)
-        return {"batch_size": batch, "optimizer": optimizer, "lr": lr,
-                "label_smoothing": smoothing}
+        return {"optimizer": "adamw" if keras else "sgd",
+                "label_smoothing": 0.0 if keras else LABEL_SMOOTHING}
 
     @staticmethod
     def check_options(opts) -> None:
@@ -62,9 +58,7 @@ class CNNFamily:
         from kiln.models.cnn import TORCHVISION_ARCHS
         from kiln.pipelines.transforms import choose_augment
 
-        if opts.arch not in CNN_ARCHS:
-            raise ValueError(f"unknown --arch {opts.arch!r}; choose one of "
-                             f"{', '.join(sorted(CNN_ARCHS))}")
+        one_of("--arch", opts.arch, sorted(CNN_ARCHS))
         if opts.channels not in (1, 3):
             raise ValueError("--channels must be 1 or 3")
         if not 8 <= opts.image_size <= MAX_IMAGE_SIZE:

@@ -1,6 +1,7 @@
-"""The registry of model families: a family's object (kiln.train.cnn, kiln.train.rnn) owns
-everything that differs by family above the model folder's format (whose own registry is
-kiln.models.checkpoint.SPECS). A third family is a file here and one line below."""
+"""The registry of model families: a family's object (kiln.train.cnn, kiln.train.rnn, each a
+kiln.train.family.Family) owns everything that differs by family above the model folder's
+format (whose own registry is kiln.models.checkpoint.SPECS). A third family is its spec class
+there, its family object and its workers' task here, and one line below."""
 
 from __future__ import annotations
 

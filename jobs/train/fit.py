@@ -16,7 +16,7 @@ from kiln.options import TrainOptions
 from kiln.pipelines import storage
 from kiln.pipelines.train_data import HeldShard
 from kiln.train.families import family
-from kiln.train.plan import Prepared
+from kiln.train.family import Prepared
 from kiln.train.schedule import SGD_WARMUP, WARMUP_SHARE, WARMUP_STEPS
 from kiln.train.tasks import Feed, Schedule, Start, WorkerConfig
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from kiln.cluster import connect
 from kiln.cluster.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
-from kiln.options import BACKBONE_LR_SCALE, TrainOptions
+from kiln.options import BACKBONE_LR_SCALE, TrainOptions, one_of
 from kiln.pipelines import storage
 from kiln.pipelines.fence import check_run_folder, mark_run_folder
 from kiln.pipelines.lease import Lease
@@ -73,12 +73,22 @@ def run_train(opts: TrainOptions, console: Console | None = None) -> dict:
 
 def resolve(opts: TrainOptions) -> TrainOptions:
     """Fills the defaults that depend on the model family and architecture (the family's
-    `defaults`). --batch-size is global (all workers together). Without --epochs, --max-steps
-    or --time-limit a run is 10 epochs."""
+    batch_size, adamw_lr and `auto`). --batch-size is global (all workers together); SGD's
+    rate is 0.1 per 128 samples (the standard recipe). Without --epochs, --max-steps or
+    --time-limit a run is 10 epochs."""
+    fam = family(opts.kind)
+    auto = fam.auto(opts)
+    batch = opts.batch_size if opts.batch_size is not None else fam.batch_size  # 0 stays 0
+    optimizer = auto["optimizer"] if opts.optimizer == "auto" else opts.optimizer
+    lr = opts.lr if opts.lr is not None else (
+        0.1 * batch / 128 if optimizer == "sgd" else fam.adamw_lr)
+    smoothing = (opts.label_smoothing if opts.label_smoothing is not None
+                 else auto["label_smoothing"])
     epochs = opts.epochs
     if epochs is None and opts.max_steps is None and opts.time_limit is None:
         epochs = 10
-    return replace(opts, epochs=epochs, **family(opts.kind).defaults(opts))
+    return replace(opts, epochs=epochs, batch_size=batch, optimizer=optimizer, lr=lr,
+                   label_smoothing=smoothing)
 
 
 def validate(opts: TrainOptions) -> None:
@@ -96,9 +106,7 @@ def validate(opts: TrainOptions) -> None:
                          f"{opts.time_limit}")
     if not opts.lr > 0:
         raise ValueError(f"--lr must be positive, got {opts.lr}")
-    if opts.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown --optimizer {opts.optimizer!r}; choose one of auto, "
-                         f"{', '.join(OPTIMIZERS)}")
+    one_of("--optimizer", opts.optimizer, OPTIMIZERS)  # resolve() turned auto into one
     if not 0 < opts.val_fraction < 1 and opts.val is None:
         raise ValueError("--val-fraction must be between 0 and 1")
     check_gpu(opts)

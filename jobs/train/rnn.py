@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from kiln.train.plan import Prepared
+from kiln.options import one_of
+from kiln.train.family import Family, Prepared
 
 if TYPE_CHECKING:  # the family's driver side imports no torch until a method needs it
     from kiln.models import RNNSpec
-    from kiln.train.tasks import WorkerConfig
 
 VAL_STREAMS_PER_WORKER = 4
 
 
-class RNNFamily:
+class RNNFamily(Family):
     kind = "rnn"
     metric, mode = "val_loss", "min"  # what picks the best validation, and which way
     metric_key = "bits_per_char"  # the curve beside the loss
@@ -26,6 +26,12 @@ class RNNFamily:
     # The options a search (kiln tune) may vary, and their types.
     tunable = {"lr": float, "batch_size": int, "hidden": int, "layers": int, "embed": int,
                "dropout": float, "seq_len": int, "cell": str, "optimizer": str}
+
+    batch_size = 64  # streams of text a step, all workers together
+    # AdamW at 4e-3, held for 70% of the run, then decayed: a 2x256 LSTM's loss ends lower
+    # than with char-rnn's constant 2e-3 (measured: BENCHMARKS.md, Training section).
+    adamw_lr = 4e-3
+    # --optimizer auto is AdamW, and there is no label smoothing (Family.auto).
 
     @staticmethod
     def task(spec, cfg):
@@ -35,25 +41,10 @@ class RNNFamily:
         return RNNTask(spec, cfg)
 
     @staticmethod
-    def defaults(opts) -> dict:
-        """AdamW at 4e-3, held for 70% of the run, then decayed (a 2x256 LSTM's loss ends
-        lower than with char-rnn's constant 2e-3; measured: BENCHMARKS.md, Training section),
-        on 64 streams of text."""
-        batch = opts.batch_size if opts.batch_size is not None else 64
-        optimizer = opts.optimizer if opts.optimizer != "auto" else "adamw"
-        lr = opts.lr if opts.lr is not None else (
-            0.1 * batch / 128 if optimizer == "sgd" else 4e-3)
-        smoothing = opts.label_smoothing if opts.label_smoothing is not None else 0.0
-        return {"batch_size": batch, "optimizer": optimizer, "lr": lr,
-                "label_smoothing": smoothing}
-
-    @staticmethod
     def check_options(opts) -> None:
         from kiln.models import CELLS
 
-        if opts.cell not in CELLS:
-            raise ValueError(f"unknown --cell {opts.cell!r}; choose one of "
-                             f"{', '.join(sorted(CELLS))}")
+        one_of("--cell", opts.cell, sorted(CELLS))
         for name, value in (("--layers", opts.layers), ("--hidden", opts.hidden),
                             ("--embed", opts.embed), ("--seq-len", opts.seq_len)):
             if value < 1:
@@ -66,12 +57,8 @@ class RNNFamily:
         """The WorkerConfig fields of the family's own, as the workers take them."""
         return {"seq_len": opts.seq_len}
 
-    @staticmethod
-    def held(cfg: WorkerConfig) -> tuple[bool, list[str]]:
-        """(whether the workers hold the data, as object refs; the datasets split among
-        them). Text streams are always held and never split: each worker picks its own by
-        number."""
-        return True, []
+    # Text streams are always held by the workers and never split: each worker picks its
+    # own by number (Family.held).
 
     @staticmethod
     def placeholder_spec(opts, known: dict | None) -> RNNSpec:
@@ -82,10 +69,6 @@ class RNNFamily:
         vocab = (known or {}).get("vocab") or ["a", "b"]
         return RNNSpec(list(vocab), opts.cell, opts.embed, opts.hidden, opts.layers,
                        opts.dropout)
-
-    @staticmethod
-    def start_from(spec: RNNSpec, source_spec: dict | None) -> RNNSpec:
-        return spec
 
     @staticmethod
     def init_hint(s: dict) -> str:

@@ -29,7 +29,7 @@ from rich.console import Console
 from kiln import compat
 from kiln.cluster import connect
 from kiln.cluster.connect import RayOptions, has_cluster, local_cpus, local_gpus, ray_session
-from kiln.options import TrainOptions, TuneOptions
+from kiln.options import TrainOptions, TuneOptions, one_of
 from kiln.pipelines import storage
 from kiln.pipelines.fence import check_run_folder, mark_run_folder
 from kiln.pipelines.lease import Lease
@@ -61,7 +61,7 @@ class Setup:
     """What every trial is handed (through the object store, once)."""
 
     trials: dict  # id -> TrainOptions, resolved
-    prepared: dict  # the family's data_key -> its data (kiln.train.plan.Prepared)
+    prepared: dict  # the family's data_key -> its data (kiln.train.family.Prepared)
     layout: Layout
 
 
@@ -79,9 +79,7 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
     from kiln.tune.results import finish
 
     out = base.out
-    if opts.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown --scheduler {opts.scheduler!r}; choose one of "
-                         f"{', '.join(SCHEDULERS)}")
+    one_of("--scheduler", opts.scheduler, SCHEDULERS)
     if opts.search_time_limit is not None and opts.search_time_limit <= 0:
         raise ValueError("--search-time-limit must be a positive number of minutes")
     storage.check_reachable(base.data, must_exist=True)
