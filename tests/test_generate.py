@@ -224,14 +224,14 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
     import ray
 
     from kiln.bulk.generate import BF16_SPEEDUP, CHARS_PER_CPU_S, GenerateJob, sampling_of
-    from kiln.cluster import connect
+    from kiln.cluster import placement
     from kiln.models import stepper
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(connect, "local_cpus", lambda: 16)
+    monkeypatch.setattr(placement, "local_cpus", lambda: 16)
     loaded = storage.load_model(str(rnn_model))
-    limit = connect.HERE_MAX_SECONDS * CHARS_PER_CPU_S * 16
+    limit = placement.HERE_MAX_SECONDS * CHARS_PER_CPU_S * 16
     cases = [("fp32", True, 1.0), ("auto", False, 1.0), ("bf16", False, BF16_SPEEDUP)]
     if stepper.bf16_linear():  # AMX takes bf16 where oneDNN has the kernels
         cases.append(("auto", True, BF16_SPEEDUP))
@@ -240,8 +240,8 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
         o = opts(rnn_model, "unused", prompts=str(prompt_file), precision=precision)
         job = GenerateJob(o, loaded, SamplingSettings(precision=precision))
         assert job.rate_per_cpu == CHARS_PER_CPU_S * rate
-        assert connect.runs_here(o, limit * rate, job.rate_per_cpu)
-        assert not connect.runs_here(o, limit * rate * 1.01, job.rate_per_cpu)
+        assert job.where.runs_here(limit * rate, job.rate_per_cpu)
+        assert not job.where.runs_here(limit * rate * 1.01, job.rate_per_cpu)
     assert sampling_of(opts(rnn_model, "unused", prompts=str(prompt_file))).precision == "auto"
 
 

@@ -262,27 +262,31 @@ def test_size_rule_picks_the_process_or_ray(monkeypatch):
     --gpu or a running Ray always choose Ray."""
     import ray
 
-    from kiln.cluster import connect
+    from kiln.cluster import placement
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     opts = LabelOptions("m", ["i"], "o")
-    monkeypatch.setattr(connect, "local_cpus", lambda: 2)
-    assert connect.runs_here(opts, 100, 1000)
-    assert connect.runs_here(opts, 10**9, 1000) and connect.runs_here(opts, float("inf"), 1000)
-    monkeypatch.setattr(connect, "local_cpus", lambda: 16)
-    limit = connect.HERE_MAX_SECONDS * 1000 * 16
-    assert connect.runs_here(opts, 100, 1000) and connect.runs_here(opts, limit, 1000)
-    assert not connect.runs_here(opts, limit + 1, 1000)
-    assert not connect.runs_here(opts, float("inf"), 1000)
-    for choice in ({"actors": 2}, {"gpu": True}, {"address": "ray://head:10001"}):
-        assert not connect.runs_here(dataclasses.replace(opts, **choice), 100, 1000)
-    monkeypatch.setattr(connect, "local_cpus", lambda: 2)
+    monkeypatch.setattr(placement, "local_cpus", lambda: 2)
+    here = placement.place(opts)
+    assert here.runs_here(100, 1000)
+    assert here.runs_here(10**9, 1000) and here.runs_here(float("inf"), 1000)
+    monkeypatch.setattr(placement, "local_cpus", lambda: 16)
+    here = placement.place(opts)
+    limit = placement.HERE_MAX_SECONDS * 1000 * 16
+    assert here.runs_here(100, 1000) and here.runs_here(limit, 1000)
+    assert not here.runs_here(limit + 1, 1000)
+    assert not here.runs_here(float("inf"), 1000)
+    # --gpu is checked against this machine's GPUs when placed: asked of a Placement here
+    for choice in ({"actors": 2}, {"address": "ray://head:10001"}):
+        assert not placement.place(dataclasses.replace(opts, **choice)).runs_here(100, 1000)
+    assert not dataclasses.replace(here, gpu=True).runs_here(100, 1000)
+    monkeypatch.setattr(placement, "local_cpus", lambda: 2)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
-    assert not connect.runs_here(opts, 100, 1000)
+    assert not placement.place(opts).runs_here(100, 1000)
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    assert not connect.runs_here(opts, 100, 1000)
+    assert not placement.place(opts).runs_here(100, 1000)
 
 
 def test_predictor_without_ray(trained, digits_data, tmp_path):

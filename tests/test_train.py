@@ -192,6 +192,17 @@ def test_resume_continues_a_killed_run(tmp_path):
     assert metrics(run) == history
 
 
+def test_a_workers_threads_are_its_share_and_never_more_than_its_nodes_cpus():
+    """The driver shares the run's CPUs out (a cluster's in all); a worker takes no more
+    threads than its own node's CPUs over the run's workers on that node."""
+    from kiln.train.loop import worker_threads
+
+    assert worker_threads(share=2, cpus=2, on_node=1) == 2  # a lone worker, a small machine
+    assert worker_threads(share=24, cpus=16, on_node=2) == 8  # 48 CPUs in all, 16 here
+    assert worker_threads(share=1, cpus=16, on_node=1) == 1  # a search's trial keeps its share
+    assert worker_threads(share=4, cpus=1, on_node=2) == 1  # never none
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [lr_at(s, 1000, 1.0, warmup_steps(1000)) for s in range(1000)]
     assert lrs[0] < lrs[19] == pytest.approx(1.0)

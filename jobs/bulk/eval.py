@@ -25,6 +25,7 @@ from rich.table import Table
 from kiln.bulk.label import LabelJob
 from kiln.bulk.run import check_options, prepare_process, run_bulk
 from kiln.cluster import connect
+from kiln.cluster.placement import Placement
 from kiln.pipelines import storage
 from kiln.pipelines.fence import check_output
 from kiln.pipelines.label import LabelSettings, flip_tta
@@ -145,7 +146,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
     """Runs the evaluation; returns its summary (OUTPUT/summary.json; the figures are in
     OUTPUT/eval.json)."""
     console = console or connect.console()
-    check_options(opts)
+    where = check_options(opts)
     flip_tta(opts.tta, {})  # a known value, before anything is read
     opts = replace(opts, data=storage.absolute(opts.data),  # actors read it from elsewhere
                    output=check_output(opts.output, [opts.data, opts.model]))
@@ -157,27 +158,26 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
         if opts.actors is not None:
             raise ValueError("kiln eval of a char-RNN is one pass over the text in this "
                              "process: --actors does not apply (leave it out)")
-        if opts.address:  # often RAY_ADDRESS, which Ray Jobs sets for every job's driver
+        if where.cluster:  # often RAY_ADDRESS, which Ray Jobs sets for every job's driver
             console.print("a char-RNN's evaluation is one pass over the text in this "
                           "process: it does not use the Ray cluster", highlight=False)
-        return eval_text(opts, console)
-    return eval_images(opts, console)
+        return eval_text(opts, console, where)
+    return eval_images(opts, console, where)
 
 
-def eval_images(opts: EvalOptions, console: Console) -> dict:
+def eval_images(opts: EvalOptions, console: Console, where: Placement) -> dict:
     """Accuracy, per-class figures, confusion and calibration over labeled images, as a bulk
     job (in this process or on Ray)."""
     from kiln.pipelines.train_data import check_image_source
 
-    prepare_process(opts)
+    prepare_process(where)
     units, _ = check_image_source(opts.data, min_classes=1)  # before torch loads
     loaded = storage.load_model(opts.model, expect_kind="cnn")
-    return run_bulk(EvalJob(opts, loaded, units), console)
+    return run_bulk(EvalJob(opts, loaded, units, where), console)
 
 
-def eval_text(opts: EvalOptions, console: Console) -> dict:
+def eval_text(opts: EvalOptions, console: Console, where: Placement) -> dict:
     """nats/char and bits/char of a char-RNN over the whole text, in this process."""
-
     from kiln.pipelines.train_data import read_text
 
     start = time.monotonic()
@@ -187,16 +187,16 @@ def eval_text(opts: EvalOptions, console: Console) -> dict:
                     opts.overwrite)
     out.prepare([])
     try:
-        return _eval_text(opts, console, out, text, loaded, start)
+        return _eval_text(opts, console, out, text, loaded, start, where.cpus)
     finally:
         out.close()
 
 
 def _eval_text(opts: EvalOptions, console: Console, out: OutputDir, text: str, loaded,
-               start: float) -> dict:
+               start: float, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(connect.local_cpus())
+    torch.set_num_threads(threads)
     device = torch.device("cuda" if opts.gpu else "cpu")  # in this process, Ray or not
     nats, chars, streams = text_loss(loaded.model.to(device), loaded.vocab.encode(text), device)
     record = {"kind": "rnn", "model": loaded.id, "data": redact(opts.data), "characters": chars,

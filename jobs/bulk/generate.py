@@ -40,8 +40,8 @@ class GenerateJob(BulkJob):
     key_columns = ["id"]
     actor = gen.Generator
 
-    def __init__(self, opts: GenerateOptions, loaded, sampling: SamplingSettings):
-        super().__init__(opts, loaded)
+    def __init__(self, opts: GenerateOptions, loaded, sampling: SamplingSettings, where=None):
+        super().__init__(opts, loaded, where)
         self.s = sampling
         self.table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8: by line
         self.stats, _ = gen.prompt_stats(self.table.column("prompt").to_pylist(),
@@ -90,8 +90,8 @@ class GenerateJob(BulkJob):
         o = self.opts
         if o.batch_size:
             return o.batch_size
-        known = not (o.gpu or o.address or connect.has_cluster())
-        shares = o.actors or (connect.local_cpus() if known else 1)
+        known = not (self.where.gpu or self.where.cluster)
+        shares = o.actors or (self.where.cpus if known else 1)
         return max(1, min(self.s.lanes, -(-rows // shares)))
 
     def describe(self, plan: Plan, done: set[tuple]) -> str:
@@ -126,7 +126,6 @@ class GenerateJob(BulkJob):
 
 def sampling_of(opts: GenerateOptions) -> SamplingSettings:
     """The sampling settings; a bad value fails here, before anything runs."""
-    check_options(opts)
     if (opts.prompts is None) == (opts.num_samples is None):
         raise ValueError("give exactly one of --prompts or --num-samples")
     if opts.num_samples is not None and not 1 <= opts.num_samples <= MAX_SAMPLES:
@@ -160,13 +159,14 @@ def sampling_of(opts: GenerateOptions) -> SamplingSettings:
 def run_generate(opts: GenerateOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     console = console or connect.console()
+    where = check_options(opts)
     sampling = sampling_of(opts)
     opts = replace(opts, output=check_output(opts.output, [opts.prompts, opts.model]),
                    prompts=storage.absolute(opts.prompts) if opts.prompts else None)
-    prepare_process(opts)  # before the prompts are read into Arrow
+    prepare_process(where)  # before the prompts are read into Arrow
     loaded = storage.load_model(opts.model, expect_kind="rnn")  # a CNN fails here, clearly
     if opts.top_k > len(loaded.vocab.chars):
         raise ValueError(f"--top-k {opts.top_k:,} is more than the model's "
                          f"{len(loaded.vocab.chars):,} characters: give at most that, or 0 "
                          "to keep every character")
-    return run_bulk(GenerateJob(opts, loaded, sampling), console)
+    return run_bulk(GenerateJob(opts, loaded, sampling, where), console)

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from kiln.bulk.run import BulkJob, Plan, check_options, prepare_process, run_bulk
 from kiln.cluster import connect
+from kiln.cluster.placement import Placement
 from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
 from kiln.pipelines.fence import check_output
@@ -34,8 +35,8 @@ class LabelJob(BulkJob):
     decodes = True
     actor = LabelPredictor
 
-    def __init__(self, opts: LabelOptions, loaded, units: list):
-        super().__init__(opts, loaded)
+    def __init__(self, opts: LabelOptions, loaded, units: list, where=None):
+        super().__init__(opts, loaded, where)
         self.units = units
         self.tta = flip_tta(opts.tta, loaded.config)
 
@@ -83,24 +84,25 @@ class LabelJob(BulkJob):
                 f"{redact(self.opts.output)}")
 
 
-def check_label_options(opts: LabelOptions) -> None:
-    check_options(opts)
+def check_label_options(opts: LabelOptions) -> Placement:
+    where = check_options(opts)
     if opts.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {opts.top_k}")
     flip_tta(opts.tta, {})  # a known value, before anything is read
     if not opts.inputs:
         raise ValueError("give at least one --input")
+    return where
 
 
 def run_label(opts: LabelOptions, console: Console | None = None) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     console = console or connect.console()
-    check_label_options(opts)
+    where = check_label_options(opts)
     opts = replace(opts, output=check_output(opts.output, [*opts.inputs, opts.model]),
                    inputs=[storage.absolute(i) for i in opts.inputs])  # the job's identity
-    prepare_process(opts)
+    prepare_process(where)
     units = sources.plan(opts.inputs)  # a missing input fails here, before torch loads
     if not units:
         raise ValueError(f"nothing to label: {', '.join(opts.inputs)} holds no files")
     loaded = storage.load_model(opts.model, expect_kind="cnn")  # and a wrong model, before Ray
-    return run_bulk(LabelJob(opts, loaded, units), console)
+    return run_bulk(LabelJob(opts, loaded, units, where), console)

@@ -18,16 +18,8 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from kiln.cluster.connect import (
-    RayOptions,
-    check_address,
-    check_gpu,
-    has_cluster,
-    local_cpus,
-    may_run_here,
-    ray_session,
-    runs_here,
-)
+from kiln.cluster.connect import RayOptions, check_address, ray_session
+from kiln.cluster.placement import Placement, place
 from kiln.pipelines import storage
 from kiln.pipelines.bulk import Layout, bulk_dataset, run_in_threads, stats_rows
 from kiln.pipelines.sink import OutputDir, Progress, skip_pandas_probe
@@ -50,12 +42,13 @@ class BulkJob:
     verb = ""  # "labeling" | "generating"
     done_word = ""  # "labeled" | "generated": the progress lines
     key_columns: list[str] = []  # read back from the output to skip what is done
-    rate_per_cpu = 1.0  # units of work a core does a second (kiln.cluster.connect.runs_here)
+    rate_per_cpu = 1.0  # units of work a core does a second (Placement.runs_here)
     decodes = False  # whether a GPU actor wants CPUs of its own for decoding
     actor: type = object  # the pipelines.bulk.BulkActor subclass
 
-    def __init__(self, opts, loaded):
-        self.opts, self.loaded = opts, loaded
+    def __init__(self, opts, loaded, where: Placement | None = None):
+        """`where`: the command's placement (check_options), else placed here."""
+        self.opts, self.loaded, self.where = opts, loaded, where or place(opts)
 
     def identity(self) -> dict:
         """What decides the output's rows besides the job's name: a re-run that differs in
@@ -100,30 +93,30 @@ class BulkJob:
 MAX_BATCH = 65_536  # images a forward pass (or rows a generation block) at most
 
 
-def check_options(opts) -> None:
-    """The options every bulk job has."""
+def check_options(opts) -> Placement:
+    """The options every bulk job has; the job's placement, decided and checked."""
     if opts.batch_size is not None and not 1 <= opts.batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size must be from 1 to {MAX_BATCH:,}, got {opts.batch_size:,}")
     if opts.actors is not None and opts.actors < 1:
         raise ValueError(f"--actors must be at least 1, got {opts.actors}")
     check_address(opts.address)
-    check_gpu(opts)
+    return place(opts)
 
 
-def check_fits_here(opts, tasks: int) -> None:
+def check_fits_here(where: Placement, tasks: int) -> None:
     """On a local Ray the pool must fit this machine: each of min(--actors, tasks) actors
     asks at least a tenth of a CPU (actor_layout), and a pool short of CPUs waits forever."""
-    actors = min(opts.actors or 0, tasks)
-    if opts.gpu or opts.address or has_cluster() or actors <= 9 * local_cpus():
+    actors = min(where.actors or 0, tasks)
+    if where.gpu or where.cluster or actors <= 9 * where.cpus:
         return
-    raise ValueError(f"--actors {opts.actors} does not fit this machine's {local_cpus()} CPUs "
-                     f"(at most {9 * local_cpus()} actors here); lower --actors, or point "
+    raise ValueError(f"--actors {where.actors} does not fit this machine's {where.cpus} CPUs "
+                     f"(at most {9 * where.cpus} actors here); lower --actors, or point "
                      "--address at a Ray cluster")
 
 
-def prepare_process(opts) -> None:
+def prepare_process(where: Placement) -> None:
     """Before any Arrow array is built: a job that may run here skips pyarrow's pandas probe."""
-    if may_run_here(opts):
+    if where.here_only:
         skip_pandas_probe()
 
 
@@ -151,8 +144,8 @@ def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: 
         console.print(line, highlight=False)
     progress = Progress(plan.rows, job.done_word, console)
     parts: dict[str, dict] = {}
-    if plan.tasks and runs_here(opts, plan.work, job.rate_per_cpu):
-        workers = min(local_cpus(), len(plan.tasks))
+    if plan.tasks and job.where.runs_here(plan.work, job.rate_per_cpu):
+        workers = min(job.where.cpus, len(plan.tasks))
         # One torch thread each, as each actor has; labeling decodes on `workers` threads.
         actor = job.actor(job.settings(out, Layout(1, 1.0, 0, 1, workers)), job.loaded)
         how, stats = job.run_here(actor, plan.tasks, workers)
@@ -160,7 +153,7 @@ def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: 
                       highlight=False)
         parts = follow(stats, progress, out)
     elif plan.tasks:
-        check_fits_here(opts, len(plan.tasks))
+        check_fits_here(job.where, len(plan.tasks))
         with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug,
                                     forward_credentials=opts.forward_credentials)), \
                 quiet_ray_data():

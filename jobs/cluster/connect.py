@@ -38,30 +38,6 @@ class RayOptions:
     # the session's log files (logs_dir())
 
 
-def local_cpus() -> int:
-    """The CPUs this process may run on."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cpus or 1
-
-
-def local_gpus() -> int:
-    """The CUDA GPUs of this machine (torch is imported only to ask)."""
-    import torch
-
-    return torch.cuda.device_count()
-
-
-# The size rule for label and generate jobs, from bench/label.py and bench/generate.py on 2
-# CPUs: there, the command's own process on every core (threads, one torch thread each) ran
-# as fast as a local Ray's actor pool once that was up (measured: BENCHMARKS.md, Labeling
-# section), so Ray's start never paid back at any size. Threads share the GIL, so on more
-# cores a pool of processes pulls ahead; there a job goes to Ray once it is bigger than what
-# the process would do in about Ray's start-up time (HERE_MAX_SECONDS). Not measured
-# above 2 CPUs.
-HERE_ALWAYS_CPUS = 4
-HERE_MAX_SECONDS = 15.0
-
-
 def aws_variables() -> dict[str, str]:
     """This shell's AWS settings (every AWS_ variable: the S3 ones of pipelines.storage, and
     AWS_PROFILE, AWS_CA_BUNDLE and the like), for processes on a cluster."""
@@ -94,48 +70,6 @@ def forwarded_credentials(forward: bool):
         yield {"py_modules": [package]}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def has_cluster() -> bool:
-    """Whether Ray would join a running cluster: RAY_ADDRESS names one, or a Ray is already
-    up in this process (a notebook, the tests)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return True
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
-
-
-def check_gpu(opts) -> None:
-    """--gpu on a local Ray needs a GPU on this machine; a cluster's are counted once
-    connected."""
-    if opts.gpu and not (opts.address or has_cluster()):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--gpu was given but this machine has no CUDA GPU; drop --gpu, "
-                             "or point --address at a Ray cluster with GPU workers")
-        actors = getattr(opts, "actors", None)  # one GPU each, and no autoscaler to add any
-        if actors and actors > local_gpus():
-            raise ValueError(f"--actors {actors} --gpu needs {actors} GPUs; this machine has "
-                             f"{local_gpus()}: lower --actors, or point --address "
-                             "at a Ray cluster")
-
-
-def may_run_here(opts) -> bool:
-    """Whether nothing asks for Ray: no cluster address or running Ray, no --actors, no
-    --gpu."""
-    return not (opts.gpu or opts.actors or opts.address or has_cluster())
-
-
-def runs_here(opts, work: float, rate_per_cpu: float) -> bool:
-    """Whether a label or generate job runs the actors' code in this process on every core,
-    rather than starting a local Ray: `work` is the job's size (images, characters) and
-    `rate_per_cpu` what one core does of it a second, as measured. A cluster address, a Ray
-    already running here (a notebook, the tests), --actors or --gpu choose Ray."""
-    if not may_run_here(opts):
-        return False
-    cpus = local_cpus()
-    return cpus <= HERE_ALWAYS_CPUS or work <= HERE_MAX_SECONDS * rate_per_cpu * cpus
 
 
 def ensure_token_auth() -> None:

@@ -11,7 +11,8 @@ from dataclasses import replace
 from rich.console import Console
 
 from kiln import compat
-from kiln.cluster.connect import local_gpus, logs_dir
+from kiln.cluster.connect import logs_dir
+from kiln.cluster.placement import local_gpus
 from kiln.options import TrainOptions
 from kiln.pipelines import storage
 from kiln.pipelines.train_data import HeldShard

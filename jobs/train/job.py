@@ -13,7 +13,8 @@ from dataclasses import replace
 from rich.console import Console
 
 from kiln.cluster import connect
-from kiln.cluster.connect import RayOptions, check_gpu, has_cluster, local_cpus, ray_session
+from kiln.cluster.connect import RayOptions, ray_session
+from kiln.cluster.placement import Placement, place
 from kiln.options import BACKBONE_LR_SCALE, TrainOptions, one_of
 from kiln.pipelines import storage
 from kiln.pipelines.fence import check_run_folder, mark_run_folder
@@ -91,8 +92,9 @@ def resolve(opts: TrainOptions) -> TrainOptions:
                    label_smoothing=smoothing)
 
 
-def validate(opts: TrainOptions) -> None:
-    """Every option checked before Ray starts, naming what would do."""
+def validate(opts: TrainOptions, where: Placement | None = None) -> None:
+    """Every option checked before Ray starts, naming what would do; `where` the command's
+    placement where the caller decided it already (kiln tune, for every trial)."""
     fam = family(opts.kind)
     for name, value in (("--workers", opts.workers), ("--batch-size", opts.batch_size),
                         ("--epochs", opts.epochs), ("--max-steps", opts.max_steps)):
@@ -109,9 +111,9 @@ def validate(opts: TrainOptions) -> None:
     one_of("--optimizer", opts.optimizer, OPTIMIZERS)  # resolve() turned auto into one
     if not 0 < opts.val_fraction < 1 and opts.val is None:
         raise ValueError("--val-fraction must be between 0 and 1")
-    check_gpu(opts)
-    if not (opts.address or has_cluster()):
-        check_fits_here(opts, local_cpus())
+    where = where or place(opts)
+    if not where.cluster:
+        check_fits_here(opts, where.cpus)
     fam.check_options(opts)
     check_init(opts)  # last: it reads the source, and builds the model the options describe
 

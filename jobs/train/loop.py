@@ -94,6 +94,21 @@ class Worker:
     workers: int
 
 
+def node_cpus() -> float:
+    """The CPUs of the Ray node this process runs on (a cluster's CPUs are not one node's)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node),
+                1.0)
+
+
+def worker_threads(share: int, cpus: float, on_node: int) -> int:
+    """A worker's torch threads: its share of the run's CPUs as the driver counted them
+    (`share`), and no more than this node's `cpus` over the run's workers on it."""
+    return max(1, min(share, int(cpus // max(1, on_node))))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """`config`: {"worker": WorkerConfig}, as jobs/train/fit.py hands it to Ray Train."""
     import ray.train
@@ -103,7 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: WorkerConfig = config["worker"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(worker_threads(cfg.threads, node_cpus(), ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed + rank)
     spec = cfg.spec
     fam = family(cfg.kind)

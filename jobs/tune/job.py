@@ -28,7 +28,8 @@ from rich.console import Console
 
 from kiln import compat
 from kiln.cluster import connect
-from kiln.cluster.connect import RayOptions, has_cluster, local_cpus, local_gpus, ray_session
+from kiln.cluster.connect import RayOptions, ray_session
+from kiln.cluster.placement import Placement, local_gpus, place
 from kiln.options import TrainOptions, TuneOptions, one_of
 from kiln.pipelines import storage
 from kiln.pipelines.fence import check_run_folder, mark_run_folder
@@ -70,11 +71,12 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> dict:
     console = CONSOLE["now"] = console or connect.console(highlight=False)
     t = opts.train
     out = check_run_folder(t.out, [t.data, t.val, t.init], "tune", legacy=[PLAN_FILE])
-    base, trials, spaces = plan(replace(opts, train=replace(t, out=out)))
-    return _tune(opts, base, trials, spaces, console)
+    where = place(t)  # the search's placement, its trials' too
+    base, trials, spaces = plan(replace(opts, train=replace(t, out=out)), where)
+    return _tune(opts, base, trials, spaces, where, console)
 
 
-def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
+def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict, where: Placement,
           console: Console) -> dict:
     from kiln.tune.results import finish
 
@@ -89,8 +91,8 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
     state = plan_state(opts, base, spaces, trials)
     check_resume(out, state, base.resume)
     fam = family(base.kind)
-    if not (base.address or has_cluster()):  # the fit is checked before Ray starts
-        layout(opts, trials, local_cpus(), local_gpus() if base.gpu else 0)
+    if not where.cluster:  # the fit is checked before Ray starts
+        layout(opts, trials, where.cpus, local_gpus() if base.gpu else 0, where)
     groups = data_groups(trials, fam)
     early = {key: fam.check_data(rep) for key, rep in groups.items()}
     # The lease: one search writes a search folder at a time.
@@ -102,7 +104,7 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict,
         mark_run_folder(out, "tune")
 
         res = ray.cluster_resources()
-        lay = layout(opts, trials, res.get("CPU", 1), res.get("GPU", 0))
+        lay = layout(opts, trials, res.get("CPU", 1), res.get("GPU", 0), where)
         t0 = time.monotonic()
         prepared = prepare(trials, fam, groups, early)
         console.print(f"data ready in {time.monotonic() - t0:.1f}s: "
@@ -134,7 +136,7 @@ def interrupted(results, opts: TuneOptions) -> bool:
     return bool(waiting - {"PENDING"}) or bool(waiting and not opts.search_time_limit)
 
 
-def plan(opts: TuneOptions) -> tuple[TrainOptions, dict, dict]:
+def plan(opts: TuneOptions, where: Placement) -> tuple[TrainOptions, dict, dict]:
     """(the shared options, each trial's resolved options by id, the spaces as typed), every
     trial's options checked as kiln train checks them."""
     kind = opts.train.kind
@@ -149,7 +151,7 @@ def plan(opts: TuneOptions) -> tuple[TrainOptions, dict, dict]:
         topts = resolve(replace(base, **v, out=storage.join(base.out, "trials", tid),
                                 resume=False))
         try:
-            validate(topts)
+            validate(topts, where)
         except ValueError as e:
             given = " ".join(f"{flag(k)} {shown(x)}" for k, x in v.items())
             raise ValueError(f"trial {tid} ({given}): {e}") from None
@@ -185,7 +187,8 @@ def check_resume(out: str, state: dict, resume: bool) -> None:
                                  "resume it with the same options, or choose another --out")
 
 
-def layout(opts: TuneOptions, trials: dict, cpus: float, gpus: float) -> Layout:
+def layout(opts: TuneOptions, trials: dict, cpus: float, gpus: float,
+           where: Placement) -> Layout:
     """--concurrent (default: a whole CPU, or a GPU, per worker of each trial at once), and
     each worker's share of the CPUs, a quarter of one left to Ray Data. A search whose
     trials cannot fit the cluster fails here, not by waiting for resources forever."""
@@ -201,7 +204,7 @@ def layout(opts: TuneOptions, trials: dict, cpus: float, gpus: float) -> Layout:
     if opts.concurrent is not None and opts.concurrent < 1:
         raise ValueError(f"--concurrent must be at least 1, got {opts.concurrent}")
     k = min(k, len(trials))
-    if k > max(fits, 0) and not (opts.train.address or has_cluster()):
+    if k > max(fits, 0) and not where.cluster:
         what = f"{gpus:g} GPUs" if opts.train.gpu else f"{cpus:g} CPUs"
         raise ValueError(f"--concurrent {k} trials of --workers {w} do not fit this machine's "
                          f"{what}: lower --concurrent or --workers, or point --address at a "
