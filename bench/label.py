@@ -300,7 +300,7 @@ largest size: one). Both pay Python's and torch's imports ({res['import_torch']:
   job on this machine in its own process (threads, one torch thread each) unless `--address`,
   `--actors` or `--gpu` ask for Ray: on {cpus} CPUs the process labels as fast as the pool once
   that is up (measured while building it: 200,000 images in 88.7 s of job time against the
-  pool's 91.9 s), so Ray's start never pays back (jobs/cluster/connect.py, `runs_here`).
+  pool's 91.9 s), so Ray's start never pays back (jobs/cluster/placement.py, `Placement.runs_here`).
 - The model alone, MNIST net on one thread, channels-last, batches of {BATCH}:
   {m['default']:,.0f} images/s with glibc's default allocator settings,
   **{m['keep']:,.0f}** with `keep_freed_memory()` ({m['keep'] / m['default']:.2f}x: glibc no

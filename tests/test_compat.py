@@ -4,6 +4,7 @@ versions pyproject.toml pins. A test here failing after an upgrade names the one
 import inspect
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,19 +54,29 @@ def test_kilns_trainer_overrides_methods_torchtrainer_has_and_calls():
     assert f"callbacks=self.{compat.DEFAULT_CALLBACKS}()" in caller
 
 
-def test_ray_core_internals_are_where_kiln_looks(ray_local, tmp_path, monkeypatch):
+@pytest.fixture
+def placement_group_records(ray_local):
+    """The GCS's record of a placement group, by its id, read through kiln.compat."""
+    def record(group_id: bytes):
+        (found,) = [r for r in compat.placement_groups()[0] if r.placement_group_id == group_id]
+        return found
+
+    return record
+
+
+def test_ray_core_internals_are_where_kiln_looks(placement_group_records, tmp_path,
+                                                 monkeypatch):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     group = placement_group([{"CPU": 0.01}])
     try:
         ray.get(group.ready(), timeout=60)
-        records, live = compat.placement_groups()
-        (ours,) = [r for r in records if r.placement_group_id == group.id.binary()]
-        assert ours.state in live and not ours.is_detached
-        assert isinstance(ours.creator_actor_dead, bool)  # (true for a driver's: no actor)
+        ours = placement_group_records(group.id.binary())
+        assert ours.state in compat.placement_groups()[1] and not ours.is_detached
         assert ours.creator_job_id.hex() == ray.get_runtime_context().get_job_id()
-        assert ray.ActorID(ours.creator_actor_id).is_nil()  # made by the driver, not an actor
+        # made by the driver, not an actor: no creator actor, which Ray marks dead
+        assert ray.ActorID(ours.creator_actor_id).is_nil() and ours.creator_actor_dead
     finally:
         remove_placement_group(group)
     assert Path(compat.session_logs_dir()).is_dir()
@@ -74,6 +85,31 @@ def test_ray_core_internals_are_where_kiln_looks(ray_local, tmp_path, monkeypatc
     compat.generate_auth_token()
     assert len((tmp_path / ".ray" / "auth_token").read_text().strip()) >= 16
     assert Path(compat.ray_address_file()).name
+
+
+def test_a_placement_group_of_an_actor_that_died_shows_so(placement_group_records):
+    """kiln tune frees the CPUs of a stopped trial by finding the placement groups whose
+    creator actor (Ray Train's controller) has died: the GCS record says which."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Maker:
+        def make(self) -> bytes:
+            from ray.util.placement_group import placement_group
+
+            group = placement_group([{"CPU": 0.01}])
+            ray.get(group.ready(), timeout=60)
+            return group.id.binary()
+
+    maker = Maker.remote()
+    group_id = ray.get(maker.make.remote(), timeout=120)
+    made = placement_group_records(group_id)
+    assert not ray.ActorID(made.creator_actor_id).is_nil() and not made.creator_actor_dead
+    ray.kill(maker)
+    deadline = time.monotonic() + 60
+    while not placement_group_records(group_id).creator_actor_dead:
+        assert time.monotonic() < deadline, "the creator's death never reached the record"
+        time.sleep(0.2)
 
 
 def test_the_ray_loggers_kiln_quiets_exist():

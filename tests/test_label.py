@@ -277,10 +277,16 @@ def test_size_rule_picks_the_process_or_ray(monkeypatch):
     assert here.runs_here(100, 1000) and here.runs_here(limit, 1000)
     assert not here.runs_here(limit + 1, 1000)
     assert not here.runs_here(float("inf"), 1000)
-    # --gpu is checked against this machine's GPUs when placed: asked of a Placement here
     for choice in ({"actors": 2}, {"address": "ray://head:10001"}):
         assert not placement.place(dataclasses.replace(opts, **choice)).runs_here(100, 1000)
     assert not dataclasses.replace(here, gpu=True).runs_here(100, 1000)
+    import torch
+
+    if not torch.cuda.is_available():  # --gpu is checked when placed, on this machine only
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            placement.place(dataclasses.replace(opts, gpu=True))
+        gpu_on_a_cluster = dataclasses.replace(opts, gpu=True, address="ray://head:10001")
+        assert placement.place(gpu_on_a_cluster).cluster  # a cluster's GPUs: counted there
     monkeypatch.setattr(placement, "local_cpus", lambda: 2)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert not placement.place(opts).runs_here(100, 1000)

@@ -158,6 +158,12 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> dict:
         if opts.actors is not None:
             raise ValueError("kiln eval of a char-RNN is one pass over the text in this "
                              "process: --actors does not apply (leave it out)")
+        if opts.gpu and where.cluster:  # place() counts a cluster's GPUs; this runs here
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--gpu was given but this machine has no CUDA GPU (a "
+                                 "char-RNN's evaluation runs in this process); drop --gpu")
         if where.cluster:  # often RAY_ADDRESS, which Ray Jobs sets for every job's driver
             console.print("a char-RNN's evaluation is one pass over the text in this "
                           "process: it does not use the Ray cluster", highlight=False)

@@ -5,7 +5,9 @@ of static methods and values, never instantiated; importing one imports no torch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class Family:
     metric, mode = "val_loss", "min"  # what picks the best validation, and which way
     metric_key = "val_loss"  # the curve drawn beside the loss
     evaluates = ""  # what kiln eval measures it on: "images" | "text"
-    tunable: dict = {}  # the options a search (kiln tune) may vary, and their types
+    tunable: Mapping = MappingProxyType({})  # the options a search (kiln tune) may vary, and
+    # their types
     batch_size = 64  # the default global batch: samples a step, all workers together
     adamw_lr = 1e-3  # the default peak rate with AdamW (SGD's is 0.1 per 128 samples)
 

@@ -108,7 +108,7 @@ def validate(opts: TrainOptions, where: Placement | None = None) -> None:
                          f"{opts.time_limit}")
     if not opts.lr > 0:
         raise ValueError(f"--lr must be positive, got {opts.lr}")
-    one_of("--optimizer", opts.optimizer, OPTIMIZERS)  # resolve() turned auto into one
+    one_of("--optimizer", opts.optimizer, ("auto", *OPTIMIZERS))  # resolve() chose for auto
     if not 0 < opts.val_fraction < 1 and opts.val is None:
         raise ValueError("--val-fraction must be between 0 and 1")
     where = where or place(opts)

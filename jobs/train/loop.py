@@ -99,8 +99,8 @@ def node_cpus() -> float:
     import ray
 
     node = ray.get_runtime_context().get_node_id()
-    return next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node),
-                1.0)
+    return next((n["Resources"].get("CPU", math.inf) for n in ray.nodes()
+                 if n["NodeID"] == node), math.inf)  # not found: no cap
 
 
 def worker_threads(share: int, cpus: float, on_node: int) -> int:

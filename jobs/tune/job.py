@@ -91,8 +91,8 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict, whe
     state = plan_state(opts, base, spaces, trials)
     check_resume(out, state, base.resume)
     fam = family(base.kind)
-    if not where.cluster:  # the fit is checked before Ray starts
-        layout(opts, trials, where.cpus, local_gpus() if base.gpu else 0, where)
+    if not where.cluster:  # the fit is checked before Ray starts, on this machine's count
+        layout(opts, trials, where.cpus, local_gpus() if base.gpu else 0, check_fit=True)
     groups = data_groups(trials, fam)
     early = {key: fam.check_data(rep) for key, rep in groups.items()}
     # The lease: one search writes a search folder at a time.
@@ -104,7 +104,7 @@ def _tune(opts: TuneOptions, base: TrainOptions, trials: dict, spaces: dict, whe
         mark_run_folder(out, "tune")
 
         res = ray.cluster_resources()
-        lay = layout(opts, trials, res.get("CPU", 1), res.get("GPU", 0), where)
+        lay = layout(opts, trials, res.get("CPU", 1), res.get("GPU", 0))
         t0 = time.monotonic()
         prepared = prepare(trials, fam, groups, early)
         console.print(f"data ready in {time.monotonic() - t0:.1f}s: "
@@ -188,10 +188,11 @@ def check_resume(out: str, state: dict, resume: bool) -> None:
 
 
 def layout(opts: TuneOptions, trials: dict, cpus: float, gpus: float,
-           where: Placement) -> Layout:
+           check_fit: bool = False) -> Layout:
     """--concurrent (default: a whole CPU, or a GPU, per worker of each trial at once), and
-    each worker's share of the CPUs, a quarter of one left to Ray Data. A search whose
-    trials cannot fit the cluster fails here, not by waiting for resources forever."""
+    each worker's share of the CPUs, a quarter of one left to Ray Data. With `check_fit`
+    (this machine's count, before Ray starts) a search whose trials cannot fit fails here,
+    not by waiting for resources forever; on a running Ray the trials beyond it queue."""
     w = opts.train.workers
     if opts.train.gpu:
         fits = int(gpus // w)
@@ -204,7 +205,7 @@ def layout(opts: TuneOptions, trials: dict, cpus: float, gpus: float,
     if opts.concurrent is not None and opts.concurrent < 1:
         raise ValueError(f"--concurrent must be at least 1, got {opts.concurrent}")
     k = min(k, len(trials))
-    if k > max(fits, 0) and not where.cluster:
+    if k > max(fits, 0) and check_fit:
         what = f"{gpus:g} GPUs" if opts.train.gpu else f"{cpus:g} CPUs"
         raise ValueError(f"--concurrent {k} trials of --workers {w} do not fit this machine's "
                          f"{what}: lower --concurrent or --workers, or point --address at a "
