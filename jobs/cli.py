@@ -13,7 +13,7 @@ from rich.console import Console
 
 from kiln import compat
 from kiln.cluster import connect
-from kiln.options import BACKBONE_LR_SCALE, GenerateOptions, LabelOptions, TrainOptions
+from kiln.options import GenerateOptions, LabelOptions, TrainOptions
 
 console = connect.console()
 app = typer.Typer(
@@ -28,15 +28,6 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train a model with Ray Train.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
-TIME_LIMIT_HELP = ("Minutes of training and validation (start-up excluded). Alone, it sets the "
-                   "run's length: the learning rate anneals to zero by its end. With --epochs "
-                   "or --max-steps, whichever ends first.")
-EPOCHS_HELP = "Passes over the training data; default 10 unless --time-limit sets the length."
-BATCH_HELP = "Global batch: {what} per step, all workers together (each takes its share)."
-LR_HELP = ("Peak learning rate; default 0.1 per 128 images for SGD, 2e-3 for AdamW (4e-3 for "
-           "char-RNNs).")
-OPTIMIZER_HELP = ("auto (SGD with Nesterov momentum for ResNets and torchvision networks, AdamW "
-                  "for mnist_cnn and char-RNNs), sgd or adamw.")
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                        help="Ray cluster address; default: a local Ray for this command.")
 TTA = typer.Option("none", "--tta", help="flip: each image's scores averaged with its "
@@ -48,15 +39,6 @@ FORWARD = typer.Option(False, "--forward-credentials",
                        "package Ray uploads but never logs or shows); by default a cluster "
                        "uses its own credentials.")
 
-
-INIT = typer.Option(None, help="Start from these weights: a kiln run or model folder, a "
-                    ".safetensors file or a PyTorch state dict (.pt/.pth, read with "
-                    "weights_only). When the classes (vocabulary) differ, the head is "
-                    "replaced: a kiln model's rows of shared classes are carried, new ones "
-                    "start fresh.")
-FREEZE = typer.Option(False, "--freeze-backbone", help="With --init: train the head alone.")
-BACKBONE_LR = typer.Option(BACKBONE_LR_SCALE, help="With --init: the loaded layers' share of "
-                           "the learning rate (the head takes all of it).")
 
 DEBUG = {"on": False}  # `kiln --debug`: tracebacks and Ray's own output on the console
 
@@ -104,84 +86,64 @@ def run_job(fn, *args):
         fail(f"{one_line(e)} (kiln --debug ... shows the traceback)", code=1)
 
 
-@train_app.command("cnn", epilog="Example: kiln train cnn --data digits.tar --out runs/digits")
-def train_cnn(
-    data: str = typer.Option(..., help="Parquet (image, label) or a class-per-folder dir/archive."),
-    out: str = typer.Option(..., help="Run folder: model/, metrics.jsonl, curves.png."),
-    val: str = typer.Option(None, help="Validation data; default: hold out --val-fraction."),
-    val_fraction: float = typer.Option(0.1, help="Share of --data held out for validation."),
-    arch: str = typer.Option("mnist_cnn", help="mnist_cnn, resnet8, resnet20, or a torchvision "
-                             "name such as resnet18."),
-    epochs: int = typer.Option(None, help=EPOCHS_HELP),
-    batch_size: int = typer.Option(None, help=BATCH_HELP.format(what="images (default 128)")),
-    lr: float = typer.Option(None, help=LR_HELP),
-    optimizer: str = typer.Option("auto", help=OPTIMIZER_HELP),
-    augment: str = typer.Option("auto", help="auto (pad-and-crop plus horizontal flips for "
-                                "3 channels, shifts for 1), flip, shift or none."),
-    label_smoothing: float = typer.Option(None, help="The target's share spread evenly over "
-                                          "the classes; default 0.1 for ResNets and "
-                                          "torchvision networks, 0 for mnist_cnn."),
-    workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
-    image_size: int = typer.Option(28, help="Images are resized to SIZE x SIZE."),
-    channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB)."),
-    time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
-    seed: int = typer.Option(0, help="Random seed."),
-    init: str = INIT,
-    freeze_backbone: bool = FREEZE,
-    backbone_lr_scale: float = BACKBONE_LR,
-    address: str = ADDRESS,
-    forward_credentials: bool = FORWARD,
-):
-    """Train an image classifier."""
-    given = dict(locals())  # the options, by TrainOptions' names
-    from kiln.train.job import run_train
+def option_params(cls, kind: str, *, text: set[str] = frozenset(), replaced: dict | None = None,
+                  suffix: dict | None = None) -> list:
+    """The command's parameters, one per option of the dataclass `cls` that the model family
+    `kind` has (kiln.options.opt: its default, help and environment variable). Options in
+    `text` are read as text (kiln tune's spaces); `replaced` holds Typer options of the
+    command's own, `suffix` a help's last words."""
+    import dataclasses
+    import inspect
+    import typing
 
-    run_job(run_train, TrainOptions("cnn", **given, debug=DEBUG["on"]))
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta or meta["family"] not in (None, kind):
+            continue
+        help = meta["help"][kind] if isinstance(meta["help"], dict) else meta["help"]
+        default = ... if f.default is dataclasses.MISSING else f.default
+        kind_of = typing.get_args(hints[f.name]) or (hints[f.name],)
+        annotation = next(a for a in kind_of if a is not type(None))  # `int | None` -> int
+        decls = [f"--{f.name.replace('_', '-')}"] if annotation is bool else []
+        if f.name in text:
+            annotation, default = str, None if default is None else str(default)
+        option = (replaced or {}).get(f.name) or typer.Option(
+            default, *decls, envvar=meta["envvar"],
+            help=help + (suffix or {}).get(f.name, ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=option, annotation=annotation))
+    return params
 
 
-@train_app.command("rnn", epilog="Example: kiln train rnn --data corpus.txt --out runs/chars "
-                   "--max-steps 2000")
-def train_rnn(
-    data: str = typer.Option(..., help="UTF-8 text file(s) or Parquet with a `text` column."),
-    out: str = typer.Option(..., help="Run folder."),
-    val: str = typer.Option(None, help="Validation text; default: hold out --val-fraction."),
-    val_fraction: float = typer.Option(0.1, help="Share of the text held out (its end)."),
-    cell: str = typer.Option("lstm", help="lstm, gru or rnn."),
-    layers: int = typer.Option(2, help="Recurrent layers."),
-    hidden: int = typer.Option(256, help="Hidden units per layer."),
-    embed: int = typer.Option(64, help="Character embedding size."),
-    dropout: float = typer.Option(0.0, help="Dropout between layers and before the output."),
-    seq_len: int = typer.Option(100, help="Characters per chunk: the text is read in chunks, "
-                                "the hidden state carried from one to the next (truncated "
-                                "BPTT length)."),
-    epochs: int = typer.Option(None, help=EPOCHS_HELP),
-    max_steps: int = typer.Option(None, help="Stop after this many steps in total."),
-    batch_size: int = typer.Option(None, help=BATCH_HELP.format(
-        what="text streams (default 64)")),
-    lr: float = typer.Option(None, help=LR_HELP),
-    optimizer: str = typer.Option("auto", help=OPTIMIZER_HELP),
-    workers: int = typer.Option(2, help="Ray Train workers (DDP)."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
-    time_limit: float = typer.Option(None, help=TIME_LIMIT_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
-    seed: int = typer.Option(0, help="Random seed."),
-    init: str = INIT,
-    freeze_backbone: bool = FREEZE,
-    backbone_lr_scale: float = BACKBONE_LR,
-    address: str = ADDRESS,
-    forward_credentials: bool = FORWARD,
-):
-    """Train a character-level language model (char-rnn)."""
-    given = dict(locals())  # the options, by TrainOptions' names
-    from kiln.train.job import run_train
+def with_params(fn, params: list, doc: str):
+    """`fn(**options)` as a Typer command of these parameters."""
+    import inspect
 
-    run_job(run_train, TrainOptions("rnn", **given, debug=DEBUG["on"]))
+    fn.__signature__ = inspect.Signature(params)
+    fn.__doc__ = doc
+    return fn
 
 
-# `kiln tune cnn|rnn` takes kiln train's options, its own signature derived from train's: the
-# options a search may vary (jobs/tune/space.py) are read as text, a value or a space.
+def train_command(kind: str, doc: str):
+    def command(**given):
+        from kiln.train.job import run_train
+
+        run_job(run_train, TrainOptions(kind, **given, debug=DEBUG["on"]))
+
+    return with_params(command, option_params(TrainOptions, kind), doc)
+
+
+train_app.command("cnn", epilog="Example: kiln train cnn --data digits.tar --out runs/digits")(
+    train_command("cnn", "Train an image classifier."))
+train_app.command("rnn", epilog="Example: kiln train rnn --data corpus.txt --out runs/chars "
+                  "--max-steps 2000")(
+    train_command("rnn", "Train a character-level language model (char-rnn)."))
+
+
+# `kiln tune cnn|rnn` takes kiln train's options, the ones a search may vary (the family's
+# `tunable`) read as text: a value or a space.
 tune_app = typer.Typer(help="Search hyperparameters with Ray Tune: trials of kiln train.",
                        no_args_is_help=True)
 app.add_typer(tune_app, name="tune")
@@ -206,47 +168,35 @@ TUNE_REPLACED = {
 }
 
 
-def tune_command(kind: str, train_fn):
+def tune_command(kind: str):
     import inspect
-    import typing
 
     from kiln.tune.space import TUNABLE
 
-    hints = typing.get_type_hints(train_fn)
+    tunable = TUNABLE[kind]
 
     def command(**kw):
         from kiln.options import TuneOptions
         from kiln.tune.job import run_tune
 
-        spaces = {k: kw.pop(k) for k in TUNABLE[kind]}
+        spaces = {k: kw.pop(k) for k in tunable}
         extra = {k: kw.pop(k) for k in TUNE_OPTIONS}
         train = TrainOptions(kind, **kw, debug=DEBUG["on"])
         run_job(run_tune, TuneOptions(train, spaces, **extra))
 
-    params = []
-    for p in inspect.signature(train_fn).parameters.values():
-        opt = p.default
-        if p.name in TUNE_REPLACED:
-            opt = TUNE_REPLACED[p.name]
-        elif p.name in TUNABLE[kind]:
-            default = None if opt.default is None else str(opt.default)
-            opt = typer.Option(default, help=(opt.help or "") + SPACE_HELP[TUNABLE[kind][p.name]])
-        annotation = str if p.name in TUNABLE[kind] else hints[p.name]
-        params.append(p.replace(default=opt, annotation=annotation))
+    params = option_params(TrainOptions, kind, text=set(tunable), replaced=TUNE_REPLACED,
+                           suffix={k: SPACE_HELP[t] for k, t in tunable.items()})
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t)
                for k, (t, o) in TUNE_OPTIONS.items()]
-    command.__signature__ = inspect.Signature(
-        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
-    command.__doc__ = f"Search the hyperparameters of `kiln train {kind}`."
-    return command
+    return with_params(command, params, f"Search the hyperparameters of `kiln train {kind}`.")
 
 
 tune_app.command("cnn", epilog="Example: kiln tune cnn --data digits.tar --out runs/search "
                  "--lr 1e-3:1e-1:log --batch-size 64,128 --epochs 8 --trials 8")(
-    tune_command("cnn", train_cnn))
+    tune_command("cnn"))
 tune_app.command("rnn", epilog="Example: kiln tune rnn --data corpus.txt --out runs/search "
                  "--lr 1e-3:1e-2:log --hidden 128,256 --time-limit 5")(
-    tune_command("rnn", train_rnn))
+    tune_command("rnn"))
 
 
 @app.command(epilog="Example: kiln label --model runs/digits --input 'photos/*.tar' "

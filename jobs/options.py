@@ -1,9 +1,11 @@
 """The settings of each job, as typed dataclasses with their defaults. The CLI fills them from
-flags; the job functions take them as they are and read no flags or environment."""
+flags; the job functions take them as they are and read no flags or environment. TrainOptions'
+fields carry their command-line help (opt): kiln.cli builds `kiln train` and `kiln tune` from
+them, so an option added here is on both commands, with its help."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 # The loaded layers' share of the learning rate with --init: 1 measured best, ahead of 0.3
 # and 0.1 (ResNet-8 on photos; measured: BENCHMARKS.md, Fine-tuning section)
@@ -16,46 +18,81 @@ def one_of(flag: str, value, choices) -> None:
         raise ValueError(f"unknown {flag} {value!r}; choose one of {', '.join(choices)}")
 
 
+def opt(default=MISSING, help: str | dict = "", *, envvar: str | None = None,
+        family: str | None = None):
+    """An option's field: its default, and its command-line help (a dict: a help for each
+    model family's command), the environment variable it also reads, and the one family
+    whose command has it (None: every family's). kiln.cli builds `kiln train` and `kiln tune`
+    from these fields."""
+    return field(default=default, metadata={"help": help, "envvar": envvar, "family": family})
+
+
 @dataclass
 class TrainOptions:
-    kind: str  # "cnn" or "rnn"
-    data: str  # training data URI
-    out: str  # run folder URI
-    val: str | None = None  # validation data URI; else a --val-fraction of data is held out
-    val_fraction: float = 0.1
-    epochs: int | None = None  # None: 10, unless --max-steps or --time-limit set the length
-    max_steps: int | None = None  # stop after this many optimizer steps in total
-    time_limit: float | None = None  # minutes of training and validation; alone, it sets the
-    # run's length and the learning rate anneals by its end
-    batch_size: int | None = None  # global (all workers); None: 128 images or 64 streams
-    lr: float | None = None  # peak; None: 0.1 per 128 images for SGD, else AdamW 2e-3 (CNN) or
-    # 4e-3 (char-RNN)
-    workers: int = 2
-    gpu: bool = False
-    resume: bool = False
-    seed: int = 0
-    optimizer: str = "auto"  # auto (SGD + Nesterov for ResNets, else AdamW) | sgd | adamw
-    init: str | None = None  # starting weights: a kiln run/model folder, .safetensors, .pt
-    freeze_backbone: bool = False  # with --init: train the head alone
-    backbone_lr_scale: float = BACKBONE_LR_SCALE  # with --init: the loaded layers' share of
-    # the learning rate
+    """kiln train's options; kiln tune's trials take them too (TuneOptions.train)."""
+
+    kind: str  # the model family: "cnn" or "rnn" (kiln.train.families)
+    data: str = opt(help={"cnn": "Parquet (image, label) or a class-per-folder dir/archive.",
+                          "rnn": "UTF-8 text file(s) or Parquet with a `text` column."})
+    out: str = opt(help={"cnn": "Run folder: model/, metrics.jsonl, curves.png.",
+                         "rnn": "Run folder."})
+    val: str | None = opt(None, {"cnn": "Validation data; default: hold out --val-fraction.",
+                                 "rnn": "Validation text; default: hold out --val-fraction."})
+    val_fraction: float = opt(0.1, {"cnn": "Share of --data held out for validation.",
+                                    "rnn": "Share of the text held out (its end)."})
     # CNN
-    arch: str = "mnist_cnn"
-    image_size: int = 28
-    channels: int = 1
-    augment: str = "auto"  # auto | flip | shift | none (auto: flip for 3 channels)
-    label_smoothing: float | None = None  # the target's share spread evenly over the classes;
-    # None: 0.1 for the ResNets and torchvision networks (bench/recipe.py), 0 for mnist_cnn
+    arch: str = opt("mnist_cnn", "mnist_cnn, resnet8, resnet20, or a torchvision name such as "
+                    "resnet18.", family="cnn")
+    image_size: int = opt(28, "Images are resized to SIZE x SIZE.", family="cnn")
+    channels: int = opt(1, "1 (grayscale) or 3 (RGB).", family="cnn")
+    augment: str = opt("auto", "auto (pad-and-crop plus horizontal flips for 3 channels, shifts "
+                       "for 1), flip, shift or none.", family="cnn")
+    label_smoothing: float | None = opt(None, "The target's share spread evenly over the "
+                                        "classes; default 0.1 for ResNets and torchvision "
+                                        "networks, 0 for mnist_cnn.", family="cnn")
     # RNN
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 256
-    embed: int = 64
-    dropout: float = 0.0
-    seq_len: int = 100
-    address: str | None = None
-    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
-    debug: bool = False  # --debug: tracebacks and Ray's own output on the console
+    cell: str = opt("lstm", "lstm, gru or rnn.", family="rnn")
+    layers: int = opt(2, "Recurrent layers.", family="rnn")
+    hidden: int = opt(256, "Hidden units per layer.", family="rnn")
+    embed: int = opt(64, "Character embedding size.", family="rnn")
+    dropout: float = opt(0.0, "Dropout between layers and before the output.", family="rnn")
+    seq_len: int = opt(100, "Characters per chunk: the text is read in chunks, the hidden state "
+                       "carried from one to the next (truncated BPTT length).", family="rnn")
+    # How long, how fast
+    epochs: int | None = opt(None, "Passes over the training data; default 10 unless "
+                             "--time-limit or --max-steps sets the length.")
+    max_steps: int | None = opt(None, "Stop after this many steps in total.")
+    time_limit: float | None = opt(None, "Minutes of training and validation (start-up "
+                                   "excluded). Alone, it sets the run's length: the learning "
+                                   "rate anneals to zero by its end. With --epochs or "
+                                   "--max-steps, whichever ends first.")
+    batch_size: int | None = opt(None, {
+        "cnn": "Global batch: images (default 128) per step, all workers together (each takes "
+               "its share).",
+        "rnn": "Global batch: text streams (default 64) per step, all workers together (each "
+               "takes its share)."})
+    lr: float | None = opt(None, "Peak learning rate; default 0.1 per 128 images for SGD, 2e-3 "
+                           "for AdamW (4e-3 for char-RNNs).")
+    optimizer: str = opt("auto", "auto (SGD with Nesterov momentum for ResNets and torchvision "
+                         "networks, AdamW for mnist_cnn and char-RNNs), sgd or adamw.")
+    workers: int = opt(2, "Ray Train workers (DDP).")
+    gpu: bool = opt(False, "One GPU per worker, bf16 autocast.")
+    resume: bool = opt(False, "Continue from the last checkpoint.")
+    seed: int = opt(0, "Random seed.")
+    init: str | None = opt(None, "Start from these weights: a kiln run or model folder, a "
+                           ".safetensors file or a PyTorch state dict (.pt/.pth, read with "
+                           "weights_only). When the classes (vocabulary) differ, the head is "
+                           "replaced: a kiln model's rows of shared classes are carried, new "
+                           "ones start fresh.")
+    freeze_backbone: bool = opt(False, "With --init: train the head alone.")
+    backbone_lr_scale: float = opt(BACKBONE_LR_SCALE, "With --init: the loaded layers' share "
+                                   "of the learning rate (the head takes all of it).")
+    address: str | None = opt(None, "Ray cluster address; default: a local Ray for this "
+                              "command.", envvar="RAY_ADDRESS")
+    forward_credentials: bool = opt(False, "Give the cluster's processes this shell's AWS_* "
+                                    "variables (in a package Ray uploads but never logs or "
+                                    "shows); by default a cluster uses its own credentials.")
+    debug: bool = False  # `kiln --debug`: tracebacks and Ray's own output on the console
 
 
 @dataclass
