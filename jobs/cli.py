@@ -13,7 +13,13 @@ from rich.console import Console
 
 from kiln import compat
 from kiln.cluster import connect
-from kiln.options import GenerateOptions, LabelOptions, TrainOptions
+from kiln.options import (
+    ADDRESS_HELP,
+    EvalOptions,
+    GenerateOptions,
+    LabelOptions,
+    TrainOptions,
+)
 
 console = connect.console()
 app = typer.Typer(
@@ -28,18 +34,7 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train a model with Ray Train.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
-ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                       help="Ray cluster address; default: a local Ray for this command.")
-TTA = typer.Option("none", "--tta", help="flip: each image's scores averaged with its "
-                   "mirror image's (one row an image; twice the model's work); auto: flip "
-                   "where the model trained with flips (--augment flip, colour images' "
-                   "default); none.")
-FORWARD = typer.Option(False, "--forward-credentials",
-                       help="Give the cluster's processes this shell's AWS_* variables (in a "
-                       "package Ray uploads but never logs or shows); by default a cluster "
-                       "uses its own credentials.")
-
-
+ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP)
 DEBUG = {"on": False}  # `kiln --debug`: tracebacks and Ray's own output on the console
 
 
@@ -94,6 +89,7 @@ def option_params(cls, kind: str, *, text: set[str] = frozenset(), replaced: dic
     command's own, `suffix` a help's last words."""
     import dataclasses
     import inspect
+    import types
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -104,9 +100,11 @@ def option_params(cls, kind: str, *, text: set[str] = frozenset(), replaced: dic
             continue
         help = meta["help"][kind] if isinstance(meta["help"], dict) else meta["help"]
         default = ... if f.default is dataclasses.MISSING else f.default
-        kind_of = typing.get_args(hints[f.name]) or (hints[f.name],)
-        annotation = next(a for a in kind_of if a is not type(None))  # `int | None` -> int
-        decls = [f"--{f.name.replace('_', '-')}"] if annotation is bool else []
+        annotation = hints[f.name]
+        if isinstance(annotation, types.UnionType):  # `int | None` -> int
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        decls = ([meta["flag"]] if meta.get("flag") else
+                 [f"--{f.name.replace('_', '-')}"] if annotation is bool else [])
         if f.name in text:
             annotation, default = str, None if default is None else str(default)
         option = (replaced or {}).get(f.name) or typer.Option(
@@ -199,95 +197,32 @@ tune_app.command("rnn", epilog="Example: kiln tune rnn --data corpus.txt --out r
     tune_command("rnn"))
 
 
-@app.command(epilog="Example: kiln label --model runs/digits --input 'photos/*.tar' "
-             "--output labels/ --top-k 3 --report")
-def label(
-    model: str = typer.Option(..., help="A trained CNN: the run folder or its model/ folder."),
-    input: list[str] = typer.Option(..., "--input", help="Directories, archives (.tar .tar.gz "
-                                    ".tgz .zip), Parquet with `image`, or globs; repeatable."),
-    output: str = typer.Option(..., help="Output folder: Parquet parts + summary.json."),
-    top_k: int = typer.Option(5, help="Class names and scores kept per image."),
-    batch_size: int = typer.Option(128, help="Images per forward pass."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
-    report: bool = typer.Option(False, "--report", help="Also write report.html beside it."),
-    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
-    address: str = ADDRESS,
-    forward_credentials: bool = FORWARD,
-    tta: str = TTA,
-):
-    """Label every image of the inputs with a trained CNN."""
-    from kiln.bulk.label import run_label
+def job_command(cls, run: str, doc: str):
+    """A command that fills the options dataclass `cls` and runs `run` (module:function,
+    imported when the command runs) with it."""
+    def command(**given):
+        import importlib
 
-    opts = LabelOptions(model, list(input), output, top_k, batch_size, gpu, overwrite, report,
-                        actors, address, debug=DEBUG["on"],
-                        forward_credentials=forward_credentials, tta=tta)
-    run_job(run_label, opts)
+        module, name = run.split(":")
+        run_job(getattr(importlib.import_module(module), name),
+                cls(**given, debug=DEBUG["on"]))
+
+    return with_params(command, option_params(cls, None), doc)
 
 
-@app.command(epilog="Example: kiln generate --model runs/chars --num-samples 100 "
-             "--output gen/ --temperature 0.8")
-def generate(
-    model: str = typer.Option(..., help="A trained char-RNN: run folder or model/ folder."),
-    output: str = typer.Option(..., help="Output folder: Parquet parts + summary.json."),
-    prompts: str = typer.Option(None, help="UTF-8 text file, one prompt a line (id: the line "
-                                "number), or Parquet with `prompt` (and optional `id`)."),
-    num_samples: int = typer.Option(None, help="Unconditional samples, when no --prompts."),
-    max_chars: int = typer.Option(200, help="Characters generated per row."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy."),
-    top_k: int = typer.Option(0, help="Sample among the K likeliest characters; 0: all."),
-    seed: int = typer.Option(0, help="Each row is seeded from (seed, row id)."),
-    stop: str = typer.Option(None, help="Cut each text before this string."),
-    batch_size: int = typer.Option(None, help="Rows per block and Parquet part; default: the "
-                                   "sampling lanes (256 sequences stepped together on a CPU, "
-                                   "1024 on a GPU), or fewer: each local CPU's (or actor's) "
-                                   "equal share of the rows."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
-    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
-    address: str = ADDRESS,
-    precision: str = typer.Option("auto", help="The recurrent layers' matrix products: auto "
-                                  "(bf16 where the hardware has bf16 matrix units: a GPU, a "
-                                  "CPU with AMX; else fp32), fp32 or bf16. The state stays "
-                                  "fp32."),
-    forward_credentials: bool = FORWARD,
-):
-    """Generate text from prompts (or unconditionally) with a trained char-RNN."""
-    if (prompts is None) == (num_samples is None):
-        fail("give exactly one of --prompts or --num-samples")
-    from kiln.bulk.generate import run_generate
-
-    opts = GenerateOptions(model, output, prompts, num_samples, max_chars, temperature, top_k,
-                           seed, stop, batch_size, gpu, overwrite, actors, address,
-                           debug=DEBUG["on"], precision=precision,
-                           forward_credentials=forward_credentials)
-    run_job(run_generate, opts)
-
-
-@app.command("eval", epilog="Example: kiln eval --model runs/digits --data test.tar "
-             "--output eval/")
-def eval_(
-    model: str = typer.Option(..., help="A trained model: the run folder or its model/ folder."),
-    data: str = typer.Option(..., help="CNN: labeled images in a training format (class-per-"
-                             "folder dir or archive, Parquet with image and label). char-RNN: "
-                             "UTF-8 text or Parquet `text`."),
-    output: str = typer.Option(..., help="Output folder: eval.json, eval.html, the scored rows "
-                               "as Parquet parts, summary.json."),
-    batch_size: int = typer.Option(128, help="Images per forward pass."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor, bf16 autocast."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing output."),
-    actors: int = typer.Option(None, help="Model replicas; default: fits the cluster."),
-    address: str = ADDRESS,
-    forward_credentials: bool = FORWARD,
-    tta: str = TTA,
-):
-    """Measure a trained model on labeled images (accuracy, per-class F1, confusion,
-    calibration) or on text (nats and bits per character)."""
-    from kiln.bulk.eval import EvalOptions, run_eval
-
-    run_job(run_eval, EvalOptions(model, data, output, batch_size, gpu, overwrite, actors,
-                                  address, debug=DEBUG["on"],
-                                  forward_credentials=forward_credentials, tta=tta))
+app.command("label", epilog="Example: kiln label --model runs/digits --input 'photos/*.tar' "
+            "--output labels/ --top-k 3 --report")(
+    job_command(LabelOptions, "kiln.bulk.label:run_label",
+                "Label every image of the inputs with a trained CNN."))
+app.command("generate", epilog="Example: kiln generate --model runs/chars --num-samples 100 "
+            "--output gen/ --temperature 0.8")(
+    job_command(GenerateOptions, "kiln.bulk.generate:run_generate",
+                "Generate text from prompts (or unconditionally) with a trained char-RNN."))
+app.command("eval", epilog="Example: kiln eval --model runs/digits --data test.tar "
+            "--output eval/")(
+    job_command(EvalOptions, "kiln.bulk.eval:run_eval",
+                "Measure a trained model on labeled images (accuracy, per-class F1, "
+                "confusion, calibration) or on text (nats and bits per character)."))
 
 
 @app.command(epilog="Example: kiln info runs/digits")

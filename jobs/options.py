@@ -19,12 +19,26 @@ def one_of(flag: str, value, choices) -> None:
 
 
 def opt(default=MISSING, help: str | dict = "", *, envvar: str | None = None,
-        family: str | None = None):
+        family: str | None = None, flag: str | None = None):
     """An option's field: its default, and its command-line help (a dict: a help for each
-    model family's command), the environment variable it also reads, and the one family
-    whose command has it (None: every family's). kiln.cli builds `kiln train` and `kiln tune`
-    from these fields."""
-    return field(default=default, metadata={"help": help, "envvar": envvar, "family": family})
+    model family's command), the environment variable it also reads, the one family whose
+    command has it (None: every family's) and its flag where it is not the field's name.
+    kiln.cli builds its job commands from these fields."""
+    return field(default=default, metadata={"help": help, "envvar": envvar, "family": family,
+                                            "flag": flag})
+
+
+# The options several commands share, said once.
+ADDRESS_HELP = "Ray cluster address; default: a local Ray for this command."
+FORWARD_HELP = ("Give the cluster's processes this shell's AWS_* variables (in a package Ray "
+                "uploads but never logs or shows); by default a cluster uses its own "
+                "credentials.")
+GPU_ACTOR_HELP = "One GPU per actor, bf16 autocast."
+OVERWRITE_HELP = "Discard an existing output."
+ACTORS_HELP = "Model replicas; default: fits the cluster."
+TTA_HELP = ("flip: each image's scores averaged with its mirror image's (one row an image; "
+            "twice the model's work); auto: flip where the model trained with flips (--augment "
+            "flip, colour images' default); none.")
 
 
 @dataclass
@@ -87,51 +101,72 @@ class TrainOptions:
     freeze_backbone: bool = opt(False, "With --init: train the head alone.")
     backbone_lr_scale: float = opt(BACKBONE_LR_SCALE, "With --init: the loaded layers' share "
                                    "of the learning rate (the head takes all of it).")
-    address: str | None = opt(None, "Ray cluster address; default: a local Ray for this "
-                              "command.", envvar="RAY_ADDRESS")
-    forward_credentials: bool = opt(False, "Give the cluster's processes this shell's AWS_* "
-                                    "variables (in a package Ray uploads but never logs or "
-                                    "shows); by default a cluster uses its own credentials.")
+    address: str | None = opt(None, ADDRESS_HELP, envvar="RAY_ADDRESS")
+    forward_credentials: bool = opt(False, FORWARD_HELP)
     debug: bool = False  # `kiln --debug`: tracebacks and Ray's own output on the console
 
 
 @dataclass
 class LabelOptions:
-    model: str
-    inputs: list[str]
-    output: str
-    top_k: int = 5
-    batch_size: int = 128
-    gpu: bool = False
-    overwrite: bool = False
-    report: bool = False
-    actors: int | None = None  # None: one per 1 CPU (or GPU) the cluster has
-    address: str | None = None
+    model: str = opt(help="A trained CNN: the run folder or its model/ folder.")
+    inputs: list[str] = opt(help="Directories, archives (.tar .tar.gz .tgz .zip), Parquet with "
+                            "`image`, or globs; repeatable.", flag="--input")
+    output: str = opt(help="Output folder: Parquet parts + summary.json.")
+    top_k: int = opt(5, "Class names and scores kept per image.")
+    batch_size: int = opt(128, "Images per forward pass.")
+    gpu: bool = opt(False, GPU_ACTOR_HELP)
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    report: bool = opt(False, "Also write report.html beside it.")
+    actors: int | None = opt(None, ACTORS_HELP)  # None: one per 1 CPU (or GPU) there is
+    address: str | None = opt(None, ADDRESS_HELP, envvar="RAY_ADDRESS")
     debug: bool = False
-    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
-    tta: str = "none"  # none | flip | auto (flip where the model trained on mirrored images)
+    forward_credentials: bool = opt(False, FORWARD_HELP)
+    tta: str = opt("none", TTA_HELP)
 
 
 @dataclass
 class GenerateOptions:
-    model: str
-    output: str
-    prompts: str | None = None  # a text file (one prompt a line) or Parquet with `prompt`
-    num_samples: int | None = None  # unconditional samples when no prompts are given
-    max_chars: int = 200
-    temperature: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: str | None = None
-    batch_size: int | None = None  # rows per block and Parquet part; None: the lanes (256 on
-    # a CPU, 1024 on a GPU), or each CPU's or actor's share of the rows (GenerateJob.block_rows)
-    gpu: bool = False
-    overwrite: bool = False
-    actors: int | None = None
-    address: str | None = None
+    model: str = opt(help="A trained char-RNN: run folder or model/ folder.")
+    output: str = opt(help="Output folder: Parquet parts + summary.json.")
+    prompts: str | None = opt(None, "UTF-8 text file, one prompt a line (id: the line number), "
+                              "or Parquet with `prompt` (and optional `id`).")
+    num_samples: int | None = opt(None, "Unconditional samples, when no --prompts.")
+    max_chars: int = opt(200, "Characters generated per row.")
+    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy.")
+    top_k: int = opt(0, "Sample among the K likeliest characters; 0: all.")
+    seed: int = opt(0, "Each row is seeded from (seed, row id).")
+    stop: str | None = opt(None, "Cut each text before this string.")
+    batch_size: int | None = opt(None, "Rows per block and Parquet part; default: the sampling "
+                                 "lanes (256 sequences stepped together on a CPU, 1024 on a "
+                                 "GPU), or fewer: each local CPU's (or actor's) equal share of "
+                                 "the rows.")  # GenerateJob.block_rows
+    gpu: bool = opt(False, GPU_ACTOR_HELP)
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    actors: int | None = opt(None, ACTORS_HELP)
+    address: str | None = opt(None, ADDRESS_HELP, envvar="RAY_ADDRESS")
     debug: bool = False
-    precision: str = "auto"  # the recurrent products: auto, fp32 or bf16 (SamplingSettings)
-    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
+    precision: str = opt("auto", "The recurrent layers' matrix products: auto (bf16 where the "
+                         "hardware has bf16 matrix units: a GPU, a CPU with AMX; else fp32), "
+                         "fp32 or bf16. The state stays fp32.")  # SamplingSettings
+    forward_credentials: bool = opt(False, FORWARD_HELP)
+
+
+@dataclass
+class EvalOptions:
+    model: str = opt(help="A trained model: the run folder or its model/ folder.")
+    data: str = opt(help="CNN: labeled images in a training format (class-per-folder dir or "
+                    "archive, Parquet with image and label). char-RNN: UTF-8 text or Parquet "
+                    "`text`.")
+    output: str = opt(help="Output folder: eval.json, eval.html, the scored rows as Parquet "
+                      "parts, summary.json.")
+    batch_size: int = opt(128, "Images per forward pass.")
+    gpu: bool = opt(False, GPU_ACTOR_HELP)
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    actors: int | None = opt(None, ACTORS_HELP)
+    address: str | None = opt(None, ADDRESS_HELP, envvar="RAY_ADDRESS")
+    debug: bool = False
+    forward_credentials: bool = opt(False, FORWARD_HELP)
+    tta: str = opt("none", TTA_HELP)
 
 
 @dataclass

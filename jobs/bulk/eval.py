@@ -15,7 +15,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,6 +26,7 @@ from kiln.bulk.label import LabelJob
 from kiln.bulk.run import check_options, prepare_process, run_bulk
 from kiln.cluster import connect
 from kiln.cluster.placement import Placement
+from kiln.options import EvalOptions
 from kiln.pipelines import storage
 from kiln.pipelines.fence import check_output
 from kiln.pipelines.label import LabelSettings, flip_tta
@@ -37,21 +38,6 @@ EVAL_FILE, PAGE_FILE = "eval.json", "eval.html"
 COLUMNS = ["source", "path", "label", "confidence", "top_labels", "error", "truth"]
 STREAM_CHARS = 10_000  # a char-RNN reads the text as streams of at least this many characters
 MAX_STREAMS = 64
-
-
-@dataclass
-class EvalOptions:
-    model: str
-    data: str
-    output: str
-    batch_size: int = 128
-    gpu: bool = False
-    overwrite: bool = False
-    actors: int | None = None
-    address: str | None = None
-    debug: bool = False
-    forward_credentials: bool = False  # a cluster's processes get this shell's AWS variables
-    tta: str = "none"  # none | flip | auto (flip where the model trained on mirrored images)
 
 
 class EvalJob(LabelJob):
