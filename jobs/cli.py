@@ -169,9 +169,9 @@ TUNE_REPLACED = {
 def tune_command(kind: str):
     import inspect
 
-    from kiln.tune.space import TUNABLE
+    from kiln.train.families import family
 
-    tunable = TUNABLE[kind]
+    tunable = family(kind).tunable  # the options a search may vary, and their types
 
     def command(**kw):
         from kiln.options import TuneOptions

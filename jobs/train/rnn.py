@@ -88,9 +88,7 @@ class RNNFamily(Family):
         return (f"val_loss {rec.get('val_loss', float('nan')):.4f} nats/char  "
                 f"{rec.get('bits_per_char', float('nan')):.4f} bits/char")
 
-    @staticmethod
-    def rank(rec: dict) -> tuple[float]:
-        return (-rec["val_loss"],)
+    # The best validation is the lowest loss (Family.rank).
 
     @staticmethod
     def noise(rec: dict, now: dict) -> float:

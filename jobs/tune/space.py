@@ -18,12 +18,10 @@ import math
 import random
 from dataclasses import dataclass
 
-from kiln.train.families import FAMILIES
+from kiln.train.families import family
 
 DEFAULT_TRIALS = 8
 
-# The options a search may vary, and their types: each model family's own (`tunable`).
-TUNABLE = {kind: fam.tunable for kind, fam in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def parse_spaces(kind: str, given: dict[str, str | None]) -> tuple[dict, dict]:
     vary is refused by the command line already (its type is not str there)."""
     fixed, spaces = {}, {}
     for name, text in given.items():
-        value = parse_space(name, text, TUNABLE[kind][name])
+        value = parse_space(name, text, family(kind).tunable[name])
         (spaces if isinstance(value, Choice | Range) else fixed)[name] = value
     return fixed, spaces
 
