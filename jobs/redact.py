@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from kiln.pipelines.storage import AWS_SECRETS
+from kiln.pipelines.s3 import AWS_SECRETS
 
 SECRET_VARS = (*AWS_SECRETS, "RAY_AUTH_TOKEN")
 _URL_CREDS = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")

@@ -251,7 +251,7 @@ class Thumbs:
 
 
 # The encoded bytes a batch holds at most (one member alone may hold more, up to
-# sources.MAX_MEMBER_BYTES): an archive of large or inflating members (a zip of zeros) is
+# archives.MAX_MEMBER_BYTES): an archive of large or inflating members (a zip of zeros) is
 # cut into small batches, not read a whole --batch-size at a time. An actor (a thread, here)
 # holds at most decode_threads + 3 batches: queued, decoding, and the model's.
 BATCH_BYTES = 64 * 1024 * 1024

@@ -22,7 +22,7 @@ import stat
 import threading
 from datetime import datetime
 
-from . import storage
+from . import s3, storage
 
 LEASE_FILE = "_kiln_lease.json"
 RENEW_S, TTL_S = 15.0, 60.0
@@ -164,8 +164,8 @@ class Lease:
     # --- S3 -------------------------------------------------------------------------------
 
     def _acquire_s3(self) -> None:
-        client = storage.s3_client()
-        bucket, key = storage.s3_bucket_key(self.uri)
+        client = s3.s3_client()
+        bucket, key = s3.s3_bucket_key(self.uri)
         body = json.dumps(self.record(), indent=1).encode()
         for _ in range(5):
             held = _get(client, bucket, key)
@@ -197,8 +197,8 @@ class Lease:
         raise self.busy(held[0] if held else {})
 
     def _renew(self) -> None:
-        client = storage.s3_client()
-        bucket, key = storage.s3_bucket_key(self.uri)
+        client = s3.s3_client()
+        bucket, key = s3.s3_bucket_key(self.uri)
         body = json.dumps(self.record(), indent=1).encode()
         while not self._stop.wait(RENEW_S):
             try:
@@ -231,10 +231,10 @@ class Lease:
         self.check()
         if self._etag is None or self._fd is not None:
             return
-        bucket, key = storage.s3_bucket_key(self.uri)
+        bucket, key = s3.s3_bucket_key(self.uri)
         body = json.dumps(self.record(), indent=1).encode()
         try:
-            self._renew_once(storage.s3_client(), bucket, key, body)
+            self._renew_once(s3.s3_client(), bucket, key, body)
         except LeaseError:
             raise
         except Exception as e:
@@ -259,8 +259,8 @@ class Lease:
         elif self._etag is not None and not self.lost:
             # Marks the lease free for a rerun anywhere: renewed long ago.
             with contextlib.suppress(Exception):
-                client = storage.s3_client()
-                bucket, key = storage.s3_bucket_key(self.uri)
+                client = s3.s3_client()
+                bucket, key = s3.s3_bucket_key(self.uri)
                 client.put_object(Bucket=bucket, Key=key, IfMatch=self._etag,
                                   Body=json.dumps({"run": None, "released": True}).encode())
             self._etag = None

@@ -27,7 +27,7 @@ from kiln import embedded
 from kiln.bulk.label import run_label
 from kiln.models import CNNSpec, ModelFolderError, RNNSpec, build_model, model_to_bytes
 from kiln.options import LabelOptions
-from kiln.pipelines import names, storage
+from kiln.pipelines import names, s3, storage
 from kiln.pipelines.fence import FenceError
 from kiln.pipelines.lease import Lease, LeaseError
 from kiln.pipelines.sink import OutputDir, OutputError
@@ -258,8 +258,8 @@ def test_a_lease_on_s3(s3_bucket, monkeypatch):
     b._stop.set()  # b dies without a word: its process is gone
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    client = storage.s3_client()
-    bucket, key = storage.s3_bucket_key(b.uri)
+    client = s3.s3_client()
+    bucket, key = s3.s3_bucket_key(b.uri)
     record = {**b.record(), "pid": int(dead), "pid_start": "1"}
     client.put_object(Bucket=bucket, Key=key, Body=json.dumps(record).encode())
     c = Lease(folder, "label", "run0000c").acquire()

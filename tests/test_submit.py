@@ -37,7 +37,7 @@ from kiln.cluster.submit import (
 from kiln.models import CNNSpec, build_model, model_to_bytes
 from kiln.options import SubmitOptions
 from kiln.pipelines import storage
-from kiln.pipelines.storage import FORWARD_MODULE
+from kiln.pipelines.s3 import FORWARD_MODULE
 from tests.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
@@ -267,9 +267,9 @@ def test_submit_runs_a_job_to_succeeded_with_status_logs_and_list(ray_head, smal
 
 # A job that reports, from its driver and from a Ray task on the cluster, a hash of the S3
 # secret that kiln's storage sees there; then lists its working_dir and exits 3.
-SEES = ("import os, sys, hashlib, ray, kiln; from kiln.pipelines import storage\n"
+SEES = ("import os, sys, hashlib, ray, kiln; from kiln.pipelines import s3\n"
         "def seen():\n"
-        "    s = storage._s3_settings()[5] or ''\n"
+        "    s = s3._s3_settings()[5] or ''\n"
         "    return hashlib.sha256(s.encode()).hexdigest()[:16]\n"
         "ray.init()\n"
         "print('driver-sees', seen()); print('task-sees', ray.get(ray.remote(seen).remote()))\n"

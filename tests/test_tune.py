@@ -17,7 +17,7 @@ import pytest
 
 from kiln.cluster import connect
 from kiln.options import TrainOptions, TuneOptions
-from kiln.pipelines import storage
+from kiln.pipelines import s3, storage
 from kiln.tune.job import run_tune
 from kiln.tune.space import Choice, Range, parse_space, plan_trials, trial_ids
 
@@ -178,10 +178,11 @@ def test_a_killed_search_on_s3_resumes_only_its_unfinished_trials(s3_bucket, dig
     # state) and in no log of the search's Ray session (Tune copies AWS variables into each
     # trial's runtime_env, which Ray's runtime-env agent logs).
     secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
-    bucket, _ = storage.s3_bucket_key(out)
-    s3 = storage.s3_client()
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    bucket, _ = s3.s3_bucket_key(out)
+    client = s3.s3_client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert any(k.endswith("tuner.pkl") for k in keys)
-    assert [k for k in keys if secret in s3.get_object(Bucket=bucket, Key=k)["Body"].read()] == []
+    assert [k for k in keys
+            if secret in client.get_object(Bucket=bucket, Key=k)["Body"].read()] == []
     logs = Path(connect.TEMP_DIR, "session_latest", "logs")
     assert [f for f in logs.rglob("*") if f.is_file() and secret in f.read_bytes()] == []

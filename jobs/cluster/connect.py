@@ -51,8 +51,8 @@ def forwarded_credentials(forward: bool):
     credentials (an instance role), as Ray's docs advise. Never env_vars, which Ray's runtime
     env agent logs and its job table and dashboard show: a py_modules package (a private
     temporary folder, gone once Ray has uploaded it), which Ray stores and unpacks on each
-    node but never prints; pipelines.storage.apply_forwarded reads it there."""
-    from kiln.pipelines.storage import FORWARD_MODULE
+    node but never prints; pipelines.s3.apply_forwarded reads it there."""
+    from kiln.pipelines.s3 import FORWARD_MODULE
 
     env = aws_variables()
     if not forward or not env:
@@ -108,7 +108,7 @@ def ray_session(opts: RayOptions | None = None):
     quiet_ray_data_logs()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    from kiln.pipelines.storage import secrets_in_a_file
+    from kiln.pipelines.s3 import secrets_in_a_file
 
     if ray.is_initialized():  # tests and notebooks bring their own
         _quiet_data_context()
