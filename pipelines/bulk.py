@@ -57,9 +57,23 @@ def unpack(row: dict):
 
 class BulkActor:
     """The part of the actor classes that Ray Data calls: every row of a batch is a task,
-    and each part the task writes comes back as one small JSON stats row."""
+    and each part the task writes comes back as one small JSON stats row. An actor whose
+    task splits into compute (no I/O) and finish (the writes) says so (`forks`), and may run
+    in processes forked from the command (`run_in_processes`)."""
+
+    forks = False
 
     def run_task(self, task) -> Iterator[dict]:
+        if not self.forks:
+            raise NotImplementedError
+        return self.finish(task, self.compute(task))
+
+    def compute(self, task):
+        """The task's work alone: no file, socket or thread of this process is touched."""
+        raise NotImplementedError
+
+    def finish(self, task, result) -> Iterator[dict]:
+        """Writes what compute() made of the task; yields the stats of each part."""
         raise NotImplementedError
 
     def __call__(self, batch: dict) -> Iterator[dict[str, list]]:

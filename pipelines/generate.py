@@ -220,8 +220,11 @@ class GenerateSettings:
 
 
 class Generator(BulkActor):
-    """The actor (of a Ray Data pool, or in the command's own threads: pipelines.bulk): loads
-    the model once, then samples a whole block of prompts per task into one part."""
+    """The actor (of a Ray Data pool, or in the command's own threads or forked processes:
+    kiln.bulk.executors): loads the model once, then samples a whole block of prompts per
+    task into one part."""
+
+    forks = True  # sampling's steps are too short to leave the GIL to threads
 
     def __init__(self, settings: GenerateSettings, loaded=None):
         """`loaded`: the model's LoadedModel when the caller has it already (in-process)."""
@@ -241,14 +244,11 @@ class Generator(BulkActor):
         self.vocab, self.model_id = loaded.vocab, loaded.id
         self.parts = sink.Parts(settings.output, settings.run_id)
 
-    def run_task(self, block: pa.Table) -> Iterator[dict]:
-        yield from self.write(block, self.texts(block))
-
     def _prompts_and_seeds(self, block: pa.Table) -> tuple[list[str], list[int]]:
         prompts = [p or "" for p in block.column("prompt").to_pylist()]
         return prompts, [row_seed(self.s.seed, i) for i in block.column("id").to_pylist()]
 
-    def texts(self, block: pa.Table) -> list[str]:
+    def compute(self, block: pa.Table) -> list[str]:
         """The text of every row of a block: the compute alone (no I/O), which
         `pipelines.bulk.run_in_processes` runs in forked workers."""
         s = self.s.sampling
@@ -257,7 +257,7 @@ class Generator(BulkActor):
                                  enabled=self.s.gpu and s.precision != "fp32"):
             return sample(self.model, self.vocab, prompts, seeds, s, self.device)
 
-    def write(self, block: pa.Table, texts: list[str]) -> Iterator[dict]:
+    def finish(self, block: pa.Table, texts: list[str]) -> Iterator[dict]:
         """Writes a block's rows with their texts as one part; yields its stats."""
         s = self.s.sampling
         prompts, seeds = self._prompts_and_seeds(block)

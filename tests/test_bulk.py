@@ -125,3 +125,60 @@ def test_the_switch_interval_is_short_while_tasks_run_and_the_callers_after():
     assert sys.getswitchinterval() == pytest.approx(0.0005)
     second.__exit__(None, None, None)
     assert sys.getswitchinterval() == before
+
+
+def test_one_executor_per_job_chosen_from_its_placement():
+    """Here on a small machine: threads, or forked processes for an actor that splits its
+    work (sampling), unless one task leaves nothing to share; on Ray for a cluster, --actors
+    or --gpu."""
+    from kiln.bulk.executors import Processes, RayData, Threads, choose
+    from kiln.cluster.placement import Placement
+    from kiln.pipelines.generate import Generator
+    from kiln.pipelines.label import LabelPredictor
+
+    small = Placement(cluster=False, cpus=2)
+    threads = choose(small, LabelPredictor, tasks=10, work=100, rate_per_cpu=1.0)
+    assert type(threads) is Threads and threads.workers == 2
+    assert type(choose(small, Generator, 10, 100, 1.0)) is Processes
+    assert type(choose(small, Generator, 1, 100, 1.0)) is Threads
+    for where in (Placement(cluster=True, cpus=2), Placement(cluster=False, cpus=2, actors=2),
+                  Placement(cluster=False, cpus=2, gpu=True)):
+        assert type(choose(where, Generator, 10, 100, 1.0)) is RayData
+
+
+def test_the_executors_here_run_one_actor_class_to_the_same_stats():
+    """Threads compute and write in this process; forked processes compute, and this process
+    writes what they computed."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from kiln.bulk.executors import Processes, Threads
+    from kiln.pipelines.bulk import BulkActor
+
+    class Squares(BulkActor):
+        forks = True
+
+        def __init__(self, settings, loaded):
+            self.threads = settings.threads  # one torch thread each, as a pool's actors
+
+        def compute(self, task):
+            return task * task, os.getpid()
+
+        def finish(self, task, result):
+            yield {"part": str(task), "rows": result[0], "computed_in": result[1],
+                   "written_in": os.getpid(), "threads": self.threads}
+
+    job = SimpleNamespace(verb="squaring", loaded=SimpleNamespace(id="m"), actor=Squares,
+                          settings=lambda out, layout: layout)
+    tasks = [pack(i) for i in range(6)]
+    log = io.StringIO()
+    here = list(Threads(2).run(job, None, tasks, Console(file=log)))
+    forked = list(Processes(2).run(job, None, tasks, Console(file=log)))
+    rows = lambda stats: sorted((s["part"], s["rows"], s["threads"]) for s in stats)  # noqa: E731
+    assert rows(here) == rows(forked) == [(str(i), i * i, 1) for i in range(6)]
+    assert all(s["computed_in"] == s["written_in"] == os.getpid() for s in here)
+    assert all(s["computed_in"] != os.getpid() == s["written_in"] for s in forked)
+    assert "squaring 6 unit(s) in this process on 2 thread(s) with m" in log.getvalue()
+    assert "in 2 processes forked from this one" in log.getvalue()

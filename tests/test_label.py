@@ -361,7 +361,7 @@ def test_s3_inputs_and_output(ray_local, trained, digits_data, s3_bucket, tmp_pa
 def test_actor_layout(monkeypatch):
     import ray
 
-    from kiln.bulk.run import actor_layout
+    from kiln.bulk.executors import actor_layout
 
     def cluster(cpus, gpus=0):
         res = {"CPU": cpus, "GPU": gpus}

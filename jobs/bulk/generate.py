@@ -18,7 +18,7 @@ from kiln.models import GPU_LANES, LANES, PRECISIONS, SamplingSettings
 from kiln.options import GenerateOptions
 from kiln.pipelines import generate as gen
 from kiln.pipelines import storage
-from kiln.pipelines.bulk import can_fork, pack, run_in_processes
+from kiln.pipelines.bulk import pack
 from kiln.pipelines.fence import check_output
 from kiln.redact import redact
 
@@ -56,14 +56,6 @@ class GenerateJob(BulkJob):
 
         bf16 = takes_bf16(self.s.precision, torch.device("cpu"))
         return CHARS_PER_CPU_S * (BF16_SPEEDUP if bf16 else 1.0)
-
-    def run_here(self, actor, tasks: list[dict], workers: int):
-        """Sampling steps are too short to leave the GIL to threads: the blocks are sampled
-        in worker processes forked from this one, and written here (pipelines.bulk)."""
-        if workers > 1 and can_fork():
-            return (f"without Ray in {workers} processes forked from this one",
-                    run_in_processes(actor.texts, actor.write, tasks, workers))
-        return super().run_here(actor, tasks, workers)
 
     def identity(self) -> dict:
         """`prompts_digest`: a hash of the prompt rows, so an edited file is not resumed."""

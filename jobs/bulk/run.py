@@ -1,6 +1,7 @@
 """The driver that `kiln label` and `kiln generate` share: plan the job's tasks -> skip what
-the output already holds -> run the tasks in this process or on a Ray Data actor pool ->
-follow the parts as they are written -> summary.json -> the totals line.
+the output already holds -> run the tasks where the job's executor says (kiln.bulk.executors:
+this process's threads, forked processes or a Ray Data actor pool) -> follow the parts as they
+are written -> summary.json -> the totals line.
 
 What differs per job lives in a BulkJob (jobs/bulk/label.py, jobs/bulk/generate.py): what
 decides the output's rows, how the input becomes tasks, the actor class that runs them, the
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from kiln.cluster.connect import RayOptions, check_address, ray_session
+from kiln.bulk.executors import choose
+from kiln.cluster.connect import check_address
 from kiln.cluster.placement import Placement, place
 from kiln.pipelines import storage
-from kiln.pipelines.bulk import Layout, bulk_dataset, run_in_threads, stats_rows
+from kiln.pipelines.bulk import Layout
 from kiln.pipelines.sink import OutputDir, Progress, skip_pandas_probe
 from kiln.redact import redact
 
@@ -57,14 +58,6 @@ class BulkJob:
 
     def plan(self, done: set[tuple]) -> Plan:
         raise NotImplementedError
-
-    def run_here(self, actor, tasks: list[dict], workers: int) -> tuple[str, Iterable[dict]]:
-        """Runs the tasks without Ray on `workers` cores: how (for the log line), and the
-        stats of the parts as they are written. Here on as many threads of this process,
-        one torch thread each, as each actor has (the models' kernels and the decoders
-        release the GIL)."""
-        return (f"in this process on {workers} thread(s)",
-                run_in_threads(actor.run_task, tasks, workers))
 
     def settings(self, out: OutputDir, layout: Layout):
         """The actor's settings for this output and layout."""
@@ -103,17 +96,6 @@ def check_options(opts) -> Placement:
     return place(opts)
 
 
-def check_fits_here(where: Placement, tasks: int) -> None:
-    """On a local Ray the pool must fit this machine: each of min(--actors, tasks) actors
-    asks at least a tenth of a CPU (actor_layout), and a pool short of CPUs waits forever."""
-    actors = min(where.actors or 0, tasks)
-    if where.gpu or where.cluster or actors <= 9 * where.cpus:
-        return
-    raise ValueError(f"--actors {where.actors} does not fit this machine's {where.cpus} CPUs "
-                     f"(at most {9 * where.cpus} actors here); lower --actors, or point "
-                     "--address at a Ray cluster")
-
-
 def prepare_process(where: Placement) -> None:
     """Before any Arrow array is built: a job that may run here skips pyarrow's pandas probe."""
     if where.here_only:
@@ -133,7 +115,6 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
 
 def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: Console
          ) -> dict:
-    opts = job.opts
     before = set(out.parts_read)  # a part listed later but not read is late
     plan = job.plan(done)
     if done:
@@ -144,24 +125,10 @@ def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: 
         console.print(line, highlight=False)
     progress = Progress(plan.rows, job.done_word, console)
     parts: dict[str, dict] = {}
-    if plan.tasks and job.where.runs_here(plan.work, job.rate_per_cpu):
-        workers = min(job.where.cpus, len(plan.tasks))
-        # One torch thread each, as each actor has; labeling decodes on `workers` threads.
-        actor = job.actor(job.settings(out, Layout(1, 1.0, 0, 1, workers)), job.loaded)
-        how, stats = job.run_here(actor, plan.tasks, workers)
-        console.print(f"{job.verb} {len(plan.tasks):,} unit(s) {how} with {job.loaded.id}",
-                      highlight=False)
-        parts = follow(stats, progress, out)
-    elif plan.tasks:
-        check_fits_here(job.where, len(plan.tasks))
-        with ray_session(RayOptions(address=opts.address, log_to_driver=opts.debug,
-                                    forward_credentials=opts.forward_credentials)), \
-                quiet_ray_data():
-            layout = actor_layout(opts, len(plan.tasks), job.decodes)
-            console.print(f"{job.verb} {len(plan.tasks):,} unit(s) with {layout.actors} "
-                          f"actor(s) of {job.loaded.id}", highlight=False)
-            ds = bulk_dataset(job.actor, job.settings(out, layout), plan.tasks, layout)
-            parts = follow(stats_rows(ds), progress, out)
+    if plan.tasks:
+        executor = choose(job.where, job.actor, len(plan.tasks), plan.work, job.rate_per_cpu)
+        with contextlib.closing(executor.run(job, out, plan.tasks, console)) as stats:
+            parts = follow(stats, progress, out)
     elif done:
         console.print("nothing left to do: every row is in the output (--overwrite redoes "
                       "the job)", highlight=False)
@@ -173,49 +140,6 @@ def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: 
     out.write_summary(summary)
     console.print(job.totals(summary), highlight=False)
     return summary
-
-
-@contextlib.contextmanager
-def quiet_ray_data():
-    """kiln prints its own progress; Ray Data's notes on its bars and timings would repeat it."""
-    logger = logging.getLogger("ray.data")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def actor_layout(opts, units: int, decodes: bool = True) -> Layout:
-    """CPU: an actor per CPU free now (a job's driver holds some), or --actors of them
-    sharing the CPUs, each asking 0.9 of its share so that Ray Data's own tasks always find
-    room (ray#44687: a pool holding every CPU starves them), with a torch thread per whole
-    CPU of its share. One torch thread an actor and as many actors as CPUs is fastest: the
-    decode threads interleave with the models (2 actors on 2 CPUs label faster than one
-    actor with a core for its model and a core for its decoding; bench/label.py).
-    GPU: one GPU per actor, and (`decodes`) a share of its node's CPUs for decoding; with
-    --actors the pool may wait for an autoscaler to add GPUs."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    node_cpus = max((int(r.get("CPU", 0)) for r in nodes), default=1) or 1
-    cpus = max(1, int(ray.available_resources().get("CPU", ray.cluster_resources().get("CPU", 1))))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if opts.gpu:
-        if gpus < 1 and not opts.actors:
-            raise ValueError("--gpu was given but the Ray cluster has no GPUs now; drop --gpu, "
-                             "point --address at a cluster with GPU workers, or pass --actors N "
-                             "to wait for an autoscaler to add them")
-        actors = min(opts.actors or gpus, units)
-        if not decodes:
-            return Layout(actors, 1.0, 1, 1, 1)
-        share = max(1, min(8, node_cpus - 1, (cpus - 1) // max(1, actors)))
-        return Layout(actors, share * 0.9, 1, 1, share)
-    actors = min(opts.actors or cpus, units)
-    share = cpus / actors
-    threads = max(1, min(node_cpus, int(share)))
-    return Layout(actors, round(max(0.1, 0.9 * share), 3), 0, threads, threads)
 
 
 def follow(stats: Iterable[dict], progress: Progress, out: OutputDir | None = None
