@@ -1,6 +1,6 @@
-"""Ray Train: CNNs learn real digits from a tar and from Parquet on S3, a char-RNN learns real
-text on S3, the models label and generate there, a killed run resumes, and a killed worker is
-replaced."""
+"""Ray Train: a CNN learns real digits from Parquet on S3 through a killed worker, a char-RNN
+learns real text on S3, the models label and generate there, a killed run resumes, and colour
+photos train under a time limit."""
 
 import io
 import json
@@ -54,43 +54,34 @@ def train_workers() -> list[psutil.Process]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
-def test_cnn_learns_digits_from_a_tar_and_survives_a_killed_worker(ray_local, digits_files,
-                                                                   tmp_path):
-    run = str(tmp_path / "run")
-    opts = TrainOptions("cnn", str(digits_files["tar"]), run, epochs=8, batch_size=64,
-                        workers=2)
-    box = {}
-    thread = threading.Thread(target=lambda: box.update(out=run_train(opts)))
-    thread.start()
-    killed = None
-    while thread.is_alive() and killed is None:  # kill a worker once an epoch is checkpointed
-        time.sleep(0.5)
-        if os.path.exists(os.path.join(run, "metrics.jsonl")) and train_workers():
-            killed = train_workers()[-1]
-            killed.send_signal(signal.SIGKILL)
-    thread.join()
-    assert killed is not None, "the run ended before a worker could be killed"
-    assert "out" in box, "training did not finish after losing a worker"
-    epochs = [m["epoch"] for m in metrics(run)]
-    assert epochs == list(range(1, 9))  # resumed from the checkpoint, no epoch lost or repeated
-    for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s", "elapsed_s"):
-        assert key in metrics(run)[-1]
-    assert os.path.getsize(os.path.join(run, "curves.png")) > 1000
-    acc = held_out_accuracy(run, digits_files["test_images"], digits_files["test_labels"])
-    assert acc >= 0.95, f"held-out accuracy {acc:.3f}"
-
-
-def test_cnn_learns_digits_from_parquet_on_s3_and_labels_there(ray_local, s3_bucket,
-                                                                 digits_files, tmp_path):
+def test_cnn_learns_digits_from_parquet_on_s3_survives_a_killed_worker_and_labels_there(
+        ray_local, s3_bucket, digits_files, tmp_path):
     """Every URI is s3://: Parquet data in, checkpoints, the model folder, then a label job
-    with that model over an archive on S3 into an output on S3."""
+    with that model over an archive on S3 into an output on S3. A training worker is killed
+    once an epoch is checkpointed: the run goes on from the checkpoint."""
     b = s3_bucket
     data = upload(digits_files["parquet"], f"{b}/data/digits.parquet")
     run = f"{b}/runs/digits"
+    opts = TrainOptions("cnn", data, run, epochs=8, batch_size=64, workers=2)
+    box = {}
     t0 = time.monotonic()
-    run_train(TrainOptions("cnn", data, run, epochs=8, batch_size=64, workers=2))
+    thread = threading.Thread(target=lambda: box.update(out=run_train(opts)))
+    thread.start()
+    killed = None
+    while thread.is_alive() and killed is None:
+        time.sleep(0.5)
+        if storage.exists(f"{run}/metrics.jsonl") and train_workers():
+            killed = train_workers()[-1]
+            killed.send_signal(signal.SIGKILL)
+    thread.join()
     wall = time.monotonic() - t0
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert "out" in box, "training did not finish after losing a worker"
     rows = metrics(run)
+    assert [m["epoch"] for m in rows] == list(range(1, 9))  # none lost or repeated
+    for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s", "elapsed_s"):
+        assert key in rows[-1]
+    assert storage.read_bytes(f"{run}/curves.png")[:4] == b"\x89PNG"
     assert storage.exists(f"{run}/checkpoints")
     # elapsed_s is training time so far: it grows by at least each epoch's training time and
     # never passes the run's wall time.
