@@ -14,9 +14,10 @@ model, same prompts:
 - small jobs (--small, 10 and 100 prompts): the three whole commands, start-up included;
 - models.sample on one thread at 64 / 128 / 256 / 512 lanes, which sets models.stepper.LANES;
 - a sampling step on one thread with the LSTM's gates through sigmoid and through tanh alone,
-  which models.stepper.tanh_faster picks between by the instruction set, and with bf16
-  products where the CPU has oneDNN's bf16 kernels (models.stepper.bf16_faster: with AMX);
-  where kiln takes bf16, `kiln generate --precision fp32` runs in the rounds too;
+  and with bf16 products where the CPU has oneDNN's bf16 kernels, which models.kernels
+  chooses between by timing them on this CPU (the probe's cost is reported; its choice is
+  cached per CPU model, torch version and model shape, here in the run's own folder); where
+  kiln takes bf16, `kiln generate --precision fp32` runs in the rounds too;
 - an upper layer's matrix product on one thread, through torch's addmm and through the
   sampler's own models.stepper.Linear (fp32, and bf16 where it runs), which sets the
   physical limit.
@@ -148,8 +149,8 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
 
 def step_forms(model: Path, lanes: int = 256, rounds: int = 5) -> dict[str, float]:
     """Milliseconds a sampling step takes at `lanes` on one thread with the LSTM's gates
-    through sigmoid and through tanh alone (models.stepper.tanh_faster takes one by the
-    instruction set); medians of alternating rounds of 300 steps."""
+    through sigmoid and through tanh alone, with fp32 and (where oneDNN has the kernels)
+    bf16 products; medians of alternating rounds of 300 steps."""
     import statistics
 
     import torch
@@ -163,6 +164,7 @@ def step_forms(model: Path, lanes: int = 256, rounds: int = 5) -> dict[str, floa
     steppers = {"sigmoid": Stepper(net, tanh_gates=False, bf16=False),
                 "tanh": Stepper(net, tanh_gates=True, bf16=False)}
     if bf16_linear():
+        steppers["sigmoid, bf16 products"] = Stepper(net, tanh_gates=False, bf16=True)
         steppers["tanh, bf16 products"] = Stepper(net, tanh_gates=True, bf16=True)
     times: dict[str, list[float]] = {k: [] for k in steppers}
     with one_torch_thread():
@@ -235,9 +237,16 @@ def main() -> None:
     # Alternating rounds of the naive kernels, the plain batched loop and kiln; medians.
     import torch
 
-    from kiln.models.stepper import bf16_faster
+    from kiln.models.kernels import choose
+    from kiln.models.stepper import LANES
+    from kiln.pipelines import storage
 
-    bf16 = bf16_faster(torch.device("cpu"))  # then kiln at --precision fp32 runs too
+    # kiln's choice of kernels, timed here as kiln times it; the kiln commands below find it
+    # in the same cache.
+    os.environ["KILN_CACHE_DIR"] = str(tmp / "kernel-cache")
+    chosen = choose(storage.load_model(str(model)).model, "auto", LANES)
+    print(f"kernels: {chosen.describe()}", flush=True)
+    bf16 = chosen.products == "bf16"  # then kiln at --precision fp32 runs too
     strong = {"batched, all prompts": ["--batch", str(args.prompts)],
               **({"batched, all prompts, bf16": ["--batch", str(args.prompts), "--bf16"]}
                  if bf16 else {})}
@@ -276,17 +285,14 @@ def main() -> None:
     print(f"lanes: {lanes}", flush=True)
     forms = step_forms(model)
     print(f"an LSTM step, ms: {forms}", flush=True)
-    from kiln.models.stepper import LANES, onednn_linear, tanh_faster
+    from kiln.models.stepper import onednn_linear
 
-    taken = "tanh" if tanh_faster(torch.device("cpu")) else "sigmoid"
-    taken += ", with bf16 products" if bf16 else ""
+    taken = f"{chosen.gates} gates with {chosen.products} products"
     isa = torch.backends.cpu.get_cpu_capability()
 
     gemm = matmul_rates()
     print(f"matmul GFLOP/s on one thread: {gemm}", flush=True)
     kernel = "oneDNN's linear" if onednn_linear() else "addmm"
-    from kiln.pipelines import storage
-
     vocab = len(storage.load_model(str(model)).vocab)
     flops = 2 * (256 * 1024 + 512 * 1024 + 256 * vocab)  # a character: two layers and the head
     limit = max(gemm.values()) * 1e9 / flops
@@ -323,7 +329,8 @@ def main() -> None:
     fp32_vs = "" if fp32 is None else (
         "; `--precision fp32` against the plain fp32 loop of all prompts: "
         f"**{fp32['chars_per_s'] / whole['batched, all prompts']:.2f}x**")
-    bf16_step = (f", {forms['tanh, bf16 products']:.2f} ms through tanh with bf16 products"
+    bf16_step = (f", {forms['sigmoid, bf16 products']:.2f} and "
+                 f"{forms['tanh, bf16 products']:.2f} ms through each with bf16 products"
                  if "tanh, bf16 products" in forms else "")
     body = f"""
 {args.prompts:,} prompts (standard-library lines, up to 80 chars) x {c} chars each, a 2x256
@@ -350,8 +357,8 @@ char-LSTM (embedding 64), temperature 1, {cpus} CPUs. Baselines: `bench/plain/sa
   kiln's sampler takes {kernel} here (`models.stepper.onednn_linear`).
 - A sampling step at 256 lanes on one thread: {forms["sigmoid"]:.2f} ms with the LSTM's gates
   through sigmoid, {forms["tanh"]:.2f} ms through tanh alone{bf16_step}; kiln takes {taken}
-  here (`models.stepper.tanh_faster`, by the instruction set: {isa}; `bf16_faster`: AMX
-  {"present" if bf16 else "absent"}).
+  here, timed by `models.kernels` in {chosen.probe_s:.2f} s (once per CPU model, torch version
+  and model shape; cached after; torch's kernels: {isa}).
 - The physical limit: the LSTM costs {flops / 1e6:.2f} MFLOP a character (2x256, embedding
   folded into a table), so one core at {max(gemm.values()):.0f} GFLOP/s steps
   ~{limit:,.0f} characters a second at most, {cpus} cores ~{cpus * limit:,.0f}.

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .kernels import GATES, choose
 from .rnn import CharRNN
-from .stepper import LANES, Stepper, takes_bf16
+from .stepper import LANES, Stepper
 from .vocab import CharVocab
 
 
@@ -35,10 +36,12 @@ class SamplingSettings:
     stop: str | None = None  # the continuation is cut before its first occurrence
     lanes: int = LANES  # sequences advanced together each step, at most
     max_prompt_chars: int = 2000  # longer prompts keep their last characters
-    # The recurrent layers' matrix products: "auto" takes bfloat16 where the hardware has
-    # matrix units for it (a GPU, under autocast; a CPU with AMX: stepper.bf16_faster) and
-    # float32 elsewhere; "fp32" or "bf16" everywhere. The state stays float32.
+    # The recurrent layers' matrix products: "fp32" or "bf16" everywhere; "auto" takes
+    # bfloat16 on a GPU (under autocast) and, on a CPU, whichever is faster there where it
+    # has bf16 kernels (measured: models.kernels). The state stays float32.
     precision: str = "auto"
+    # An LSTM's gates on a CPU: through sigmoid, or tanh alone; "auto": the faster there.
+    gates: str = "auto"
 
     def __post_init__(self):
         if self.max_chars < 0:
@@ -52,6 +55,8 @@ class SamplingSettings:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{self.precision!r}")
+        if self.gates not in ("auto", *GATES):
+            raise ValueError(f"gates must be auto, {' or '.join(GATES)}, got {self.gates!r}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -125,9 +130,11 @@ def sample(
         return [""] * len(prompts)
     model.eval()
     device = torch.device(device or "cpu")
-    # On a GPU, bf16 is autocast's (the caller's); on a CPU, the stepper's own products.
-    bf16 = device.type == "cpu" and takes_bf16(settings.precision, device)
-    stepper = Stepper(model, device, bf16=bf16)
+    if device.type == "cpu":  # the form as set, or the faster here (measured once, cached)
+        k = choose(model, settings.precision, settings.lanes, gates=settings.gates)
+        stepper = Stepper(model, device, tanh_gates=k.gates == "tanh", bf16=k.products == "bf16")
+    else:  # on a GPU, bf16 is autocast's (the caller's)
+        stepper = Stepper(model, device, tanh_gates=settings.gates == "tanh")
     return _Lanes(stepper, vocab, prompts, seeds, settings).run()
 
 

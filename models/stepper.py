@@ -27,36 +27,6 @@ WIDTHS = (8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 384, 512, 640, 768, 896)
 
 
 @functools.cache
-def tanh_faster(device: torch.device) -> bool:
-    """Whether an LSTM step takes its gates through tanh alone (`Stepper._lstm_tanh`) rather
-    than through sigmoid (`Stepper._lstm`): on CPUs where torch runs AVX-512 kernels its tanh
-    is the cheaper of the two (a 2x256 LSTM's step at 256 lanes, one thread of an Intel
-    Xeon). With AVX2 kernels an earlier machine ran torch's sigmoid several times faster
-    than its tanh (the same Xeon, AVX2 kernels forced: tanh still ahead), so those keep
-    sigmoid (measured: BENCHMARKS.md, Generation section); bench/generate.py times both.
-    Fixed by the instruction set, so a machine always takes the same one."""
-    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def bf16_faster(device: torch.device) -> bool:
-    """Whether a CPU step takes its LSTM/RNN matrix products in bfloat16 (`Linear(bf16=True)`):
-    where the CPU has AMX, the matrix units that run oneDNN's bf16 products (a 2x256 LSTM's
-    (256, 512) @ (512, 1024) on one thread of a Sapphire Rapids-class Xeon). Without AMX,
-    bf16 products are slower than fp32 (an AVX-512 Xeon without it), so fp32 stays (both
-    measured: BENCHMARKS.md, Generation section). As on a GPU under autocast, the state, the
-    gates' pointwise work and the output head stay float32. Fixed by the instruction set,
-    so a machine always takes the same one; `SamplingSettings.precision` overrides it."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    # onednn_linear() first: bf16_linear() is cached, and a process may turn oneDNN off
-    return device.type == "cpu" and onednn_linear() and bf16_linear() and bool(amx())
-
-
-def takes_bf16(precision: str, device: torch.device) -> bool:
-    """Whether a CPU step at `SamplingSettings.precision` takes bf16 products on `device`."""
-    return precision == "bf16" or (precision == "auto" and bf16_faster(device))
-
-
-@functools.cache
 def bf16_linear() -> bool:
     """Whether oneDNN runs bf16 products on this CPU (with or without AMX) and they agree
     with fp32 ones to bf16's precision on a trial product."""
@@ -152,22 +122,20 @@ class Stepper:
     input projection is a table lookup (the embedding times W_ih, precomputed once per
     vocabulary entry), an upper LSTM/RNN layer does one matrix product over [input, hidden]
     instead of two, and an LSTM's gates take one nonlinearity, the cheaper on the device
-    (`tanh_faster`): either the cell gate comes pre-doubled so that its tanh is taken as
+    (measured: models.kernels): either the cell gate comes pre-doubled so that its tanh is taken as
     2 sigmoid(2x) - 1, or the other three come halved so that their sigmoids are taken as
     (1 + tanh(x / 2)) / 2. The products run on `Linear`, the recurrent layers' in bfloat16
-    where that is faster (`bf16_faster`). Same model; the rounding differs from `step`."""
+    where that is faster (models.kernels). Same model; the rounding differs from `step`."""
 
     def __init__(self, model: CharRNN, device: torch.device | str | None = None, *,
-                 tanh_gates: bool | None = None, bf16: bool | None = None):
-        """tanh_gates: an LSTM's gates through tanh alone, or through sigmoid; by default
-        whichever `tanh_faster` says for the device. bf16: the recurrent layers' products in
-        bfloat16 (a CPU with oneDNN's bf16 kernels); by default where `bf16_faster`."""
+                 tanh_gates: bool = False, bf16: bool = False):
+        """tanh_gates: an LSTM's gates through tanh alone, or through sigmoid. bf16: the
+        recurrent layers' products in bfloat16 (a CPU with oneDNN's bf16 kernels). Which is
+        faster on a CPU is measured there (models.kernels)."""
         r, self.cell, self.layers = model.rnn, model.cell, model.layers
         self.relu = getattr(r, "nonlinearity", "tanh") == "relu"
         self.device = torch.device(device or "cpu")
-        if tanh_gates is None:
-            tanh_gates = tanh_faster(self.device)
-        self.bf16 = bf16_faster(self.device) if bf16 is None else bf16
+        self.bf16 = bf16
         self.tanh_cell = self.cell == "lstm" and tanh_gates
         # Halving or doubling a gate's rows is exact in floating point.
         scale = torch.ones(4 * model.hidden if self.cell == "lstm" else 1, dtype=torch.float64)

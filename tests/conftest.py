@@ -19,6 +19,19 @@ from kiln import embedded
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The sampling kernels' measurements (models.kernels) cached for the session, in a folder
+    of its own: the tests neither read nor add to the user's cache."""
+    old = os.environ.get("KILN_CACHE_DIR")
+    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("kiln-cache"))
+    yield os.environ["KILN_CACHE_DIR"]
+    if old is None:
+        os.environ.pop("KILN_CACHE_DIR", None)
+    else:
+        os.environ["KILN_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One local Ray (2 CPUs, small object store, a short temp dir) for every Ray test. Its

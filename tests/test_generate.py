@@ -171,6 +171,42 @@ def test_precision_reaches_every_row_and_is_part_of_the_run(rnn_model, prompt_fi
         run_generate(opts(rnn_model, out, prompts=str(prompt_file), precision=other))
 
 
+def test_the_gates_measured_or_set_are_the_jobs_and_part_of_the_run(rnn_model, prompt_file,
+                                                                     tmp_path, monkeypatch):
+    """The kernels the driver chose (measured here, or set by KILN_GATES) are every row's:
+    the texts are models.sample's in that form, summary.json says which, and a resume in the
+    other form, whose rounding differs, is refused."""
+    from kiln.models import kernels
+
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    out = tmp_path / "gen"
+    first = run_generate(opts(rnn_model, out, prompts=str(prompt_file), precision="fp32"))
+    chosen = first["kernels"]
+    assert chosen["products"] == "fp32" and chosen["gates"] in kernels.GATES
+    assert chosen["how"] in ("measured", "cached")
+    loaded = storage.load_model(str(rnn_model))
+    got = rows(out)
+    ids = sorted(got)
+    prompts, seeds = [got[i]["prompt"] or "" for i in ids], [row_seed(0, i) for i in ids]
+    texts = sample(loaded.model, loaded.vocab, prompts, seeds,
+                   SamplingSettings(max_chars=40, precision="fp32", gates=chosen["gates"]))
+    assert texts == [got[i]["text"] for i in ids]
+    # The two forms round differently: a step's logits are not the same bits.
+    from kiln.models.stepper import Stepper
+
+    x = torch.arange(8) % len(loaded.vocab)
+    steps = [Stepper(loaded.model, tanh_gates=t)(x, Stepper(loaded.model).init_state(8))[0]
+             for t in (False, True)]
+    assert torch.allclose(*steps, atol=1e-4) and not torch.equal(*steps)
+    other = next(g for g in kernels.GATES if g != chosen["gates"])
+    monkeypatch.setenv(kernels.GATES_ENV, other)
+    with pytest.raises(OutputError, match="gates"):
+        run_generate(opts(rnn_model, out, prompts=str(prompt_file), precision="fp32"))
+    again = run_generate(opts(rnn_model, tmp_path / "set", prompts=str(prompt_file),
+                              precision="fp32"))
+    assert again["kernels"]["gates"] == other and again["kernels"]["how"] == "set"
+
+
 def test_bf16_products_keep_the_models_bits_per_char(rnn_model):
     """On text the model did not see, stepping it with bfloat16 products predicts as well as
     with float32 ones (the state and the head stay float32)."""
@@ -225,20 +261,20 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
 
     from kiln.bulk.generate import BF16_SPEEDUP, CHARS_PER_CPU_S, GenerateJob, sampling_of
     from kiln.cluster import placement
-    from kiln.models import stepper
+    from kiln.models import kernels
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(placement, "local_cpus", lambda: 16)
     loaded = storage.load_model(str(rnn_model))
     limit = placement.HERE_MAX_SECONDS * CHARS_PER_CPU_S * 16
-    cases = [("fp32", True, 1.0), ("auto", False, 1.0), ("bf16", False, BF16_SPEEDUP)]
-    if stepper.bf16_linear():  # AMX takes bf16 where oneDNN has the kernels
-        cases.append(("auto", True, BF16_SPEEDUP))
-    for precision, amx, rate in cases:
-        monkeypatch.setattr(stepper.torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
-        o = opts(rnn_model, "unused", prompts=str(prompt_file), precision=precision)
-        job = GenerateJob(o, loaded, SamplingSettings(precision=precision))
+    for products, rate in (("fp32", 1.0), ("bf16", BF16_SPEEDUP)):
+        # --precision auto takes what the measurement chose
+        monkeypatch.setattr(kernels, "choose", lambda *a, p=products, **k: kernels.Kernels(
+            "sigmoid", p))
+        o = opts(rnn_model, "unused", prompts=str(prompt_file))
+        job = GenerateJob(o, loaded, SamplingSettings())
+        assert job.s.precision == products and job.identity()["precision"] == products
         assert job.rate_per_cpu == CHARS_PER_CPU_S * rate
         assert job.where.runs_here(limit * rate, job.rate_per_cpu)
         assert not job.where.runs_here(limit * rate * 1.01, job.rate_per_cpu)

@@ -255,7 +255,7 @@ def test_import_models_does_not_import_ray():
                                   "lstm-tanh-bf16", "gru-bf16", "rnn-bf16"])
 def test_stepper_matches_step(cell, onednn, monkeypatch):
     """The sampler's step is the model's step, with either kernel and, for an LSTM, either
-    form of its gates (sigmoid, or tanh alone: `models.stepper.tanh_faster`); with bfloat16
+    form of its gates (sigmoid, or tanh alone: models.kernels times both); with bfloat16
     products (oneDNN's only), to bfloat16's precision."""
     from kiln.models import stepper
     from kiln.models.stepper import Stepper
@@ -336,3 +336,77 @@ def test_sampling_on_a_gpu_under_bf16_autocast(tiny_lm):
         got = sample(net.cuda(), vocab, ["ab", "", "h", "cafe", "g"], seeds, s, device="cuda")
     net.cpu()
     assert all(len(t) == 30 and set(t) <= set(vocab.chars) for t in got)
+
+
+def test_the_kernels_follow_the_measurement_and_are_kept_per_cpu(tmp_path, monkeypatch):
+    """A fake timer that prefers each form in turn gets that form; the choice is cached per
+    CPU model, torch version and model shape, and measured again where any of them differs;
+    KILN_GATES and a fixed precision narrow what is measured; a GRU has no gates to choose."""
+    from kiln.models import kernels
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(kernels.GATES_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    lstm = CharRNN(30, "lstm", embed=8, hidden=16, layers=2).eval()
+    forms = kernels.candidates(lstm, "auto")
+    assert ("sigmoid", "fp32") in forms and ("tanh", "fp32") in forms
+    assert (("tanh", "bf16") in forms) == stepper_bf16()
+    timed = []
+
+    def prefer(form):
+        def measure(model, gates, products, lanes):
+            timed.append((gates, products, torch.get_num_threads()))
+            return 1.0 if (gates, products) == form else 2.0
+        return measure
+
+    for form in forms:
+        got = kernels.choose(lstm, "auto", 256, measure=prefer(form), use_cache=False)
+        assert (got.gates, got.products, got.how) == (*form, "measured")
+    assert {t[2] for t in timed} == {1}  # on one thread, a sampling worker's
+    first = kernels.choose(lstm, "auto", 256, measure=prefer(forms[-1]))
+    timed.clear()
+    again = kernels.choose(lstm, "auto", 256, measure=prefer(forms[0]))
+    assert timed == [] and (again.gates, again.products, again.how) == (
+        first.gates, first.products, "cached")
+    monkeypatch.setattr(kernels, "_MEMO", {})  # another process reads the file
+    assert kernels.choose(lstm, "auto", 256, measure=prefer(forms[0])).how == "cached"
+    monkeypatch.setattr(kernels, "cpu_model", lambda: "another CPU")
+    assert kernels.choose(lstm, "auto", 256, measure=prefer(forms[0])).how == "measured"
+    wider = CharRNN(30, "lstm", embed=8, hidden=32, layers=2).eval()
+    assert kernels.choose(wider, "auto", 256, measure=prefer(forms[0])).how == "measured"
+
+    assert {p for _, p in kernels.candidates(lstm, "fp32")} == {"fp32"}
+    monkeypatch.setenv(kernels.GATES_ENV, "tanh")
+    assert {g for g, _ in kernels.candidates(lstm, "auto")} == {"tanh"}
+    monkeypatch.setenv(kernels.GATES_ENV, "relu")
+    with pytest.raises(ValueError, match="KILN_GATES must be one of sigmoid, tanh"):
+        kernels.candidates(lstm, "auto")
+    monkeypatch.delenv(kernels.GATES_ENV)
+    gru = CharRNN(30, "gru", embed=8, hidden=16, layers=2).eval()
+    assert kernels.choose(gru, "fp32", 256).how == "set"  # one form: nothing to measure
+    assert kernels.choose(lstm, "fp32", 256, gates="sigmoid") == kernels.Kernels(
+        "sigmoid", "fp32", how="set")
+
+
+def test_a_real_measurement_picks_a_form_and_sample_takes_it(tmp_path, monkeypatch, tiny_lm):
+    """Timed for real on this CPU: one of the candidates, cached; sample() at the settings
+    left open gives the texts of the form chosen, set explicitly."""
+    from kiln.models import LANES, kernels
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    net, vocab = tiny_lm
+    got = kernels.choose(net, "auto", LANES)
+    assert (got.gates, got.products) in kernels.candidates(net, "auto")
+    assert got.how == "measured" and got.step_s > 0 and got.probe_s > 0
+    assert (tmp_path / "kernels.json").exists()
+    s = SamplingSettings(max_chars=30)
+    fixed = SamplingSettings(max_chars=30, precision=got.products, gates=got.gates)
+    prompts, seeds = ["ab", "b", ""], [1, 2, 3]
+    assert sample(net, vocab, prompts, seeds, s) == sample(net, vocab, prompts, seeds, fixed)
+
+
+def stepper_bf16() -> bool:
+    from kiln.models.stepper import bf16_linear
+
+    return bf16_linear()

@@ -8,6 +8,7 @@ summary.json."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 from rich.console import Console
@@ -23,8 +24,8 @@ from kiln.pipelines.fence import check_output
 from kiln.redact import redact
 
 # How many characters a second one core steps with a 2x256 char-LSTM in fp32 (the slowest
-# machine measured), and the gain from bf16 products on AMX (BENCHMARKS.md, Generation
-# section).
+# machine measured), and the gain from bf16 products where they are the faster (measured on
+# AMX: BENCHMARKS.md, Generation section).
 CHARS_PER_CPU_S = 22_000
 BF16_SPEEDUP = 2.0
 # Bounds where a larger value cannot work: a lane's buffer holds its prompt and text as int64
@@ -42,6 +43,14 @@ class GenerateJob(BulkJob):
 
     def __init__(self, opts: GenerateOptions, loaded, sampling: SamplingSettings, where=None):
         super().__init__(opts, loaded, where)
+        self.kernels = None
+        if not opts.gpu:  # the CPU kernels, decided here once for every worker of the job
+            from kiln.models.kernels import choose
+
+            self.kernels = choose(loaded.model, sampling.precision, sampling.lanes,
+                                  gates=sampling.gates)
+            sampling = replace(sampling, precision=self.kernels.products,
+                               gates=self.kernels.gates)
         self.s = sampling
         self.table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8: by line
         self.stats, _ = gen.prompt_stats(self.table.column("prompt").to_pylist(),
@@ -49,13 +58,8 @@ class GenerateJob(BulkJob):
 
     @property
     def rate_per_cpu(self) -> float:
-        """Characters a local core steps a second, at the precision this machine samples in."""
-        import torch
-
-        from kiln.models.stepper import takes_bf16
-
-        bf16 = takes_bf16(self.s.precision, torch.device("cpu"))
-        return CHARS_PER_CPU_S * (BF16_SPEEDUP if bf16 else 1.0)
+        """Characters a local core steps a second, at the precision this job samples in."""
+        return CHARS_PER_CPU_S * (BF16_SPEEDUP if self.s.precision == "bf16" else 1.0)
 
     def identity(self) -> dict:
         """`prompts_digest`: a hash of the prompt rows, so an edited file is not resumed."""
@@ -64,7 +68,8 @@ class GenerateJob(BulkJob):
                 "prompts_digest": gen.prompts_digest(self.table), "num_samples": o.num_samples,
                 "max_chars": s.max_chars, "temperature": s.temperature, "top_k": s.top_k,
                 "seed": o.seed, "stop": s.stop, "lanes": s.lanes,
-                "max_prompt_chars": s.max_prompt_chars, "precision": s.precision}
+                "max_prompt_chars": s.max_prompt_chars, "precision": s.precision,
+                "gates": s.gates}
 
     def plan(self, done: set[tuple]) -> Plan:
         blocks = gen.plan_blocks(self.table, done, self.block_rows(self.table.num_rows -
@@ -87,8 +92,9 @@ class GenerateJob(BulkJob):
         return max(1, min(self.s.lanes, -(-rows // shares)))
 
     def describe(self, plan: Plan, done: set[tuple]) -> str:
+        kernels = f"; kernels: {self.kernels.describe()}" if self.kernels else ""
         return (f"kiln generate: {self.table.num_rows:,} prompts, {len(done):,} already "
-                f"written, {plan.rows:,} to go; model {self.loaded.id}")
+                f"written, {plan.rows:,} to go; model {self.loaded.id}{kernels}")
 
     def settings(self, out, layout) -> gen.GenerateSettings:
         return gen.GenerateSettings(model=self.opts.model, model_id=self.loaded.id,
@@ -104,7 +110,8 @@ class GenerateJob(BulkJob):
         return {"rows_in_output": common["rows_in"], "empty_prompts": st.empty,
                 "truncated_prompts": st.truncated, "prompts_with_unknown_chars": st.with_unknown,
                 "unknown_chars": st.unknown_chars, "chars_generated": chars,
-                "chars_per_s": round(chars / elapsed, 1) if elapsed > 0 else 0.0}
+                "chars_per_s": round(chars / elapsed, 1) if elapsed > 0 else 0.0,
+                "kernels": dataclasses.asdict(self.kernels) if self.kernels else None}
 
     def totals(self, summary: dict) -> str:
         chars = summary["chars_generated"]
