@@ -129,7 +129,9 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, float]:
+def lanes_sweep(model: Path, prompts: list[str], max_chars: int, gates: str, precision: str
+                ) -> dict[int, float]:
+    """models.sample's rate by lanes, in the form kiln chose (no probe inside the timing)."""
     from kiln.models import SamplingSettings, row_seed, sample
     from kiln.models.runtime import keep_freed_memory
     from kiln.pipelines import storage
@@ -142,7 +144,8 @@ def lanes_sweep(model: Path, prompts: list[str], max_chars: int) -> dict[int, fl
         for lanes in (64, 128, 256, 512):
             start = time.perf_counter()
             sample(loaded.model, loaded.vocab, prompts, seeds,
-                   SamplingSettings(max_chars=max_chars, lanes=lanes))
+                   SamplingSettings(max_chars=max_chars, lanes=lanes, gates=gates,
+                                    precision=precision))
             rates[lanes] = len(prompts) * max_chars / (time.perf_counter() - start)
     return rates
 
@@ -244,8 +247,10 @@ def main() -> None:
     # kiln's choice of kernels, timed here as kiln times it; the kiln commands below find it
     # in the same cache.
     os.environ["KILN_CACHE_DIR"] = str(tmp / "kernel-cache")
-    chosen = choose(storage.load_model(str(model)).model, "auto", LANES)
+    net = storage.load_model(str(model)).model
+    chosen = choose(net, "auto", LANES)
     print(f"kernels: {chosen.describe()}", flush=True)
+    choose(net, "fp32", LANES)  # what `kiln generate --precision fp32` takes, timed here too
     bf16 = chosen.products == "bf16"  # then kiln at --precision fp32 runs too
     strong = {"batched, all prompts": ["--batch", str(args.prompts)],
               **({"batched, all prompts, bf16": ["--batch", str(args.prompts), "--bf16"]}
@@ -281,7 +286,7 @@ def main() -> None:
     small = {k: small_job(model, prompts[:k], tmp, c, base_name) for k in args.small}
     for k, r in small.items():
         print(f"{k} prompts: {r}", flush=True)
-    lanes = lanes_sweep(model, prompts[:1000], 100)
+    lanes = lanes_sweep(model, prompts[:1000], 100, chosen.gates, chosen.products)
     print(f"lanes: {lanes}", flush=True)
     forms = step_forms(model)
     print(f"an LSTM step, ms: {forms}", flush=True)

@@ -145,9 +145,9 @@ class GenerateOptions:
     actors: int | None = opt(None, ACTORS_HELP)
     address: str | None = opt(None, ADDRESS_HELP, envvar="RAY_ADDRESS")
     debug: bool = False
-    precision: str = opt("auto", "The recurrent layers' matrix products: auto (bf16 where the "
-                         "hardware has bf16 matrix units: a GPU, a CPU with AMX; else fp32), "
-                         "fp32 or bf16. The state stays fp32.")  # SamplingSettings
+    precision: str = opt("auto", "The recurrent layers' matrix products: auto (bf16 on a GPU; "
+                         "on a CPU, whichever of fp32 and bf16 is faster there, timed once and "
+                         "cached), fp32 or bf16. The state stays fp32.")  # SamplingSettings
     forward_credentials: bool = opt(False, FORWARD_HELP)
 
 

@@ -14,6 +14,8 @@ file, so that a machine takes the same form every time. `KILN_GATES` sets the ga
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -32,6 +34,10 @@ GATES = ("sigmoid", "tanh")
 GATES_ENV = "KILN_GATES"
 PROBE_S = 0.05  # seconds of timed steps per form, after two warm-up steps
 PROBE_MIN_STEPS, PROBE_MAX_STEPS = 3, 40
+# Another form is taken over the first (sigmoid gates, fp32 products) only where it is faster
+# by more than this share: two forms within timing noise of each other would otherwise flip
+# between measurements.
+MARGIN = 0.05
 
 # measure(model, gates, products, lanes) -> seconds a step takes on one thread
 Measure = Callable[[CharRNN, str, str, int], float]
@@ -42,13 +48,18 @@ class Kernels:
     gates: str  # "sigmoid" or "tanh": an LSTM's gate nonlinearity (Stepper)
     products: str  # "fp32" or "bf16": the recurrent layers' matrix products
     step_s: float | None = None  # seconds a step `lanes` wide took on one thread; None: unmeasured
-    how: str = "measured"  # "measured" now, "cached" from an earlier measurement, or "set"
+    # "measured" now; "cached" from an earlier measurement; "set" (one form to take);
+    # "resumed" (the form an interrupted output was written in); "fixed" (a cluster's workers,
+    # whose CPUs this process cannot time, take the first form unless set)
+    how: str = "measured"
     probe_s: float = 0.0  # what measuring cost now
 
     def describe(self) -> str:
         how = {"measured": f"measured on this CPU in {self.probe_s:.2f} s",
                "cached": "measured on this CPU before (cached)",
-               "set": "as set"}[self.how]
+               "set": "as set",
+               "resumed": "as the output was written in",
+               "fixed": "on a cluster: set KILN_GATES and --precision to choose"}[self.how]
         return f"{self.gates} gates, {self.products} products ({how})"
 
 
@@ -93,8 +104,9 @@ def choose(model: CharRNN, precision: str, lanes: int, gates: str = "auto",
         return Kernels(*forms[0], how="set")
     key = cache_key(model, lanes, forms)
     cached = (_MEMO.get(key) or read_cache().get(key)) if use_cache else None
-    if cached and (cached["gates"], cached["products"]) in forms:
-        return Kernels(cached["gates"], cached["products"], cached["step_s"], "cached")
+    if isinstance(cached, dict) and (cached.get("gates"), cached.get("products")) in forms:
+        _MEMO[key] = cached  # read once a process
+        return Kernels(cached["gates"], cached["products"], cached.get("step_s"), "cached")
     measure = measure or step_seconds
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
@@ -103,7 +115,8 @@ def choose(model: CharRNN, precision: str, lanes: int, gates: str = "auto",
         times = {form: measure(model, *form, lanes) for form in forms}
     finally:
         torch.set_num_threads(threads)
-    gates, products = min(forms, key=times.__getitem__)  # ties: the first, sigmoid and fp32
+    fastest = min(forms, key=times.__getitem__)
+    gates, products = fastest if times[fastest] < (1 - MARGIN) * times[forms[0]] else forms[0]
     chosen = Kernels(gates, products, times[gates, products], "measured",
                      time.perf_counter() - t0)
     if use_cache:
@@ -117,6 +130,17 @@ def choose(model: CharRNN, precision: str, lanes: int, gates: str = "auto",
 _MEMO: dict[str, dict] = {}
 
 
+def fixed(model: CharRNN, precision: str, gates: str = "auto") -> Kernels:
+    """The form for workers whose CPUs are not this one's (a cluster): the first candidate
+    (sigmoid gates, fp32 products) unless set, the same on every worker."""
+    forced = gates if gates != "auto" else os.environ.get(GATES_ENV)
+    candidates(model, "fp32", gates)  # a bad KILN_GATES fails here too
+    lstm = model.cell == "lstm"
+    return Kernels(forced if forced and lstm else "sigmoid",
+                   "fp32" if precision == "auto" else precision, how="fixed")
+
+
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what Python knows of it."""
     try:
@@ -136,25 +160,37 @@ def cache_key(model: CharRNN, lanes: int, forms: list[tuple[str, str]]) -> str:
                        f"{lanes} lanes", ",".join(f"{g}/{p}" for g, p in forms)])
 
 
-def cache_file() -> Path:
-    """KILN_CACHE_DIR/kernels.json, else the user's cache folder's kiln/kernels.json."""
+def cache_file() -> Path | None:
+    """KILN_CACHE_DIR/kernels.json, else the user's cache folder's kiln/kernels.json; None
+    where there is no home to keep it in."""
     if os.environ.get("KILN_CACHE_DIR"):
         return Path(os.environ["KILN_CACHE_DIR"]) / "kernels.json"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        home = os.path.expanduser("~")
+        if home == "~":
+            return None
+        base = os.path.join(home, ".cache")
     return Path(base) / "kiln" / "kernels.json"
 
 
 def read_cache() -> dict:
+    """The cache's entries; a file that is missing, unreadable or not kiln's reads as none."""
+    path = cache_file()
     try:
-        return json.loads(cache_file().read_text())
+        data = json.loads(path.read_text()) if path else {}
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_cache(key: str, entry: dict) -> None:
     """Adds an entry, atomically (a rename); a cache that cannot be written is skipped: the
     next job measures again."""
     path = cache_file()
+    if path is None:
+        return
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {**read_cache(), key: entry}
@@ -163,4 +199,6 @@ def write_cache(key: str, entry: dict) -> None:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -199,7 +199,15 @@ def test_the_gates_measured_or_set_are_the_jobs_and_part_of_the_run(rnn_model, p
              for t in (False, True)]
     assert torch.allclose(*steps, atol=1e-4) and not torch.equal(*steps)
     other = next(g for g in kernels.GATES if g != chosen["gates"])
-    monkeypatch.setenv(kernels.GATES_ENV, other)
+    # Resumed where the measurement would now choose the other form (a cache cleared, a
+    # near tie): the output's own form is kept, and nothing is redone.
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    monkeypatch.setattr(kernels, "step_seconds", lambda m, g, p, n: 1.0 if g == other else 2.0)
+    resumed = run_generate(opts(rnn_model, out, prompts=str(prompt_file), precision="fp32"))
+    assert resumed["kernels"]["gates"] == chosen["gates"] and resumed["rows_written"] == 0
+    assert resumed["kernels"]["how"] == "resumed"
+    monkeypatch.setenv(kernels.GATES_ENV, other)  # asked for: another job
     with pytest.raises(OutputError, match="gates"):
         run_generate(opts(rnn_model, out, prompts=str(prompt_file), precision="fp32"))
     again = run_generate(opts(rnn_model, tmp_path / "set", prompts=str(prompt_file),
@@ -279,6 +287,25 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
         assert job.where.runs_here(limit * rate, job.rate_per_cpu)
         assert not job.where.runs_here(limit * rate * 1.01, job.rate_per_cpu)
     assert sampling_of(opts(rnn_model, "unused", prompts=str(prompt_file))).precision == "auto"
+
+
+def test_a_cluster_job_takes_one_form_on_every_worker(rnn_model, prompt_file, monkeypatch):
+    """On a cluster the workers' CPUs are not this process's to time: every worker takes the
+    first form (sigmoid gates, fp32 products) unless KILN_GATES or --precision set it."""
+    from kiln.bulk.generate import GenerateJob
+    from kiln.cluster.placement import Placement
+    from kiln.models import kernels
+
+    monkeypatch.delenv(kernels.GATES_ENV, raising=False)
+    monkeypatch.setattr(kernels, "step_seconds", lambda *a: pytest.fail("measured"))
+    loaded = storage.load_model(str(rnn_model))
+    cluster = Placement(cluster=True, cpus=2)
+    o = opts(rnn_model, "unused", prompts=str(prompt_file))
+    job = GenerateJob(o, loaded, SamplingSettings(), cluster)
+    assert (job.s.gates, job.s.precision, job.kernels.how) == ("sigmoid", "fp32", "fixed")
+    monkeypatch.setenv(kernels.GATES_ENV, "tanh")
+    job = GenerateJob(o, loaded, SamplingSettings(precision="bf16"), cluster)
+    assert (job.s.gates, job.s.precision) == ("tanh", "bf16")
 
 
 # --- the job on a local Ray ----------------------------------------------------------------

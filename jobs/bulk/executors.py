@@ -41,8 +41,7 @@ class Executor:
 
     @staticmethod
     def say(job, tasks: list[dict], how: str, console: Console) -> None:
-        console.print(f"{job.verb} {len(tasks):,} unit(s) {how} with {job.loaded.id}",
-                      highlight=False)
+        console.print(f"{job.verb} {len(tasks):,} unit(s) {how}", highlight=False)
 
 
 class Threads(Executor):
@@ -56,15 +55,16 @@ class Threads(Executor):
 
     def run(self, job, out, tasks, console):
         actor = self.actor(job, out)
-        self.say(job, tasks, f"in this process on {self.workers} thread(s)", console)
+        self.say(job, tasks, f"in this process on {self.workers} thread(s) with "
+                 f"{job.loaded.id}", console)
         yield from run_in_threads(actor.run_task, tasks, self.workers)
 
 
 class Processes(Threads):
     def run(self, job, out, tasks, console):
         actor = self.actor(job, out)  # built before the fork: the workers inherit its model
-        self.say(job, tasks, f"without Ray in {self.workers} processes forked from this one",
-                 console)
+        self.say(job, tasks, f"without Ray in {self.workers} processes forked from this one "
+                 f"with {job.loaded.id}", console)
         yield from run_in_processes(actor.compute, actor.finish, tasks, self.workers)
 
 
@@ -76,7 +76,7 @@ class RayData(Executor):
                                     forward_credentials=opts.forward_credentials)), \
                 quiet_ray_data():
             layout = actor_layout(opts, len(tasks), job.decodes)
-            self.say(job, tasks, f"with {layout.actors} actor(s)", console)
+            self.say(job, tasks, f"with {layout.actors} actor(s) of {job.loaded.id}", console)
             yield from stats_rows(bulk_dataset(job.actor, job.settings(out, layout), tasks,
                                                layout))
 

@@ -45,16 +45,28 @@ class GenerateJob(BulkJob):
         super().__init__(opts, loaded, where)
         self.kernels = None
         if not opts.gpu:  # the CPU kernels, decided here once for every worker of the job
-            from kiln.models.kernels import choose
-
-            self.kernels = choose(loaded.model, sampling.precision, sampling.lanes,
-                                  gates=sampling.gates)
+            self.kernels = self.cpu_kernels(sampling)
             sampling = replace(sampling, precision=self.kernels.products,
                                gates=self.kernels.gates)
         self.s = sampling
         self.table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8: by line
         self.stats, _ = gen.prompt_stats(self.table.column("prompt").to_pylist(),
                                          loaded.vocab, sampling.max_prompt_chars)
+
+    def cpu_kernels(self, sampling: SamplingSettings):
+        """The form every worker steps in (models.kernels): an interrupted output's own, where
+        this CPU can take it; on a cluster, whose CPUs this process cannot time, the first
+        form unless set; else the fastest here."""
+        from kiln.models import kernels
+
+        model = self.loaded.model
+        if self.where.cluster:
+            return kernels.fixed(model, sampling.precision, sampling.gates)
+        forms = kernels.candidates(model, sampling.precision, sampling.gates)
+        was = {} if self.opts.overwrite else written_as(self.opts.output)
+        if (was.get("gates"), was.get("precision")) in forms:
+            return kernels.Kernels(was["gates"], was["precision"], how="resumed")
+        return kernels.choose(model, sampling.precision, sampling.lanes, gates=sampling.gates)
 
     @property
     def rate_per_cpu(self) -> float:
@@ -121,6 +133,19 @@ class GenerateJob(BulkJob):
                 f"chars/s; {summary['rows_in_output']:,}/{self.table.num_rows:,} rows in "
                 f"{redact(self.opts.output)}; {self.stats.unknown_chars:,} unknown chars in "
                 f"{self.stats.with_unknown:,} prompts")
+
+
+def written_as(output: str) -> dict:
+    """The identity of a generate job an output holds already ({} where none is readable)."""
+    import json
+
+    from kiln.pipelines.sink import JOB_FILE
+
+    try:
+        job = json.loads(storage.read_bytes(storage.join(output, JOB_FILE), 1 << 20))
+    except (storage.StorageError, ValueError):
+        return {}
+    return job if isinstance(job, dict) and job.get("job") == "generate" else {}
 
 
 def sampling_of(opts: GenerateOptions) -> SamplingSettings:
