@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from . import stepper
 from .rnn import CharRNN
-from .stepper import Stepper, bf16_linear, onednn_linear
 
 GATES = ("sigmoid", "tanh")
 GATES_ENV = "KILN_GATES"
@@ -71,7 +71,7 @@ def candidates(model: CharRNN, precision: str, gates: str = "auto") -> list[tupl
     # Only an LSTM has the choice; the others' gates are their own.
     forms = ("sigmoid",) if model.cell != "lstm" else (forced,) if forced else GATES
     # onednn_linear() first: bf16_linear() is cached, and a process may turn oneDNN off.
-    bf16 = onednn_linear() and bf16_linear()
+    bf16 = stepper.onednn_linear() and stepper.bf16_linear()
     products = {"fp32": ("fp32",), "bf16": ("bf16",),
                 "auto": ("fp32", "bf16") if bf16 else ("fp32",)}[precision]
     return [(g, p) for g in forms for p in products]
@@ -79,17 +79,17 @@ def candidates(model: CharRNN, precision: str, gates: str = "auto") -> list[tupl
 
 def step_seconds(model: CharRNN, gates: str, products: str, lanes: int) -> float:
     """The median time of one step `lanes` wide on one thread, in this form."""
-    stepper = Stepper(model, "cpu", tanh_gates=gates == "tanh", bf16=products == "bf16")
+    step = stepper.Stepper(model, "cpu", tanh_gates=gates == "tanh", bf16=products == "bf16")
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, stepper.table.shape[0], (lanes,), generator=g)
-    state = stepper.init_state(lanes)
+    x = torch.randint(0, step.table.shape[0], (lanes,), generator=g)
+    state = step.init_state(lanes)
     for _ in range(2):  # the first steps allocate and fault in their buffers
-        _, state = stepper(x, state)
+        _, state = step(x, state)
     times: list[float] = []
     while len(times) < PROBE_MAX_STEPS and (len(times) < PROBE_MIN_STEPS
                                             or sum(times) < PROBE_S):
         t0 = time.perf_counter()
-        _, state = stepper(x, state)
+        _, state = step(x, state)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -155,7 +155,7 @@ def cpu_model() -> str:
 
 def cache_key(model: CharRNN, lanes: int, forms: list[tuple[str, str]]) -> str:
     shape = f"{model.cell} {model.layers}x{model.hidden} vocab {model.embed.num_embeddings}"
-    kernel = "oneDNN" if onednn_linear() else "addmm"
+    kernel = "oneDNN" if stepper.onednn_linear() else "addmm"
     return " | ".join([cpu_model(), f"torch {torch.__version__}", kernel, shape,
                        f"{lanes} lanes", ",".join(f"{g}/{p}" for g, p in forms)])
 

@@ -290,8 +290,10 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
 
 
 def test_a_cluster_job_takes_one_form_on_every_worker(rnn_model, prompt_file, monkeypatch):
-    """On a cluster the workers' CPUs are not this process's to time: every worker takes the
-    first form (sigmoid gates, fp32 products) unless KILN_GATES or --precision set it."""
+    """On a cluster named by an address the workers' CPUs are not this process's to time:
+    every worker takes the first form (sigmoid gates, fp32 products) unless KILN_GATES or
+    --precision set it. (A Ray started on this machine steps on its CPUs: measured, as the
+    texts of test_texts_do_not_depend_on_batch_size_or_actors show.)"""
     from kiln.bulk.generate import GenerateJob
     from kiln.cluster.placement import Placement
     from kiln.models import kernels
@@ -300,7 +302,7 @@ def test_a_cluster_job_takes_one_form_on_every_worker(rnn_model, prompt_file, mo
     monkeypatch.setattr(kernels, "step_seconds", lambda *a: pytest.fail("measured"))
     loaded = storage.load_model(str(rnn_model))
     cluster = Placement(cluster=True, cpus=2)
-    o = opts(rnn_model, "unused", prompts=str(prompt_file))
+    o = opts(rnn_model, "unused", prompts=str(prompt_file), address="head:6379")
     job = GenerateJob(o, loaded, SamplingSettings(), cluster)
     assert (job.s.gates, job.s.precision, job.kernels.how) == ("sigmoid", "fp32", "fixed")
     monkeypatch.setenv(kernels.GATES_ENV, "tanh")

@@ -55,12 +55,16 @@ class GenerateJob(BulkJob):
 
     def cpu_kernels(self, sampling: SamplingSettings):
         """The form every worker steps in (models.kernels): an interrupted output's own, where
-        this CPU can take it; on a cluster, whose CPUs this process cannot time, the first
-        form unless set; else the fastest here."""
+        this CPU can take it; on a cluster named by --address or RAY_ADDRESS (kiln submit's
+        jobs too), whose CPUs this process cannot time, the first form unless set; else the
+        fastest on this machine, whose CPUs its threads, its processes and a Ray started
+        here alike step on, so that the rows are the same every way."""
+        import os
+
         from kiln.models import kernels
 
         model = self.loaded.model
-        if self.where.cluster:
+        if self.opts.address or os.environ.get("RAY_ADDRESS"):
             return kernels.fixed(model, sampling.precision, sampling.gates)
         forms = kernels.candidates(model, sampling.precision, sampling.gates)
         was = {} if self.opts.overwrite else written_as(self.opts.output)
