@@ -5,6 +5,7 @@ writing folders, and finding the model folder of a run, is pipelines.storage's."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.overrides import TorchFunctionMode
 
 from .cnn import build_cnn
 from .rnn import CharRNN
@@ -203,6 +205,25 @@ def parse_config(config_bytes: bytes, where: str = "config.json") -> dict:
     return config
 
 
+class _NoInit(TorchFunctionMode):
+    """torch.nn.init's initializers left out: on meta tensors each goes through a reference
+    implementation whose first call imports torch._dynamo (1.6 s of a command's start)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Models built inside take no memory for their tensors (the meta device) and run no
+    initializer: their shapes alone, before a model folder's weights are read. Torch function
+    modes are per thread, so a model another thread builds meanwhile is initialized as ever."""
+    with torch.device("meta"), _NoInit():
+        yield
+
+
 def model_from_bytes(config_bytes: bytes, weights_bytes: bytes, expect_kind: str | None = None,
                      where: str = "model folder") -> LoadedModel:
     config = parse_config(config_bytes, f"{where}/{CONFIG_FILE}")
@@ -214,7 +235,7 @@ def model_from_bytes(config_bytes: bytes, weights_bytes: bytes, expect_kind: str
         )
     spec = parse_spec(kind, config.get("spec"), f"{where}/{CONFIG_FILE}")
     try:
-        with torch.device("meta"):  # shapes alone: no memory is taken for the tensors
+        with shapes_only():
             expected = build_model(kind, spec).state_dict()
     except (TypeError, KeyError, ValueError) as e:
         msg = f"{where}/{CONFIG_FILE} does not describe a buildable model: {e}"
@@ -333,7 +354,7 @@ def weights_limit(config: dict, where: str = CONFIG_FILE) -> int:
     kind = config["kind"]
     spec = parse_spec(kind, config.get("spec"), where)
     try:
-        with torch.device("meta"):
+        with shapes_only():
             numel = sum(t.numel() for t in build_model(kind, spec).state_dict().values())
     except (TypeError, KeyError, ValueError) as e:
         raise ModelFolderError(f"{where} does not describe a buildable model: {e}") from None

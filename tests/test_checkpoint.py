@@ -112,3 +112,38 @@ def test_weights_are_never_unpickled(tmp_path):
     with pytest.raises(ModelFolderError, match="corrupt or truncated"):
         storage.load_model(str(folder))
     assert not marker.exists()
+
+
+def test_reading_a_model_folder_builds_shapes_only_and_imports_no_compiler(tmp_path):
+    """The shapes check before the weights are read runs no initializer: on meta tensors
+    torch.nn.init's first call imports torch._dynamo, seconds of every command's start. A
+    model another thread builds meanwhile is initialized as ever (torch function modes are
+    per thread)."""
+    import subprocess
+    import sys
+    import threading
+
+    from kiln.models import CharVocab, RNNSpec, build_model, model_to_bytes
+    from kiln.models.checkpoint import shapes_only
+    from kiln.pipelines import storage
+
+    vocab = CharVocab.build("abcdefgh \n")
+    spec = RNNSpec(vocab.chars, "lstm", embed=8, hidden=16, layers=2)
+    storage.save_model(str(tmp_path / "model"), model_to_bytes(build_model("rnn", spec), "rnn",
+                                                               spec))
+    code = ("import sys; from kiln.pipelines import storage; "
+            f"m = storage.load_model({str(tmp_path)!r}); "
+            "assert m.model.embed.weight.abs().sum() > 0; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+    built: dict = {}
+    with shapes_only():
+        meta = build_model("rnn", spec)
+        thread = threading.Thread(target=lambda: built.update(m=build_model("rnn", spec)))
+        thread.start()
+        thread.join()
+    assert meta.embed.weight.is_meta
+    other = built["m"].embed.weight
+    assert not other.is_meta and float(other.detach().std()) > 0.5  # N(0, 1), as built outside
