@@ -289,7 +289,8 @@ def test_a_big_machine_keeps_jobs_here_by_the_precisions_rate(rnn_model, prompt_
     assert sampling_of(opts(rnn_model, "unused", prompts=str(prompt_file))).precision == "auto"
 
 
-def test_a_cluster_job_takes_one_form_on_every_worker(rnn_model, prompt_file, monkeypatch):
+def test_a_cluster_job_takes_one_form_on_every_worker(rnn_model, prompt_file, monkeypatch,
+                                                     tmp_path):
     """On a cluster named by an address the workers' CPUs are not this process's to time:
     every worker takes the first form (sigmoid gates, fp32 products) unless KILN_GATES or
     --precision set it. (A Ray started on this machine steps on its CPUs: measured, as the
@@ -308,6 +309,17 @@ def test_a_cluster_job_takes_one_form_on_every_worker(rnn_model, prompt_file, mo
     monkeypatch.setenv(kernels.GATES_ENV, "tanh")
     job = GenerateJob(o, loaded, SamplingSettings(precision="bf16"), cluster)
     assert (job.s.gates, job.s.precision) == ("tanh", "bf16")
+    # An output written in another form (here, say) is finished in it there, unless set.
+    monkeypatch.delenv(kernels.GATES_ENV)
+    out = tmp_path / "written-here"
+    out.mkdir()
+    (out / "_kiln_job.json").write_text(json.dumps({"job": "generate", "gates": "tanh",
+                                                    "precision": "bf16"}))
+    o = opts(rnn_model, str(out), prompts=str(prompt_file), address="head:6379")
+    job = GenerateJob(o, loaded, SamplingSettings(), cluster)
+    assert (job.s.gates, job.s.precision, job.kernels.how) == ("tanh", "bf16", "resumed")
+    job = GenerateJob(o, loaded, SamplingSettings(precision="fp32"), cluster)
+    assert (job.s.gates, job.s.precision, job.kernels.how) == ("sigmoid", "fp32", "fixed")
 
 
 # --- the job on a local Ray ----------------------------------------------------------------

@@ -54,22 +54,28 @@ class GenerateJob(BulkJob):
                                          loaded.vocab, sampling.max_prompt_chars)
 
     def cpu_kernels(self, sampling: SamplingSettings):
-        """The form every worker steps in (models.kernels): an interrupted output's own, where
-        this CPU can take it; on a cluster named by --address or RAY_ADDRESS (kiln submit's
-        jobs too), whose CPUs this process cannot time, the first form unless set; else the
-        fastest on this machine, whose CPUs its threads, its processes and a Ray started
-        here alike step on, so that the rows are the same every way."""
+        """The form every worker steps in (models.kernels): an interrupted output's own where
+        nothing set says otherwise (and, here, this CPU can take it); on a cluster whose CPUs
+        this process cannot time, the first form unless set; else the fastest on this
+        machine, whose CPUs its threads, its processes and a Ray started here alike step on,
+        so that the rows are the same every way."""
         import os
 
         from kiln.models import kernels
 
         model = self.loaded.model
-        if self.opts.address or os.environ.get("RAY_ADDRESS"):
-            return kernels.fixed(model, sampling.precision, sampling.gates)
-        forms = kernels.candidates(model, sampling.precision, sampling.gates)
+        gates = sampling.gates if sampling.gates != "auto" else os.environ.get(kernels.GATES_ENV)
         was = {} if self.opts.overwrite else written_as(self.opts.output)
-        if (was.get("gates"), was.get("precision")) in forms:
-            return kernels.Kernels(was["gates"], was["precision"], how="resumed")
+        form = (was.get("gates"), was.get("precision"))
+        kept = (form[0] in kernels.GATES and form[1] in ("fp32", "bf16")
+                and gates in (None, "auto", form[0])
+                and sampling.precision in ("auto", form[1]))
+        if on_other_cpus(self.opts):
+            if kept:
+                return kernels.Kernels(*form, how="resumed")
+            return kernels.fixed(model, sampling.precision, sampling.gates)
+        if kept and form in kernels.candidates(model, sampling.precision, sampling.gates):
+            return kernels.Kernels(*form, how="resumed")
         return kernels.choose(model, sampling.precision, sampling.lanes, gates=sampling.gates)
 
     @property
@@ -137,6 +143,21 @@ class GenerateJob(BulkJob):
                 f"chars/s; {summary['rows_in_output']:,}/{self.table.num_rows:,} rows in "
                 f"{redact(self.opts.output)}; {self.stats.unknown_chars:,} unknown chars in "
                 f"{self.stats.with_unknown:,} prompts")
+
+
+def on_other_cpus(opts) -> bool:
+    """Whether the job's workers may run on CPUs other than this machine's: a cluster named by
+    --address or RAY_ADDRESS (which Ray Jobs sets for kiln submit's jobs), or a Ray this
+    process joined that has more than one node."""
+    import os
+    import sys
+
+    if opts.address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    return sum(1 for n in ray.nodes() if n.get("Alive")) > 1
 
 
 def written_as(output: str) -> dict:
