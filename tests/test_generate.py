@@ -4,6 +4,7 @@ kill, and clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -320,6 +321,12 @@ def test_a_cluster_job_takes_one_form_on_every_worker(rnn_model, prompt_file, mo
     assert (job.s.gates, job.s.precision, job.kernels.how) == ("tanh", "bf16", "resumed")
     job = GenerateJob(o, loaded, SamplingSettings(precision="fp32"), cluster)
     assert (job.s.gates, job.s.precision, job.kernels.how) == ("sigmoid", "fp32", "fixed")
+    # An earlier kiln recorded no kernels: its output cannot be finished in a known form.
+    (out / "_kiln_job.json").write_text(json.dumps({"job": "generate", "precision": "auto"}))
+    with pytest.raises(OutputError, match="written by an earlier kiln"):
+        GenerateJob(o, loaded, SamplingSettings(), cluster)
+    assert GenerateJob(dataclasses.replace(o, overwrite=True), loaded, SamplingSettings(),
+                       cluster).kernels.how == "fixed"
 
 
 # --- the job on a local Ray ----------------------------------------------------------------

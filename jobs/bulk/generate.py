@@ -21,6 +21,7 @@ from kiln.pipelines import generate as gen
 from kiln.pipelines import storage
 from kiln.pipelines.bulk import pack
 from kiln.pipelines.fence import check_output
+from kiln.pipelines.sink import OutputError
 from kiln.redact import redact
 
 # How many characters a second one core steps with a 2x256 char-LSTM in fp32 (the slowest
@@ -66,6 +67,10 @@ class GenerateJob(BulkJob):
         model = self.loaded.model
         gates = sampling.gates if sampling.gates != "auto" else os.environ.get(kernels.GATES_ENV)
         was = {} if self.opts.overwrite else written_as(self.opts.output)
+        if was and "gates" not in was:
+            raise OutputError(f"{redact(self.opts.output)} was written by an earlier kiln, which "
+                              "did not record the kernels its texts were sampled in: finish it "
+                              "with that kiln, or pass --overwrite to start it over")
         form = (was.get("gates"), was.get("precision"))
         kept = (form[0] in kernels.GATES and form[1] in ("fp32", "bf16")
                 and gates in (None, "auto", form[0])
