@@ -63,11 +63,26 @@ class Kernels:
         return f"{self.gates} gates, {self.products} products ({how})"
 
 
-def candidates(model: CharRNN, precision: str, gates: str = "auto") -> list[tuple[str, str]]:
-    """The (gates, products) forms a job at `precision` and `gates` may take on this CPU."""
+def set_gates(gates: str = "auto") -> str | None:
+    """The gates the caller or KILN_GATES set (checked); None where the measurement decides."""
     forced = gates if gates != "auto" else os.environ.get(GATES_ENV)
     if forced and forced not in GATES:
         raise ValueError(f"{GATES_ENV} must be one of {', '.join(GATES)}, got {forced!r}")
+    return forced or None
+
+
+def resumable(form: tuple[str | None, str | None], precision: str, gates: str = "auto"
+              ) -> bool:
+    """Whether an output written in `form` (gates, products) may be finished at these
+    settings: nothing set asks for another form."""
+    g, p = form
+    return (g in GATES and p in ("fp32", "bf16") and set_gates(gates) in (None, g)
+            and precision in ("auto", p))
+
+
+def candidates(model: CharRNN, precision: str, gates: str = "auto") -> list[tuple[str, str]]:
+    """The (gates, products) forms a job at `precision` and `gates` may take on this CPU."""
+    forced = set_gates(gates)
     # Only an LSTM has the choice; the others' gates are their own.
     forms = ("sigmoid",) if model.cell != "lstm" else (forced,) if forced else GATES
     # onednn_linear() first: bf16_linear() is cached, and a process may turn oneDNN off.
@@ -133,10 +148,8 @@ _MEMO: dict[str, dict] = {}
 def fixed(model: CharRNN, precision: str, gates: str = "auto") -> Kernels:
     """The form for workers whose CPUs are not this one's (a cluster): the first candidate
     (sigmoid gates, fp32 products) unless set, the same on every worker."""
-    forced = gates if gates != "auto" else os.environ.get(GATES_ENV)
-    candidates(model, "fp32", gates)  # a bad KILN_GATES fails here too
-    lstm = model.cell == "lstm"
-    return Kernels(forced if forced and lstm else "sigmoid",
+    forced = set_gates(gates)
+    return Kernels(forced if forced and model.cell == "lstm" else "sigmoid",
                    "fp32" if precision == "auto" else precision, how="fixed")
 
 

@@ -116,14 +116,12 @@ class OutputDir:
         self._check_is_kiln(held)
         before = None
         if JOB_FILE in held:
-            try:
-                before = json.loads(storage.read_bytes(job_uri, MAX_JOB_FILE))
-            except (storage.StorageError, ValueError):
-                if not self.overwrite:
-                    raise OutputError(f"{self.uri}/{JOB_FILE} is not readable; pass "
-                                      "--overwrite to start the output over, or choose "
-                                      "another --output") from None
-        was = before.get("job") if isinstance(before, dict) else None
+            before = read_job(self.uri)
+            if before is None and not self.overwrite:
+                raise OutputError(f"{self.uri}/{JOB_FILE} is not readable; pass "
+                                  "--overwrite to start the output over, or choose "
+                                  "another --output")
+        was = before.get("job") if before else None
         if self.overwrite:
             # Its files first, the marker last (rewritten below): a kill midway leaves an
             # output that is still the old job's, which --overwrite takes again.
@@ -200,6 +198,17 @@ class OutputDir:
 OWN_FILES = (JOB_FILE, SUMMARY_FILE, LEASE_FILE)
 JOB_FILES = {"label": ("report.html",), "eval": ("eval.json", "eval.html")}
 MAX_JOB_FILE = 16 * 1024 * 1024
+
+
+def read_job(uri: str) -> dict | None:
+    """The identity an output's JOB_FILE records; None where it has none it can read."""
+    try:
+        job = json.loads(storage.read_bytes(storage.join(uri, JOB_FILE), MAX_JOB_FILE))
+    except (storage.StorageError, ValueError):
+        return None
+    return job if isinstance(job, dict) else None
+
+
 _PART = re.compile(r"part-[0-9a-f-]+-[0-9a-z]{8}\.parquet\Z")  # Parts.uri_of's names
 _TMP = re.compile(r"(.+)\.[0-9a-f]{8}\.tmp\Z")
 

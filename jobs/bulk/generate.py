@@ -21,7 +21,7 @@ from kiln.pipelines import generate as gen
 from kiln.pipelines import storage
 from kiln.pipelines.bulk import pack
 from kiln.pipelines.fence import check_output
-from kiln.pipelines.sink import OutputError
+from kiln.pipelines.sink import OutputError, read_job
 from kiln.redact import redact
 
 # How many characters a second one core steps with a 2x256 char-LSTM in fp32 (the slowest
@@ -44,44 +44,38 @@ class GenerateJob(BulkJob):
 
     def __init__(self, opts: GenerateOptions, loaded, sampling: SamplingSettings, where=None):
         super().__init__(opts, loaded, where)
+        self.table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8: by line
+        self.stats, _ = gen.prompt_stats(self.table.column("prompt").to_pylist(),
+                                         loaded.vocab, sampling.max_prompt_chars)
         self.kernels = None
         if not opts.gpu:  # the CPU kernels, decided here once for every worker of the job
             self.kernels = self.cpu_kernels(sampling)
             sampling = replace(sampling, precision=self.kernels.products,
                                gates=self.kernels.gates)
         self.s = sampling
-        self.table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8: by line
-        self.stats, _ = gen.prompt_stats(self.table.column("prompt").to_pylist(),
-                                         loaded.vocab, sampling.max_prompt_chars)
 
     def cpu_kernels(self, sampling: SamplingSettings):
         """The form every worker steps in (models.kernels): an interrupted output's own where
-        nothing set says otherwise (and, here, this CPU can take it); on a cluster whose CPUs
-        this process cannot time, the first form unless set; else the fastest on this
-        machine, whose CPUs its threads, its processes and a Ray started here alike step on,
-        so that the rows are the same every way."""
-        import os
-
+        nothing set says otherwise (and, here, this CPU can take it); where the workers may
+        run on other machines' CPUs, which this process cannot time, the first form unless
+        set; else the fastest on this machine, whose CPUs its threads, its processes and a
+        Ray started here alike step on, so that the rows are the same every way."""
         from kiln.models import kernels
 
-        model = self.loaded.model
-        gates = sampling.gates if sampling.gates != "auto" else os.environ.get(kernels.GATES_ENV)
-        was = {} if self.opts.overwrite else written_as(self.opts.output)
-        if was and "gates" not in was:
+        model, precision, gates = self.loaded.model, sampling.precision, sampling.gates
+        was = {} if self.opts.overwrite else read_job(self.opts.output) or {}
+        if was.get("job") == "generate" and "gates" not in was:
             raise OutputError(f"{redact(self.opts.output)} was written by an earlier kiln, which "
                               "did not record the kernels its texts were sampled in: finish it "
                               "with that kiln, or pass --overwrite to start it over")
         form = (was.get("gates"), was.get("precision"))
-        kept = (form[0] in kernels.GATES and form[1] in ("fp32", "bf16")
-                and gates in (None, "auto", form[0])
-                and sampling.precision in ("auto", form[1]))
-        if on_other_cpus(self.opts):
-            if kept:
-                return kernels.Kernels(*form, how="resumed")
-            return kernels.fixed(model, sampling.precision, sampling.gates)
-        if kept and form in kernels.candidates(model, sampling.precision, sampling.gates):
+        remote = on_other_cpus(self.opts)
+        if was.get("job") == "generate" and kernels.resumable(form, precision, gates) and (
+                remote or form in kernels.candidates(model, precision, gates)):
             return kernels.Kernels(*form, how="resumed")
-        return kernels.choose(model, sampling.precision, sampling.lanes, gates=sampling.gates)
+        if remote:
+            return kernels.fixed(model, precision, gates)
+        return kernels.choose(model, precision, sampling.lanes, gates=gates)
 
     @property
     def rate_per_cpu(self) -> float:
@@ -163,19 +157,6 @@ def on_other_cpus(opts) -> bool:
     if ray is None or not ray.is_initialized():
         return False
     return sum(1 for n in ray.nodes() if n.get("Alive")) > 1
-
-
-def written_as(output: str) -> dict:
-    """The identity of a generate job an output holds already ({} where none is readable)."""
-    import json
-
-    from kiln.pipelines.sink import JOB_FILE
-
-    try:
-        job = json.loads(storage.read_bytes(storage.join(output, JOB_FILE), 1 << 20))
-    except (storage.StorageError, ValueError):
-        return {}
-    return job if isinstance(job, dict) and job.get("job") == "generate" else {}
 
 
 def sampling_of(opts: GenerateOptions) -> SamplingSettings:
