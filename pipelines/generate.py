@@ -173,13 +173,14 @@ def prompt_stats(prompts: list[str | None], vocab: CharVocab, max_prompt_chars: 
     return stats, unknown
 
 
-def plan_blocks(table: pa.Table, done: set[tuple], batch_size: int) -> list[pa.Table]:
-    """The rows still to write, as blocks of batch_size rows, longest prompts first.
+def plan_blocks(table: pa.Table, held, batch_size: int) -> list[pa.Table]:
+    """The rows still to write, as blocks of batch_size rows, longest prompts first; `held`:
+    the ids written already (an Arrow array).
 
     Each block is sampled in one call; similar lengths together waste fewer steps, and the
     long ones starting early keeps the last blocks short. Order changes no row's text."""
-    if done:
-        held = pa.array([k[0] for k in done], type=table.column("id").type)
+    if len(held):
+        held = held.cast(table.column("id").type)
         table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=held)))
     lengths = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy()
     order = np.argsort(-lengths, kind="stable")
@@ -264,9 +265,11 @@ class Generator(BulkActor):
         _, unknown = prompt_stats(prompts, self.vocab, s.max_prompt_chars)
         table = output_table(block, texts, seeds, unknown, s, self.model_id)
         name = f"{pc.min(block.column('_seq')).as_py():010d}"
-        self.parts.write(name, table)
-        yield {"part": name, "rows": block.num_rows, "errors": {},
-               "chars": sum(len(t) for t in texts)}
+        stats = {"part": name, "rows": block.num_rows, "errors": {},
+                 "chars": sum(len(t) for t in texts)}
+        # A block is no unit of the input (blocks regroup on resume): its rows' ids tell.
+        self.parts.write(name, table, {"unit": None, "last": False, "stats": stats})
+        yield stats
 
 
 def output_table(batch: pa.Table, texts: list[str], seeds: list[int], unknown: list[int],

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from . import names, sink, storage
 from .bulk import BulkActor, pack, short_switch_interval
-from .sources import Record, Unit, read_unit, unit_paths
+from .sources import Record, Unit, read_unit, unit_id, unit_paths
 from .transforms import (
     ImageError,
     ImagePreset,
@@ -86,14 +86,19 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def make_tasks(units: list[Unit], done: set[tuple[str, str]]) -> list[dict]:
+def make_tasks(units: list[Unit], done: set[tuple[str, str]],
+               whole: set[str] | frozenset = frozenset()) -> list[dict]:
     """One task per unit that still has work: the unit and the paths of it that are already
-    written (`skip`)."""
+    written (`skip`). `whole`: the ids of units every row of which is written (their last
+    part is), skipped without their keys; `done`: the (source, path) of the other rows
+    written."""
     by_source: dict[str, set[str]] = {}
     for source, path in done:
         by_source.setdefault(names.parse(source)[0], set()).add(path)
     tasks = []
     for unit in units:
+        if whole and unit_id(unit) in whole:
+            continue
         done_here = by_source.get(unit.source, set())
         paths = unit_paths(unit)
         if paths is not None:
@@ -148,16 +153,17 @@ class LabelPredictor(BulkActor):
         part: list[Batch] = []
         rows = index = 0
         thumbs = Thumbs(self.s.thumbs)
+        uid = unit_id(unit)
         records = read_unit(unit, skip, with_labels=self.s.truth)
         for batch in self._predicted(self._decoded(records)):
+            if rows >= self.s.part_rows:  # a full part, and a batch after it: not the last
+                yield self._write_part(part_name(unit, index), part, thumbs, uid, last=False)
+                part, rows, index, thumbs = [], 0, index + 1, Thumbs(self.s.thumbs)
             part.append(batch)
             rows += len(batch.records)
             thumbs.offer(batch)  # and drops the image bytes of every other record
-            if rows >= self.s.part_rows:
-                yield self._write_part(part_name(unit, index), part, thumbs)
-                part, rows, index, thumbs = [], 0, index + 1, Thumbs(self.s.thumbs)
-        if part:
-            yield self._write_part(part_name(unit, index), part, thumbs)
+        if part:  # the unit's last part: once it is written, every row of the unit is
+            yield self._write_part(part_name(unit, index), part, thumbs, uid, last=True)
 
     def _decoded(self, records: Iterator[Record]) -> Iterator[tuple[list, np.ndarray, list]]:
         """(records, uint8 (G, C, S, S) of the G good ones, their positions) a batch at a
@@ -193,14 +199,15 @@ class LabelPredictor(BulkActor):
             scores, idx = probs.topk(self.k, dim=1)  # (B, k) each
         return idx.cpu().numpy(), scores.cpu().numpy()
 
-    def _write_part(self, name: str, part: list[Batch], thumbs: Thumbs) -> dict:
+    def _write_part(self, name: str, part: list[Batch], thumbs: Thumbs, unit: str,
+                    last: bool) -> dict:
         table = label_table(part, self.classes, self.model_id, self.s.truth)
-        self.parts.write(name, table)
         errors = Counter(error_kind(r.error) for b in part for r in b.records if r.error)
         top1 = np.concatenate([b.idx[:, 0] for b in part])
         counts = np.bincount(top1, minlength=len(self.classes))
         stats = {"part": name, "rows": table.num_rows, "errors": dict(errors),
                  "labels": {self.classes[i]: int(c) for i, c in enumerate(counts) if c}}
+        self.parts.write(name, table, {"unit": unit, "last": last, "stats": stats})
         if self.s.thumbs:
             stats["thumbs"] = thumbs.render(self.classes)
         return stats

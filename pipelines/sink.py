@@ -3,7 +3,13 @@ name unique to its slice of work and to the run, so a re-run reads back which ro
 and writes only the rest, and a retried task overwrites its own part instead of adding one.
 
 Layout: OUTPUT/part-*.parquet, OUTPUT/summary.json, OUTPUT/_kiln_job.json (what the output
-holds: the arguments that decide its rows)."""
+holds: the arguments that decide its rows).
+
+A part's footer records, under PART_META, the unit of input it came from, whether it is the
+last part of that unit, and its stats (rows, errors, labels): a re-run reads the footers alone
+(memory that grows with the parts, not the rows), skips every unit whose last part is written,
+and reads the keys of the rest only (the units in flight when the run stopped, and the parts of
+an earlier kiln, which have no PART_META)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -22,6 +30,7 @@ from . import storage
 from .lease import LEASE_FILE, Lease
 
 JOB_FILE, SUMMARY_FILE = "_kiln_job.json", "summary.json"
+PART_META = b"kiln.part"  # a part's footer: {"unit": id or None, "last": bool, "stats": {...}}
 
 
 class OutputError(RuntimeError):
@@ -62,8 +71,82 @@ class Parts:
     def uri_of(self, name: str) -> str:
         return storage.join(self.uri, f"part-{name}-{self.run_id}.parquet")
 
-    def write(self, name: str, table: pa.Table) -> None:
+    def write(self, name: str, table: pa.Table, meta: dict | None = None) -> None:
+        """`meta`: the PART_META record (unit, last, stats) that resume reads back."""
+        if meta is not None:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   PART_META: json.dumps(meta).encode()})
         write_part(self.uri_of(name), table)
+
+
+@dataclass
+class PartInfo:
+    """A part as its footer describes it."""
+
+    uri: str
+    rows: int
+    unit: str | None = None  # the unit of input it came from (pipelines.sources.unit_id)
+    last: bool = False  # its unit's last part: every row of the unit is written
+    stats: dict | None = None  # what its writer counted (rows, errors, labels); None: an
+    # earlier kiln's part, whose keys tell
+
+
+class Written:
+    """What an output holds already, from its parts' footers. Whole units are skipped by
+    their id; the keys of the other parts are read only when asked (keys())."""
+
+    def __init__(self, parts: list[PartInfo], key_columns: list[str]):
+        self.parts, self.key_columns = parts, key_columns
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def whole_units(self) -> set[str]:
+        return {p.unit for p in self.parts if p.unit is not None and p.last}
+
+    def keys(self, skip_units: set[str] | frozenset = frozenset()) -> set[tuple]:
+        """The keys of every row in a part whose unit is not in `skip_units`."""
+        return self.read_keys([p for p in self.parts if p.unit is None or
+                               p.unit not in skip_units])
+
+    def read_keys(self, parts: list[PartInfo], columns: list[str] | None = None
+                  ) -> set[tuple]:
+        columns = columns or self.key_columns
+        keys: set[tuple] = set()
+        for table in self._tables(parts, columns):
+            keys.update(zip(*(table.column(c).to_pylist() for c in columns), strict=True))
+        return keys
+
+    def _tables(self, parts: list[PartInfo], columns: list[str]) -> Iterator[pa.Table]:
+        """Those columns of each part. A part whose footer read but whose data does not (a
+        disk that lost part of its last write) is set aside as NAME.unreadable, and its rows
+        are done again."""
+        for p in list(parts):
+            try:
+                yield pq.read_table(io.BytesIO(storage.read_bytes(p.uri)), columns=columns)
+            except (pa.ArrowInvalid, OSError):
+                storage.move(p.uri, p.uri + ".unreadable")
+                self.parts.remove(p)
+
+    def column(self, name: str) -> pa.Array:
+        """One key column of every part, as one Arrow array (a job whose keys are numbers
+        holds them in 8 bytes a row, not as a set of tuples)."""
+        chunks = [t.column(name).combine_chunks() for t in self._tables(self.parts, [name])]
+        return pa.concat_arrays(chunks) if chunks else pa.array([], pa.int64())
+
+    def legacy(self) -> list[PartInfo]:
+        """The parts an earlier kiln wrote, without stats."""
+        return [p for p in self.parts if p.stats is None]
+
+
+def read_part_info(uri: str) -> PartInfo:
+    """A part's row count and PART_META, from its footer alone."""
+    with storage.open_input(uri) as f:
+        meta = pq.read_metadata(f)
+    record = json.loads((meta.metadata or {}).get(PART_META, b"null")) or {}
+    return PartInfo(uri, meta.num_rows, record.get("unit"), bool(record.get("last")),
+                    record.get("stats"))
 
 
 class OutputDir:
@@ -82,9 +165,9 @@ class OutputDir:
         self.parts_read: list[str] = []
         self.lease: Lease | None = None
 
-    def prepare(self, key_columns: list[str]) -> set[tuple]:
+    def prepare(self, key_columns: list[str]) -> Written:
         """Checks the output can take this job, takes its lease (close() gives it back) and
-        returns the keys already written."""
+        returns what it holds already."""
         if self.job is None:
             raise ValueError("an OutputDir opened to read has no job to prepare")
         storage.check_reachable(self.uri)
@@ -110,7 +193,7 @@ class OutputDir:
                 "empty folder or one of its own outputs, and deletes only what it wrote: choose "
                 "another --output")
 
-    def _prepare(self, key_columns: list[str]) -> set[tuple]:
+    def _prepare(self, key_columns: list[str]) -> Written:
         job_uri = storage.join(self.uri, JOB_FILE)
         held = storage.list_dir(self.uri)  # again, under the lease
         self._check_is_kiln(held)
@@ -138,7 +221,7 @@ class OutputDir:
                 )
         storage.write_bytes(job_uri, json.dumps(self.job, indent=2, sort_keys=True).encode())
         self._remove(n for n in held if _TMP.match(n) and is_own_file(n, was))
-        return self.done_keys(key_columns)
+        return self.written(key_columns)
 
     def _remove(self, files) -> None:
         for name in files:
@@ -163,21 +246,20 @@ class OutputDir:
     def parts(self) -> list[str]:
         return [storage.join(self.uri, n) for n in storage.list_dir(self.uri) if is_part(n)]
 
-    def done_keys(self, key_columns: list[str]) -> set[tuple]:
-        """Keys of every row in the parts. A part is written whole or not at all; one that
-        cannot be read (a disk that lost its last write) is set aside as NAME.unreadable,
-        not deleted, and its rows are done again."""
-        done: set[tuple] = set()
+    def written(self, key_columns: list[str]) -> Written:
+        """Every part, from its footer. A part is written whole or not at all; one that cannot
+        be read (a disk that lost its last write) is set aside as NAME.unreadable, not
+        deleted, and its rows are done again."""
+        parts: list[PartInfo] = []
         self.parts_read = []  # what a later listing is compared with (late parts)
         for part in self.parts():
             try:
-                table = pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=key_columns)
-            except (pa.ArrowInvalid, OSError):
+                parts.append(read_part_info(part))
+            except (pa.ArrowInvalid, OSError, ValueError):
                 storage.move(part, part + ".unreadable")
                 continue
-            done.update(zip(*(table.column(c).to_pylist() for c in key_columns), strict=True))
             self.parts_read.append(part)
-        return done
+        return Written(parts, key_columns)
 
     def part_uri(self, name: str) -> str:
         return Parts(self.uri, self.run_id).uri_of(name)

@@ -9,6 +9,8 @@ members a few at a time. read_unit() yields Records; nothing is ever extracted o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 import stat
@@ -50,6 +52,14 @@ class Unit:
     @property
     def key(self) -> str:
         return f"{self.source}#{self.index}"
+
+
+def unit_id(unit: Unit) -> str:
+    """What names a unit across runs: its source, kind, place and items (paths, offsets,
+    sizes), hashed. An input that changed between two runs plans other units, whose ids the
+    first run's parts do not carry: their rows are then skipped by key, not by unit."""
+    record = json.dumps([unit.source, unit.kind, unit.index, unit.items], default=str)
+    return hashlib.sha1(record.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 def input_kind(uri: str) -> str:

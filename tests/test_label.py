@@ -24,7 +24,7 @@ from kiln.models import CNNSpec, build_cnn, model_to_bytes
 from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
 from kiln.pipelines.label import SCHEMA, LabelPredictor, LabelSettings, make_tasks
-from kiln.pipelines.sink import OutputDir, OutputError
+from kiln.pipelines.sink import PART_META, OutputDir, OutputError
 from kiln.pipelines.transforms import ImagePreset, augment_batch, decode
 from tests import image_cases as ic
 from tests.plain_fit import fit
@@ -160,6 +160,14 @@ def test_resume_after_partial_output(ray_local, trained, digits_data, tmp_path):
     assert len(rows) == len({(r["source"], r["path"]) for r in rows}) == len(pngs)
     assert summary["rows_resumed"] + summary["rows_written"] == summary["rows_in"] == len(pngs)
     assert 0 < summary["rows_written"] < len(pngs)
+    # The same output as an earlier kiln wrote it (no PART_META in its parts) resumes by its
+    # rows' keys, to the same counts.
+    for part in OutputDir(out, {}).parts():
+        strip_part_meta(part)
+    os.remove(out / "summary.json")
+    again = run_label(opts)
+    assert again["rows_written"] == 0 and again["rows_resumed"] == len(pngs)
+    assert (again["labels"], again["errors"]) == (summary["labels"], summary["errors"])
     assert [p.name for p in out.glob("*.tmp")] == ["notes.tmp"]
     page = (out / "report.html").read_text()  # its thumbnails come from both runs
     assert page.count("<img src='data:image/png") == 48 and "(unavailable)" not in page
@@ -311,6 +319,53 @@ def test_predictor_without_ray(trained, digits_data, tmp_path):
     again = [s["part"] for u in units for s in predictor.label_unit(u, frozenset())]
     assert again == [s["part"] for s in stats]  # a retried unit overwrites its own parts
     assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 5
+
+
+def strip_part_meta(part) -> None:
+    """Rewrites a part as a kiln before PART_META wrote it: the same rows, no footer record."""
+    table = pq.read_table(part)
+    pq.write_table(table.replace_schema_metadata({k: v for k, v in
+                                                  (table.schema.metadata or {}).items()
+                                                  if k != PART_META}), part)
+
+
+def test_a_resume_reads_the_keys_of_unfinished_units_alone(trained, digits_data, tmp_path,
+                                                           monkeypatch):
+    """What a re-run reads grows with the parts, not the rows: the footers of every part,
+    and the keys of only the parts whose unit is unfinished or whose writer recorded no unit
+    (an earlier kiln)."""
+    pngs, labels = digits_data
+    tar = embedded.write_class_tar(tmp_path / "d.tar", pngs[:300], labels[:300])
+    units = sources.plan([str(tar)], chunk=120)  # 120, 120 and 60 members
+    out = tmp_path / "out"
+    predictor = LabelPredictor(LabelSettings(str(trained), str(out), "abcd1234", batch_size=50,
+                                             part_rows=100))
+    stats = {u.index: [s["part"] for s in predictor.label_unit(u, frozenset())] for u in units}
+    part = {name: next(out.glob(f"part-{name}-*.parquet")) for names in stats.values()
+            for name in names}
+    os.remove(part[stats[1][1]])  # unit 1 stopped after its first 100 rows
+    strip_part_meta(part[stats[2][0]])  # unit 2 written by an earlier kiln
+    ids = [sources.unit_id(u) for u in units]
+
+    written = OutputDir(out, {}).written(["source", "path"])
+    assert written.rows == 280 and written.whole_units() == {ids[0]}
+    read = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a: read.append(uri) or real(uri, *a))
+    done = written.keys(written.whole_units())
+    assert sorted(map(str, read)) == sorted([str(part[stats[1][0]]), str(part[stats[2][0]])])
+    assert len(done) == 160  # unit 1's 100 rows and unit 2's 60: not unit 0's 120
+    tasks = make_tasks(units, done, written.whole_units())
+    import pickle
+
+    assert [(u.index, len(skip)) for u, skip in (pickle.loads(t["task"]) for t in tasks)] == [
+        (1, 100)]  # unit 0 by its id, unit 2 by its keys
+    unit, skip = pickle.loads(tasks[0]["task"])
+    resumed = LabelPredictor(LabelSettings(str(trained), str(out), "efgh5678", batch_size=50,
+                                           part_rows=100))  # the re-run's own part names
+    assert [s["rows"] for s in resumed.label_unit(unit, skip)] == [20]
+    again = OutputDir(out, {}).written(["source", "path"])
+    assert again.rows == 300 and again.whole_units() == {ids[0], ids[1]}
 
 
 def test_make_tasks_skips_done_rows(digits_data, tmp_path):

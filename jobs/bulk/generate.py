@@ -21,7 +21,7 @@ from kiln.pipelines import generate as gen
 from kiln.pipelines import storage
 from kiln.pipelines.bulk import pack
 from kiln.pipelines.fence import check_output
-from kiln.pipelines.sink import OutputError, read_job
+from kiln.pipelines.sink import OutputError, Written, read_job
 from kiln.redact import redact
 
 # How many characters a second one core steps with a 2x256 char-LSTM in fp32 (the slowest
@@ -92,9 +92,10 @@ class GenerateJob(BulkJob):
                 "max_prompt_chars": s.max_prompt_chars, "precision": s.precision,
                 "gates": s.gates}
 
-    def plan(self, done: set[tuple]) -> Plan:
-        blocks = gen.plan_blocks(self.table, done, self.block_rows(self.table.num_rows -
-                                                                   len(done)))
+    def plan(self, written: Written) -> Plan:
+        held = written.column("id")  # every written row's id: 8 bytes a row, not a set
+        blocks = gen.plan_blocks(self.table, held, self.block_rows(self.table.num_rows -
+                                                                   len(held)))
         return Plan([pack(b) for b in blocks], sum(b.num_rows for b in blocks),
                     gen.characters_to_step(blocks, self.s))
 
@@ -112,9 +113,9 @@ class GenerateJob(BulkJob):
         shares = o.actors or (self.where.cpus if known else 1)
         return max(1, min(self.s.lanes, -(-rows // shares)))
 
-    def describe(self, plan: Plan, done: set[tuple]) -> str:
+    def describe(self, plan: Plan, written: Written) -> str:
         kernels = f"; kernels: {self.kernels.describe()}" if self.kernels else ""
-        return (f"kiln generate: {self.table.num_rows:,} prompts, {len(done):,} already "
+        return (f"kiln generate: {self.table.num_rows:,} prompts, {written.rows:,} already "
                 f"written, {plan.rows:,} to go; model {self.loaded.id}{kernels}")
 
     def settings(self, out, layout) -> gen.GenerateSettings:
@@ -123,7 +124,7 @@ class GenerateJob(BulkJob):
                                     seed=self.opts.seed, gpu=self.opts.gpu,
                                     threads=layout.threads)
 
-    def summary(self, done: set[tuple], parts: dict[str, dict], common: dict) -> dict:
+    def summary(self, written: Written, parts: dict[str, dict], common: dict) -> dict:
         # No row fails: bad prompts are handled by the policy counted here.
         chars = sum(p["chars"] for p in parts.values())
         elapsed = common["elapsed_s"]

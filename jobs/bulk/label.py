@@ -19,7 +19,8 @@ from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
 from kiln.pipelines.fence import check_output
 from kiln.pipelines.label import LabelPredictor, LabelSettings, flip_tta, make_tasks
-from kiln.pipelines.sources import count_known
+from kiln.pipelines.sink import Written
+from kiln.pipelines.sources import count_known, unit_id
 from kiln.redact import redact
 
 # How many 28x28 digits one core labels a second with the MNIST net (bench/label.py;
@@ -38,6 +39,7 @@ class LabelJob(BulkJob):
     def __init__(self, opts: LabelOptions, loaded, units: list, where=None):
         super().__init__(opts, loaded, where)
         self.units = units
+        self._earlier: tuple[Counter, Counter] | None = None
         self.tta = flip_tta(opts.tta, loaded.config)
 
     def identity(self) -> dict:
@@ -45,11 +47,33 @@ class LabelJob(BulkJob):
         return {"model": self.loaded.id, "inputs": list(self.opts.inputs),
                 "top_k": self.opts.top_k, **({"tta": True} if self.tta else {})}
 
-    def plan(self, done: set[tuple]) -> Plan:
-        tasks = make_tasks(self.units, {(s, p) for s, p, _, _ in done})
+    def plan(self, written: Written) -> Plan:
+        # Units whose last part is written are skipped whole; the keys of the other parts
+        # (the units in flight when an earlier run stopped) are read, and skipped row by row.
+        whole = written.whole_units() & {unit_id(u) for u in self.units}
+        done = written.keys(whole)
+        tasks = make_tasks(self.units, {(s, p) for s, p, _, _ in done}, whole)
         known = count_known(self.units)
-        rows = None if known is None else known - len(done)
+        rows = None if known is None else known - written.rows
         return Plan(tasks, rows, float("inf") if rows is None else rows)
+
+    def earlier(self, written: Written) -> tuple[Counter, Counter]:
+        """(errors by kind, labels) of the rows an earlier run wrote: their parts' stats, or
+        where an earlier kiln wrote none, their rows."""
+        if self._earlier is not None:
+            return self._earlier
+        errors, labels = Counter(), Counter()
+        for p in written.parts:
+            if p.stats is not None:
+                errors.update(p.stats.get("errors", {}))
+                labels.update(p.stats.get("labels", {}))
+        for _, _, label, error in written.read_keys(written.legacy()):
+            if error:
+                errors[error.split(":", 1)[0]] += 1
+            if label is not None:
+                labels[label] += 1
+        self._earlier = errors, labels
+        return self._earlier
 
     def settings(self, out, layout) -> LabelSettings:
         o = self.opts
@@ -57,11 +81,11 @@ class LabelJob(BulkJob):
                              threads=layout.threads, decode_threads=layout.decode_threads,
                              thumbs=16 if o.report else 0, tta=self.tta)
 
-    def done_errors(self, done: set[tuple]) -> Counter:
-        return Counter(e.split(":", 1)[0] for _, _, _, e in done if e)
+    def done_errors(self, written: Written) -> Counter:
+        return self.earlier(written)[0]
 
-    def summary(self, done: set[tuple], parts: dict[str, dict], common: dict) -> dict:
-        labels: Counter = Counter(lab for _, _, lab, _ in done if lab is not None)
+    def summary(self, written: Written, parts: dict[str, dict], common: dict) -> dict:
+        labels = self.earlier(written)[1]
         for p in parts.values():
             labels.update(p["labels"])
         return {"rows_labeled": common["rows_in"] - common["error_rows"],

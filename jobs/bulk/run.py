@@ -23,7 +23,7 @@ from kiln.cluster.connect import check_address
 from kiln.cluster.placement import Placement, place
 from kiln.pipelines import storage
 from kiln.pipelines.bulk import Layout
-from kiln.pipelines.sink import OutputDir, Progress, skip_pandas_probe
+from kiln.pipelines.sink import OutputDir, Progress, Written, skip_pandas_probe
 from kiln.redact import redact
 
 
@@ -56,22 +56,23 @@ class BulkJob:
         any of it is another job."""
         raise NotImplementedError
 
-    def plan(self, done: set[tuple]) -> Plan:
+    def plan(self, written: Written) -> Plan:
+        """What is left to do, given what the output holds already."""
         raise NotImplementedError
 
     def settings(self, out: OutputDir, layout: Layout):
         """The actor's settings for this output and layout."""
         raise NotImplementedError
 
-    def describe(self, plan: Plan, done: set[tuple]) -> str | None:
+    def describe(self, plan: Plan, written: Written) -> str | None:
         """A line on what the job has to do, before it starts."""
         return None
 
-    def done_errors(self, done: set[tuple]) -> Counter:
+    def done_errors(self, written: Written) -> Counter:
         """Error rows by kind among the rows an earlier run wrote."""
         return Counter()
 
-    def summary(self, done: set[tuple], parts: dict[str, dict], common: dict) -> dict:
+    def summary(self, written: Written, parts: dict[str, dict], common: dict) -> dict:
         """The job's own summary fields; `common`: the shared ones, made already."""
         return {}
 
@@ -106,21 +107,21 @@ def run_bulk(job: BulkJob, console: Console) -> dict:
     """Runs the job; returns the summary that it also writes to OUTPUT/summary.json."""
     opts, start = job.opts, time.monotonic()
     out = OutputDir(opts.output, {"job": job.name, **job.identity()}, opts.overwrite)
-    done = out.prepare(job.key_columns)  # and takes the output's lease
+    written = out.prepare(job.key_columns)  # and takes the output's lease
     try:
-        return _run(job, out, done, start, console)
+        return _run(job, out, written, start, console)
     finally:
         out.close()
 
 
-def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: Console
+def _run(job: BulkJob, out: OutputDir, written: Written, start: float, console: Console
          ) -> dict:
     before = set(out.parts_read)  # a part listed later but not read is late
-    plan = job.plan(done)
-    if done:
-        console.print(f"resuming: {len(done):,} rows already in {redact(out.uri)}",
+    plan = job.plan(written)
+    if written.rows:
+        console.print(f"resuming: {written.rows:,} rows already in {redact(out.uri)}",
                       highlight=False)
-    line = job.describe(plan, done)
+    line = job.describe(plan, written)
     if line:
         console.print(line, highlight=False)
     progress = Progress(plan.rows, job.done_word, console)
@@ -129,12 +130,12 @@ def _run(job: BulkJob, out: OutputDir, done: set[tuple], start: float, console: 
         executor = choose(job.where, job.actor, len(plan.tasks), plan.work, job.rate_per_cpu)
         with contextlib.closing(executor.run(job, out, plan.tasks, console)) as stats:
             parts = follow(stats, progress, out)
-    elif done:
+    elif written.rows:
         console.print("nothing left to do: every row is in the output (--overwrite redoes "
                       "the job)", highlight=False)
     out.confirm()  # this job still holds the output: then what it deletes is no one's
     remove_late_parts(out, before, console)
-    summary = make_summary(job, done, parts, time.monotonic() - start)
+    summary = make_summary(job, written, parts, time.monotonic() - start)
     job.finish(out, summary, parts, console)
     out.confirm()
     out.write_summary(summary)
@@ -178,7 +179,7 @@ def arguments(opts) -> dict:
     return {k: clean(v) for k, v in dataclasses.asdict(opts).items()}
 
 
-def make_summary(job: BulkJob, done: set[tuple], parts: dict[str, dict], elapsed: float
+def make_summary(job: BulkJob, done: Written, parts: dict[str, dict], elapsed: float
                  ) -> dict:
     """summary.json: the rows of this run and of earlier interrupted runs of the same job.
     Rates cover this run's rows and time, Ray's start included."""
@@ -191,9 +192,9 @@ def make_summary(job: BulkJob, done: set[tuple], parts: dict[str, dict], elapsed
     common = {
         "job": job.name,
         "model": job.loaded.id,
-        "rows_in": written + len(done),
+        "rows_in": written + done.rows,
         "rows_written": written,
-        "rows_resumed": len(done),
+        "rows_resumed": done.rows,
         "errors": dict(sorted(errors.items())),
         "error_rows": sum(errors.values()),
         "elapsed_s": round(elapsed, 3),
