@@ -5,7 +5,10 @@ plan() cuts the inputs into Units, small slices that one task reads on its own: 
 files in chunks, a local tar's or a zip's members in chunks (found from the headers, so one
 huge archive is read by many tasks at once), a Parquet file's row groups. A compressed tar
 (or a tar on S3) can only be read front to back, so it is one streaming unit that yields its
-members a few at a time. read_unit() yields Records; nothing is ever extracted onto disk."""
+members a few at a time; so is each tar of a sharded set (SHARDED_TARS or more local tars),
+whose shards are the tasks already: the plan then holds a unit per shard, not an item per
+member, and reads no header. read_unit() yields Records; nothing is ever extracted onto
+disk."""
 
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ class Unit:
     index: int = 0
     repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
     # that repeat in the file
+    stamp: tuple | None = None  # an archive's or Parquet file's (size, mtime_ns) at planning:
+    # part of its units' ids, so that a file replaced between two runs is read again
 
     @property
     def key(self) -> str:
@@ -58,7 +63,8 @@ def unit_id(unit: Unit) -> str:
     """What names a unit across runs: its source, kind, place and items (paths, offsets,
     sizes), hashed. An input that changed between two runs plans other units, whose ids the
     first run's parts do not carry: their rows are then skipped by key, not by unit."""
-    record = json.dumps([unit.source, unit.kind, unit.index, unit.items], default=str)
+    record = json.dumps([unit.source, unit.kind, unit.index, unit.items, unit.stamp],
+                        default=str)
     return hashlib.sha1(record.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
@@ -75,18 +81,27 @@ def input_kind(uri: str) -> str:
     return "dir" if storage.is_dir(uri) else "file"
 
 
+SHARDED_TARS = 16  # local tars at least this many: a unit each, read front to back
+
+
 def plan(inputs: list[str], chunk: int = 1000) -> list[Unit]:
     """Units covering every input; fails fast when an input does not exist."""
-    units: list[Unit] = []
+    uris: list[str] = []
     for pattern in inputs:
-        uris = storage.expand(pattern)
-        if not uris:
+        found = storage.expand(pattern)
+        if not found:
             raise storage.StorageError(f"{pattern}: the pattern matches nothing")
-        for uri in uris:
+        for uri in found:
             if not storage.exists(uri):
                 raise storage.StorageError(f"{uri}: not found")
-            units.extend(_plan_one(uri, chunk))
-    return units
+            uris.append(uri)
+    sharded = sum(input_kind(u) == "tar" for u in uris) >= SHARDED_TARS
+    return [unit for uri in uris for unit in _plan_one(uri, chunk, sharded)]
+
+
+def _stamp(uri: str) -> tuple:
+    i = storage.info(uri)
+    return i.size, i.mtime_ns
 
 
 def unit_paths(unit: Unit) -> list[str] | None:
@@ -114,8 +129,13 @@ def _chunks(source: str, kind: str, items: list, chunk: int) -> list[Unit]:
             for n, i in enumerate(range(0, len(items), chunk))]
 
 
-def _plan_one(uri: str, chunk: int) -> list[Unit]:
+def _plan_one(uri: str, chunk: int, sharded: bool = False) -> list[Unit]:
     kind = input_kind(uri)
+    if kind in ("tarstream", "tar", "zip", "parquet"):
+        units, stamp = _plan_file(uri, kind, chunk, sharded), _stamp(uri)
+        for unit in units:
+            unit.stamp = stamp
+        return units
     if kind == "dir":
         return _chunks(uri, "files", _dir_items(uri), chunk)
     if kind == "file":
@@ -123,7 +143,12 @@ def _plan_one(uri: str, chunk: int) -> list[Unit]:
         error = None if i.type == pafs.FileType.File else \
             "not_a_file: device, fifo, socket or other special file"
         return [Unit(uri, "files", [(names.text(posixpath.basename(uri)), uri, i.size, error)])]
-    if kind == "tarstream":
+    raise AssertionError(kind)
+
+
+def _plan_file(uri: str, kind: str, chunk: int, sharded: bool) -> list[Unit]:
+    """The units of an archive or a Parquet file."""
+    if kind == "tarstream" or (kind == "tar" and sharded):
         return [Unit(uri, "tarstream")]
     if kind == "parquet":
         return _plan_parquet(uri)

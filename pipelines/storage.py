@@ -85,6 +85,7 @@ class Info:
     path: str
     type: pafs.FileType
     size: int | None = None
+    mtime_ns: int | None = None  # a file's last change, where the store says
 
 
 def info(uri: str) -> Info:
@@ -94,7 +95,9 @@ def info(uri: str) -> Info:
             i = fs.get_file_info(path)
         except OSError as e:
             raise _wrap(uri, e) from None
-        return Info(i.path, i.type, i.size if i.type == pafs.FileType.File else None)
+        if i.type != pafs.FileType.File:
+            return Info(i.path, i.type)
+        return Info(i.path, i.type, i.size, i.mtime_ns)
     path = local_path(uri)
     try:
         st = os.stat(path)
@@ -105,7 +108,7 @@ def info(uri: str) -> Info:
     if stat.S_ISDIR(st.st_mode):
         return Info(path, pafs.FileType.Directory)
     if stat.S_ISREG(st.st_mode):
-        return Info(path, pafs.FileType.File, st.st_size)
+        return Info(path, pafs.FileType.File, st.st_size, st.st_mtime_ns)
     return Info(path, pafs.FileType.Unknown)
 
 

@@ -368,6 +368,38 @@ def test_a_resume_reads_the_keys_of_unfinished_units_alone(trained, digits_data,
     assert again.rows == 300 and again.whole_units() == {ids[0], ids[1]}
 
 
+def test_a_sharded_set_is_a_unit_per_tar_and_resumes_by_shard(trained, digits_data, tmp_path):
+    """SHARDED_TARS tars or more: a unit each, planned without reading a header; a re-run
+    skips the shards that are whole, and reads again the one that changed since."""
+    pngs, labels = digits_data
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    n = sources.SHARDED_TARS
+    for s in range(n):
+        embedded.write_class_tar(shards / f"{s:03d}.tar", pngs[s * 10:(s + 1) * 10],
+                                 labels[s * 10:(s + 1) * 10])
+    inputs = [str(shards / "*.tar")]
+    units = sources.plan(inputs)
+    assert [u.kind for u in units] == ["tarstream"] * n and sources.count_known(units) is None
+    out = tmp_path / "labels"
+    opts = LabelOptions(str(trained), inputs, str(out))
+    assert run_label(opts)["rows_in"] == 10 * n
+    parts = OutputDir(out, {}).parts()
+    for part in parts[:2]:
+        os.remove(part)
+    os.remove(out / "summary.json")
+    again = run_label(opts)
+    assert (again["rows_written"], again["rows_resumed"]) == (20, 10 * (n - 2))
+    # A shard replaced by other images: its unit is another, and its new members are read.
+    embedded.write_flat_archive(shards / "000.tar", pngs[500:505],
+                                [f"new/{i}.png" for i in range(5)])
+    os.remove(out / "summary.json")
+    third = run_label(opts)
+    assert (third["rows_written"], third["rows_in"]) == (5, 10 * n + 5)
+    rows = read_rows(out)
+    assert len(rows) == len({(r["source"], r["path"]) for r in rows}) == 10 * n + 5
+
+
 def test_make_tasks_skips_done_rows(digits_data, tmp_path):
     pngs, labels = digits_data
     tar = embedded.write_class_tar(tmp_path / "d.tar", pngs[:30], labels[:30])
