@@ -10,6 +10,7 @@ import stat
 import struct
 import tarfile
 import zipfile
+from collections.abc import Iterator
 
 from . import names
 
@@ -125,27 +126,33 @@ def tar_end_error(tar: tarfile.TarFile, last: str | None) -> tuple | None:
 def scan_tar(tar: tarfile.TarFile) -> list[tuple]:
     """The members of a seekable tar from their headers (the data is skipped), and an error
     item where the archive turns out truncated or corrupt; members before it are kept."""
-    items, last, count = [], None, names.Counter()
+    return list(iter_tar(tar))
+
+
+def iter_tar(tar: tarfile.TarFile) -> Iterator[tuple]:
+    """scan_tar's items one by one, each header read as it is asked for: a reader that seeks
+    to each member's data in between reads a whole tar without holding its headers."""
+    last, last_item, count = None, None, names.Counter()
     while True:
         try:
             m = tar.next()
         except (tarfile.TarError, OSError, EOFError) as e:
-            if "end of data" in str(e) and items and items[-1][2] > 0:
+            if "end of data" in str(e) and last_item and last_item[2] > 0:
                 break  # the last member's data runs past the end: its own row says so
             kind = "truncated" if "end of data" in str(e) else "corrupt"
-            items.append((f"<archive byte {tar.offset}>", 0, 0, f"{kind}: {e}"))
+            yield (f"<archive byte {tar.offset}>", 0, 0, f"{kind}: {e}")
             break
         if m is None:
             end = tar_end_error(tar, last)
             if end:
-                items.append(end)
+                yield end
             break
         tar.members.clear()  # tarfile keeps every header otherwise: memory for huge archives
         last = m.name
         item = tar_item(m, count)
         if item:
-            items.append(item)
-    return items
+            last_item = item
+            yield item
 
 
 def tar_item(m: tarfile.TarInfo, count: names.Counter):

@@ -5,10 +5,10 @@ plan() cuts the inputs into Units, small slices that one task reads on its own: 
 files in chunks, a local tar's or a zip's members in chunks (found from the headers, so one
 huge archive is read by many tasks at once), a Parquet file's row groups. A compressed tar
 (or a tar on S3) can only be read front to back, so it is one streaming unit that yields its
-members a few at a time; so is each tar of a sharded set (SHARDED_TARS or more local tars),
-whose shards are the tasks already: the plan then holds a unit per shard, not an item per
-member, and reads no header. read_unit() yields Records; nothing is ever extracted onto
-disk."""
+members a few at a time. Each tar of a sharded set (SHARDED_TARS or more local tars) is one
+unit too, its shards being the tasks already: the plan then holds a unit per shard, not an
+item per member, and reads no header; the task reads each header as it reaches its member.
+read_unit() yields Records; nothing is ever extracted onto disk."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Record:
 @dataclass
 class Unit:
     source: str
-    kind: str  # files | tar | tarstream | zip | parquet | broken
+    kind: str  # files | tar | tarshard (a whole local tar) | tarstream | zip | parquet | broken
     items: list = field(default_factory=list)  # files: (path, URI, size, error); tar: (path,
     # data offset, size, error); zip: (path, entry index); parquet: row group numbers
     index: int = 0
@@ -148,8 +148,10 @@ def _plan_one(uri: str, chunk: int, sharded: bool = False) -> list[Unit]:
 
 def _plan_file(uri: str, kind: str, chunk: int, sharded: bool) -> list[Unit]:
     """The units of an archive or a Parquet file."""
-    if kind == "tarstream" or (kind == "tar" and sharded):
+    if kind == "tarstream":
         return [Unit(uri, "tarstream")]
+    if kind == "tar" and sharded:
+        return [Unit(uri, "tarshard")]
     if kind == "parquet":
         return _plan_parquet(uri)
     with storage.open_input(uri) as f:
@@ -264,7 +266,8 @@ def _file_status(path: str) -> tuple[int | None, str | None]:
 def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
               with_labels: bool = False) -> Iterator[Record]:
     """Every record of a unit, in order, but those whose path is in `skip`."""
-    readers = {"files": _read_files, "tar": _read_tar, "tarstream": _read_tarstream,
+    readers = {"files": _read_files, "tar": _read_tar, "tarshard": _read_tar,
+               "tarstream": _read_tarstream,
                "zip": _read_zip, "parquet": _read_parquet, "broken": _read_broken}
     for rec in readers[unit.kind](unit, skip):
         if with_labels and rec.label is None and unit.kind != "parquet":
@@ -295,7 +298,15 @@ def _read_files(unit: Unit, skip) -> Iterator[Record]:
 
 def _read_tar(unit: Unit, skip) -> Iterator[Record]:
     with storage.open_input(unit.source) as f:
-        for name, offset, size, error in unit.items:
+        items = unit.items
+        if unit.kind == "tarshard":  # the whole tar, each header read as its member is
+            try:
+                tar = tarfile.open(fileobj=f, mode="r:", tarinfo=archives.CheckedTarInfo)
+            except tarfile.TarError as e:
+                yield Record(unit.source, "", None, f"unreadable: archive cannot be opened: {e}")
+                return
+            items = archives.iter_tar(tar)
+        for name, offset, size, error in items:
             if name in skip:
                 continue
             if error:

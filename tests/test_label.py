@@ -380,7 +380,7 @@ def test_a_sharded_set_is_a_unit_per_tar_and_resumes_by_shard(trained, digits_da
                                  labels[s * 10:(s + 1) * 10])
     inputs = [str(shards / "*.tar")]
     units = sources.plan(inputs)
-    assert [u.kind for u in units] == ["tarstream"] * n and sources.count_known(units) is None
+    assert [u.kind for u in units] == ["tarshard"] * n and sources.count_known(units) is None
     out = tmp_path / "labels"
     opts = LabelOptions(str(trained), inputs, str(out))
     assert run_label(opts)["rows_in"] == 10 * n
@@ -398,6 +398,12 @@ def test_a_sharded_set_is_a_unit_per_tar_and_resumes_by_shard(trained, digits_da
     assert (third["rows_written"], third["rows_in"]) == (5, 10 * n + 5)
     rows = read_rows(out)
     assert len(rows) == len({(r["source"], r["path"]) for r in rows}) == 10 * n + 5
+    # A shard cut short: the members before the cut, and an error row where it ends.
+    whole = (shards / "001.tar").read_bytes()
+    (shards / "zzz.tar").write_bytes(whole[:len(whole) // 2])
+    os.remove(out / "summary.json")
+    fourth = run_label(opts)
+    assert fourth["errors"] == {"truncated": 1} and fourth["rows_labeled"] > 10 * n + 5
 
 
 def test_make_tasks_skips_done_rows(digits_data, tmp_path):
