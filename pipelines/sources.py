@@ -45,9 +45,11 @@ class Record:
 @dataclass
 class Unit:
     source: str
-    kind: str  # files | tar | tarshard (a whole local tar) | tarstream | zip | parquet | broken
-    items: list = field(default_factory=list)  # files: (path, URI, size, error); tar: (path,
-    # data offset, size, error); zip: (path, entry index); parquet: row group numbers
+    kind: str  # files | folder | tar | tarshard (a whole local tar) | tarstream | zip | parquet
+    # | broken
+    items: list = field(default_factory=list)  # files: (path, URI, size, error); folder:
+    # [folder under the source, first name, last name, files]; tar: (path, data offset, size,
+    # error); zip: (path, entry index); parquet: row group numbers
     index: int = 0
     repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
     # that repeat in the file
@@ -117,6 +119,9 @@ def count_known(units: list[Unit]) -> int | None:
     """How many rows the units hold, when every unit knows without reading."""
     total = 0
     for unit in units:
+        if unit.kind == "folder":
+            total += unit.items[3]
+            continue
         paths = unit_paths(unit)
         if paths is None:
             return None
@@ -137,7 +142,9 @@ def _plan_one(uri: str, chunk: int, sharded: bool = False) -> list[Unit]:
             unit.stamp = stamp
         return units
     if kind == "dir":
-        return _chunks(uri, "files", _dir_items(uri), chunk)
+        if storage.is_s3(uri):
+            return _chunks(uri, "files", _dir_items(uri), chunk)
+        return _plan_folders(uri, chunk)
     if kind == "file":
         i = storage.info(uri)
         error = None if i.type == pafs.FileType.File else \
@@ -225,32 +232,81 @@ def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
 
 
 def _dir_items(uri: str) -> list[tuple]:
-    """(path under the directory, URI, size, error) of every entry but directories. A local
-    walk uses lstat so that links to regular files are followed but broken links, links to
-    directories (never followed: they can loop) and FIFOs or devices (reading one can block
-    forever) become error rows instead of vanishing or hanging a reader."""
-    if storage.is_s3(uri):
-        _, base = storage.filesystem(uri)
-        return [(names.text(posixpath.relpath(i.path, base)), storage.to_uri(uri, i.path),
-                 i.size, None) for i in storage.list_files(uri)]
+    """(path under the prefix, URI, size, None) of every object under an S3 prefix."""
+    _, base = storage.filesystem(uri)
+    return [(names.text(posixpath.relpath(i.path, base)), storage.to_uri(uri, i.path), i.size,
+             None) for i in storage.list_files(uri)]
+
+
+FOLDER_NAMES_HELD = 20_000  # a folder with more files directly in it: the plan holds them
+
+
+def _plan_folders(uri: str, chunk: int) -> list[Unit]:
+    """A local directory's units without its files' names: each folder's files, sorted, in
+    slices of `chunk` named by their first and last name, which the task lists again (a
+    folder's mtime in the unit's id: a file added or removed between two runs makes it
+    another unit). A folder of more than FOLDER_NAMES_HELD files is held name by name
+    instead (listing it again for each slice would cost more than holding it), as are the
+    error rows of folders that cannot be listed and links to folders (never followed: they
+    can loop). A link to a regular file is followed; a broken link, a FIFO or a device is an
+    error row, never opened (reading one can block forever)."""
     base = storage.local_path(uri)
-    items = []
+    units: list[Unit] = []
+    held: list[tuple] = []
 
     def unlistable(e: OSError) -> None:
         rel = os.path.relpath(e.filename or base, base)
-        items.append((names.text(rel), e.filename or base, None,
-                      f"unreadable: cannot list directory: {e.strerror}"))
+        held.append((names.text(rel), e.filename or base, None,
+                     f"unreadable: cannot list directory: {e.strerror}"))
 
     for root, dirs, files in os.walk(base, onerror=unlistable):
+        dirs.sort()  # the walk's order, and so the units', is the names'
         for name in dirs:
-            if os.path.islink(os.path.join(root, name)):
-                full = os.path.join(root, name)
-                items.append((names.text(os.path.relpath(full, base)), full, None,
-                              "not_a_file: link to a directory (not followed)"))
-        for name in files:
             full = os.path.join(root, name)
-            items.append((names.text(os.path.relpath(full, base)), full, *_file_status(full)))
-    return sorted(items)
+            if os.path.islink(full):
+                held.append((names.text(os.path.relpath(full, base)), full, None,
+                             "not_a_file: link to a directory (not followed)"))
+        rel = os.path.relpath(root, base)
+        files.sort()
+        if len(files) > FOLDER_NAMES_HELD:
+            for name in files:
+                full = os.path.join(root, name)
+                held.append((names.text(os.path.relpath(full, base)), full,
+                             *_file_status(full)))
+            continue
+        try:
+            stamp = os.stat(root).st_mtime_ns
+        except OSError:
+            stamp = None
+        for i in range(0, len(files), chunk):
+            part = files[i : i + chunk]
+            units.append(Unit(uri, "folder", [rel, part[0], part[-1], len(part)],
+                              stamp=(stamp,)))
+    held.sort()
+    units += _chunks(uri, "files", held, chunk)
+    for n, unit in enumerate(units):
+        unit.index = n
+    return units
+
+
+def _read_folder(unit: Unit, skip) -> Iterator[Record]:
+    """A folder unit's files, listed again: those from its first name to its last."""
+    rel, first, last, _ = unit.items
+    base = storage.local_path(unit.source)
+    root = os.path.normpath(os.path.join(base, rel))
+    try:
+        with os.scandir(root) as it:
+            found = sorted(e.name for e in it if first <= e.name <= last
+                           and not e.is_dir(follow_symlinks=True))
+    except OSError as e:
+        yield Record(unit.source, names.text(rel), None,
+                     f"unreadable: cannot list directory: {e.strerror}")
+        return
+    for name in found:
+        full = os.path.join(root, name)
+        key = names.text(os.path.relpath(full, base))
+        if key not in skip:
+            yield _file_record(unit.source, key, full, *_file_status(full))
 
 
 def _file_status(path: str) -> tuple[int | None, str | None]:
@@ -266,7 +322,8 @@ def _file_status(path: str) -> tuple[int | None, str | None]:
 def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
               with_labels: bool = False) -> Iterator[Record]:
     """Every record of a unit, in order, but those whose path is in `skip`."""
-    readers = {"files": _read_files, "tar": _read_tar, "tarshard": _read_tar,
+    readers = {"files": _read_files, "folder": _read_folder, "tar": _read_tar,
+               "tarshard": _read_tar,
                "tarstream": _read_tarstream,
                "zip": _read_zip, "parquet": _read_parquet, "broken": _read_broken}
     for rec in readers[unit.kind](unit, skip):
@@ -281,19 +338,22 @@ def _read_broken(unit: Unit, skip) -> Iterator[Record]:
 
 def _read_files(unit: Unit, skip) -> Iterator[Record]:
     for rel, uri, size, error in unit.items:
-        if rel in skip:
-            continue
-        if error:
-            yield Record(unit.source, rel, None, error)
-        elif size is not None and size > archives.MAX_MEMBER_BYTES:
-            yield Record(unit.source, rel, None, f"too_large: {size} bytes")
-        else:
-            try:  # at most archives.MAX_MEMBER_BYTES, and only a regular file: it may have changed
-                yield Record(unit.source, rel, storage.read_bytes(uri, archives.MAX_MEMBER_BYTES))
-            except storage.TooLarge as e:
-                yield Record(unit.source, rel, None, f"too_large: {e}")
-            except storage.StorageError as e:
-                yield Record(unit.source, rel, None, f"unreadable: {e}")
+        if rel not in skip:
+            yield _file_record(unit.source, rel, uri, size, error)
+
+
+def _file_record(source: str, rel: str, uri: str, size: int | None, error: str | None
+                 ) -> Record:
+    if error:
+        return Record(source, rel, None, error)
+    if size is not None and size > archives.MAX_MEMBER_BYTES:
+        return Record(source, rel, None, f"too_large: {size} bytes")
+    try:  # at most archives.MAX_MEMBER_BYTES, and only a regular file: it may have changed
+        return Record(source, rel, storage.read_bytes(uri, archives.MAX_MEMBER_BYTES))
+    except storage.TooLarge as e:
+        return Record(source, rel, None, f"too_large: {e}")
+    except storage.StorageError as e:
+        return Record(source, rel, None, f"unreadable: {e}")
 
 
 def _read_tar(unit: Unit, skip) -> Iterator[Record]:

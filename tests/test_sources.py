@@ -4,6 +4,7 @@ their error kind, nothing extracted to disk. No Ray."""
 from __future__ import annotations
 
 import tarfile
+import time
 import zipfile
 
 import pyarrow as pa
@@ -134,6 +135,33 @@ def test_units_chunk_and_skip(tmp_path, digits_data):
     assert rest == first[60:]
     recs = list(sources.read_unit(units[1], with_labels=True))
     assert [r.label for r in recs] == labels[100:200]
+
+
+def test_a_directory_plans_its_folders_without_their_names(tmp_path, goods, monkeypatch):
+    """A folder's files are units named by their first and last name, listed again by the
+    task; a folder of more than FOLDER_NAMES_HELD files is held name by name; adding a file
+    makes its folder's units others (their ids carry its mtime)."""
+    root = tmp_path / "d"
+    files = {f"a/{i:02d}.png": b for i, b in enumerate(list(goods.values())[:5])}
+    files.update({f"b/c/{i}.png": b for i, b in enumerate(list(goods.values())[5:8])})
+    files["top.png"] = goods["good/000.png"]
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    monkeypatch.setattr(sources, "FOLDER_NAMES_HELD", 4)  # so folder a/ is held by name
+    units = sources.plan([str(root)], chunk=2)
+    assert [(u.kind, u.items if u.kind == "folder" else len(u.items)) for u in units] == [
+        ("folder", [".", "top.png", "top.png", 1]), ("folder", ["b/c", "0.png", "1.png", 2]),
+        ("folder", ["b/c", "2.png", "2.png", 1]), ("files", 2), ("files", 2), ("files", 1)]
+    assert [u.index for u in units] == list(range(6)) and sources.count_known(units) == 9
+    assert outcome(read_all(root, chunk=2)) == dict.fromkeys(files)
+    assert [r.path for r in sources.read_unit(units[1], skip=frozenset({"b/c/0.png"}))] == [
+        "b/c/1.png"]
+    before = [sources.unit_id(u) for u in units]
+    time.sleep(0.01)
+    (root / "b" / "c" / "9.png").write_bytes(goods["good/001.png"])
+    after = [sources.unit_id(u) for u in sources.plan([str(root)], chunk=2)]
+    assert after[0] == before[0] and not set(after[1:3]) & set(before)
 
 
 def test_globs_and_missing_inputs(tmp_path, digits_data):
