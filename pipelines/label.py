@@ -5,7 +5,8 @@ current one, writes the labels of each part straight to the output as Parquet, a
 only a small stats row per part for the driver's progress and summary.
 
 A part's file name depends on its unit and its place in the unit, so a task that Ray retries
-overwrites its own parts; a later run skips every (source, path) already written."""
+overwrites its own parts; a later run skips every unit whose last part is written, and every
+(source, path) already written of the others (pipelines.sink.Written)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import pyarrow as pa
 
 from . import names, sink, storage
 from .bulk import BulkActor, pack, short_switch_interval
-from .sources import Record, Unit, read_unit, unit_id, unit_paths
+from .sink import Written
+from .sources import Record, Unit, folder_holds, read_unit, unit_id, unit_paths
 from .transforms import (
     ImageError,
     ImagePreset,
@@ -95,6 +97,12 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]],
     by_source: dict[str, set[str]] = {}
     for source, path in done:
         by_source.setdefault(names.parse(source)[0], set()).add(path)
+    by_folder: dict[tuple[str, str], list[str]] = {}  # a folder unit's candidates: its folder's
+    if any(u.kind == "folder" for u in units):
+        for source, paths in by_source.items():
+            for path in paths:
+                folder = names.parse(path)[0].rpartition("/")[0] or "."
+                by_folder.setdefault((source, folder), []).append(path)
     tasks = []
     for unit in units:
         if whole and unit_id(unit) in whole:
@@ -105,10 +113,28 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]],
             skip = frozenset(p for p in paths if p in done_here)
             if len(skip) == len(paths) and paths:
                 continue  # the whole unit is written already
+        elif unit.kind == "folder":
+            skip = frozenset(p for p in by_folder.get((unit.source, unit.items[0]), ())
+                             if folder_holds(unit, p))
+            if len(skip) >= unit.items[3]:
+                continue  # every file it held when planned is written already
         else:
             skip = frozenset(done_here)
         tasks.append(pack((unit, skip)))
     return tasks
+
+
+def resume_plan(written: Written, units: list[Unit]
+                ) -> tuple[set[str], set[tuple[str, str]], set[tuple]]:
+    """What an output holds of these units: the ids of the units whose last part is written
+    (skipped whole, their parts not read), the (source, path) of the rows of the other
+    parts, and every row of an earlier kiln's parts (no footer record) as (source, path,
+    label, error), each part read once."""
+    whole = written.whole_units() & {unit_id(u) for u in units}
+    legacy = written.read_keys(written.legacy(), ["source", "path", "label", "error"])
+    done = written.read_keys(written.unfinished(whole), ["source", "path"])
+    done.update((s, p) for s, p, _, _ in legacy)
+    return whole, done, legacy
 
 
 def part_name(unit: Unit, index: int) -> str:
@@ -435,6 +461,8 @@ def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str |
         for unit in plan([names.parse(source)[0]]):
             known = unit_paths(unit)
             if known is not None and not paths.intersection(known):
+                continue
+            if unit.kind == "folder" and not any(folder_holds(unit, p) for p in paths):
                 continue
             skip = frozenset(known).difference(paths) if known is not None else frozenset()
             for rec in read_unit(unit, skip):

@@ -9,7 +9,8 @@ A part's footer records, under PART_META, the unit of input it came from, whethe
 last part of that unit, and its stats (rows, errors, labels): a re-run reads the footers alone
 (memory that grows with the parts, not the rows), skips every unit whose last part is written,
 and reads the keys of the rest only (the units in flight when the run stopped, and the parts of
-an earlier kiln, which have no PART_META)."""
+an earlier kiln, which have no PART_META). A whole unit's parts are not read again: data that
+rots under an intact footer is found by the next reader of the output, not by a resume."""
 
 from __future__ import annotations
 
@@ -95,20 +96,23 @@ class Written:
     """What an output holds already, from its parts' footers. Whole units are skipped by
     their id; the keys of the other parts are read only when asked (keys())."""
 
-    def __init__(self, parts: list[PartInfo], key_columns: list[str]):
-        self.parts, self.key_columns = parts, key_columns
+    def __init__(self, parts: list[PartInfo], key_columns: list[str], damaged: bool = False):
+        """`damaged`: a part's footer could not be read (it is set aside): which unit it held
+        is unknown, so no unit counts as whole and every row is skipped by its key."""
+        self.parts, self.key_columns, self.damaged = parts, key_columns, damaged
 
     @property
     def rows(self) -> int:
         return sum(p.rows for p in self.parts)
 
     def whole_units(self) -> set[str]:
+        if self.damaged:
+            return set()
         return {p.unit for p in self.parts if p.unit is not None and p.last}
 
-    def keys(self, skip_units: set[str] | frozenset = frozenset()) -> set[tuple]:
-        """The keys of every row in a part whose unit is not in `skip_units`."""
-        return self.read_keys([p for p in self.parts if p.unit is None or
-                               p.unit not in skip_units])
+    def unfinished(self, whole: set[str]) -> list[PartInfo]:
+        """The parts with a footer record whose unit is not in `whole`."""
+        return [p for p in self.parts if p.stats is not None and p.unit not in whole]
 
     def read_keys(self, parts: list[PartInfo], columns: list[str] | None = None
                   ) -> set[tuple]:
@@ -130,9 +134,11 @@ class Written:
                 self.parts.remove(p)
 
     def column(self, name: str) -> pa.Array:
-        """One key column of every part, as one Arrow array (a job whose keys are numbers
-        holds them in 8 bytes a row, not as a set of tuples)."""
+        """One key column of every part, as one Arrow array (numbers in 8 bytes a row, not a
+        set of tuples)."""
         chunks = [t.column(name).combine_chunks() for t in self._tables(self.parts, [name])]
+        if chunks and pa.types.is_string(chunks[0].type):  # past 2 GiB of text in all
+            chunks = [c.cast(pa.large_string()) for c in chunks]
         return pa.concat_arrays(chunks) if chunks else pa.array([], pa.int64())
 
     def legacy(self) -> list[PartInfo]:
@@ -251,15 +257,17 @@ class OutputDir:
         be read (a disk that lost its last write) is set aside as NAME.unreadable, not
         deleted, and its rows are done again."""
         parts: list[PartInfo] = []
+        damaged = False
         self.parts_read = []  # what a later listing is compared with (late parts)
         for part in self.parts():
             try:
                 parts.append(read_part_info(part))
             except (pa.ArrowInvalid, OSError, ValueError):
                 storage.move(part, part + ".unreadable")
+                damaged = True
                 continue
             self.parts_read.append(part)
-        return Written(parts, key_columns)
+        return Written(parts, key_columns, damaged)
 
     def part_uri(self, name: str) -> str:
         return Parts(self.uri, self.run_id).uri_of(name)

@@ -1,13 +1,15 @@
 """Image sources: directories (recursive), .tar/.tar.gz/.tgz/.zip archives and Parquet files
 with an `image` column, local or s3://, and glob patterns of these.
 
-plan() cuts the inputs into Units, small slices that one task reads on its own: a directory's
-files in chunks, a local tar's or a zip's members in chunks (found from the headers, so one
-huge archive is read by many tasks at once), a Parquet file's row groups. A compressed tar
-(or a tar on S3) can only be read front to back, so it is one streaming unit that yields its
-members a few at a time. Each tar of a sharded set (SHARDED_TARS or more local tars) is one
-unit too, its shards being the tasks already: the plan then holds a unit per shard, not an
-item per member, and reads no header; the task reads each header as it reaches its member.
+plan() cuts the inputs into Units, small slices that one task reads on its own: a local
+folder's files in slices (named by their first and last file, listed again by the task), an
+S3 prefix's objects in chunks, a local tar's or a zip's members in chunks (found from the
+headers, so one huge archive is read by many tasks at once), a Parquet file's row groups. A
+compressed tar (or a tar on S3) can only be read front to back, so it is one streaming unit
+that yields its members a few at a time. Each tar of a sharded set (SHARDED_TARS or more local
+tars) is one unit too, its shards being the tasks already: the plan then holds a unit per
+shard, not an item per member, and reads no header; the task reads each header as it reaches
+its member.
 read_unit() yields Records; nothing is ever extracted onto disk."""
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ class Unit:
     index: int = 0
     repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
     # that repeat in the file
-    stamp: tuple | None = None  # an archive's or Parquet file's (size, mtime_ns) at planning:
-    # part of its units' ids, so that a file replaced between two runs is read again
+    stamp: tuple | None = None  # an archive's or Parquet file's (size, mtime_ns), a folder's
+    # (mtime_ns,), at planning: part of its units' ids, so that a unit whose file or folder
+    # changed between two runs is another, whose rows are skipped by key, not whole
 
     @property
     def key(self) -> str:
@@ -62,11 +65,11 @@ class Unit:
 
 
 def unit_id(unit: Unit) -> str:
-    """What names a unit across runs: its source, kind, place and items (paths, offsets,
-    sizes), hashed. An input that changed between two runs plans other units, whose ids the
+    """What names a unit across runs: its source, kind, items (paths, offsets, sizes, a
+    folder's slice) and stamp, hashed; not its place in the plan, which a change elsewhere in
+    the input shifts. An input that changed between two runs plans other units, whose ids the
     first run's parts do not carry: their rows are then skipped by key, not by unit."""
-    record = json.dumps([unit.source, unit.kind, unit.index, unit.items, unit.stamp],
-                        default=str)
+    record = json.dumps([unit.source, unit.kind, unit.items, unit.stamp], default=str)
     return hashlib.sha1(record.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
@@ -112,7 +115,15 @@ def unit_paths(unit: Unit) -> list[str] | None:
         return [item[0] for item in unit.items]
     if unit.kind == "broken":
         return [""]
-    return None  # parquet and streamed tars only learn their paths as they read
+    return None  # folders, parquet and whole tars only learn their paths as they read
+
+
+def folder_holds(unit: Unit, key: str) -> bool:
+    """Whether a folder unit's slice is where the row of `key` (a path's text form) comes
+    from: its folder, and a name from the slice's first to its last."""
+    rel, first, last, _ = unit.items
+    folder, _, name = names.parse(key)[0].rpartition("/")
+    return (folder or ".") == rel and first <= name <= last
 
 
 def count_known(units: list[Unit]) -> int | None:
@@ -127,6 +138,28 @@ def count_known(units: list[Unit]) -> int | None:
             return None
         total += len(paths)
     return total
+
+
+def estimated_rows(units: list[Unit]) -> float:
+    """How many rows the units hold, estimated where count_known cannot say, for choosing
+    where a job runs: a sharded set of tars from its first shard's members per byte (its
+    headers read); inf where nothing tells (Parquet, compressed tars)."""
+    known = count_known(units)
+    if known is not None:
+        return known
+    shards = [u for u in units if u.kind == "tarshard"]
+    if len(shards) != sum(u.kind not in ("files", "folder", "tar", "zip", "broken")
+                          for u in units):
+        return float("inf")
+    rest = count_known([u for u in units if u.kind != "tarshard"]) or 0
+    with storage.open_input(shards[0].source) as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:", tarinfo=archives.CheckedTarInfo)
+            members = sum(1 for _ in archives.iter_tar(tar))
+        except tarfile.TarError:
+            return float("inf")
+    per_byte = members / max(1, shards[0].stamp[0] or 1)
+    return rest + per_byte * sum(u.stamp[0] or 0 for u in shards)
 
 
 def _chunks(source: str, kind: str, items: list, chunk: int) -> list[Unit]:
@@ -296,17 +329,25 @@ def _read_folder(unit: Unit, skip) -> Iterator[Record]:
     root = os.path.normpath(os.path.join(base, rel))
     try:
         with os.scandir(root) as it:
-            found = sorted(e.name for e in it if first <= e.name <= last
-                           and not e.is_dir(follow_symlinks=True))
-    except OSError as e:
-        yield Record(unit.source, names.text(rel), None,
-                     f"unreadable: cannot list directory: {e.strerror}")
-        return
+            found = sorted(e.name for e in it if first <= e.name <= last and not _is_dir(e))
+    except OSError as e:  # listed when the job was planned: its files' rows are not lost
+        raise storage.StorageError(f"{root}: cannot list the folder again ({e.strerror}); it "
+                                   "could be listed when the job started: make it readable "
+                                   "and run the command again to finish") from None
     for name in found:
         full = os.path.join(root, name)
         key = names.text(os.path.relpath(full, base))
         if key not in skip:
             yield _file_record(unit.source, key, full, *_file_status(full))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """As os.walk tells a folder from a file: a link to a folder is one; an entry whose kind
+    cannot be read (a link that loops) is a file, which then becomes an error row."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _file_status(path: str) -> tuple[int | None, str | None]:

@@ -82,16 +82,25 @@ def check_image_source(uri: str, chunk: int = 500, min_classes: int = 2
             if "label" not in pq.ParquetFile(f).schema_arrow.names:
                 raise ValueError(f"{source}: labeled Parquet image data needs a `label` column; "
                                  + layout)
-    paths = [p for u in units for p in (sources.unit_paths(u) or []) if u.kind != "broken"]
-    if any(u.kind in ("parquet", "tarstream") for u in units):
-        return units, None
-    classes = {c for c in map(names.folder, paths) if c is not None}
+    if any(u.kind in ("parquet", "tarstream", "tarshard") for u in units):
+        return units, None  # their classes are known as they are read
+    classes, count = set(), 0
+    for u in units:
+        if u.kind == "folder":  # its files' names are listed by the task: their folder's is
+            rel = u.items[0]
+            classes.add(names.text(rel.split("/", 1)[0]) if rel != "." else None)
+            count += u.items[3]
+        elif u.kind != "broken":
+            paths = sources.unit_paths(u) or []
+            classes.update(map(names.folder, paths))
+            count += len(paths)
+    classes.discard(None)
     if not classes:
         raise ValueError(f"{uri}: no class folders found; {layout}")
     if len(classes) < min_classes:
         raise ValueError(f"{uri}: one class folder ({classes.pop()}); a classifier needs at "
                          "least two")
-    return units, len(paths)
+    return units, count
 
 
 @dataclass

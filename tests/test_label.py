@@ -23,7 +23,13 @@ from kiln.bulk.label import run_label
 from kiln.models import CNNSpec, build_cnn, model_to_bytes
 from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
-from kiln.pipelines.label import SCHEMA, LabelPredictor, LabelSettings, make_tasks
+from kiln.pipelines.label import (
+    SCHEMA,
+    LabelPredictor,
+    LabelSettings,
+    make_tasks,
+    resume_plan,
+)
 from kiln.pipelines.sink import PART_META, OutputDir, OutputError
 from kiln.pipelines.transforms import ImagePreset, augment_batch, decode
 from tests import image_cases as ic
@@ -352,10 +358,11 @@ def test_a_resume_reads_the_keys_of_unfinished_units_alone(trained, digits_data,
     read = []
     real = storage.read_bytes
     monkeypatch.setattr(storage, "read_bytes", lambda uri, *a: read.append(uri) or real(uri, *a))
-    done = written.keys(written.whole_units())
+    whole, done, legacy = resume_plan(written, units)
     assert sorted(map(str, read)) == sorted([str(part[stats[1][0]]), str(part[stats[2][0]])])
+    assert whole == {ids[0]} and len(legacy) == 60  # each part read once
     assert len(done) == 160  # unit 1's 100 rows and unit 2's 60: not unit 0's 120
-    tasks = make_tasks(units, done, written.whole_units())
+    tasks = make_tasks(units, done, whole)
     import pickle
 
     assert [(u.index, len(skip)) for u, skip in (pickle.loads(t["task"]) for t in tasks)] == [
@@ -366,6 +373,15 @@ def test_a_resume_reads_the_keys_of_unfinished_units_alone(trained, digits_data,
     assert [s["rows"] for s in resumed.label_unit(unit, skip)] == [20]
     again = OutputDir(out, {}).written(["source", "path"])
     assert again.rows == 300 and again.whole_units() == {ids[0], ids[1]}
+    # A part whose footer cannot be read is set aside; which unit it held is unknown, so no
+    # unit is whole and every row is skipped by its key.
+    part[stats[0][0]].write_bytes(b"not parquet")
+    damaged = OutputDir(out, {}).written(["source", "path"])
+    assert damaged.whole_units() == set() and damaged.rows == 200
+    assert part[stats[0][0]].with_name(part[stats[0][0]].name + ".unreadable").exists()
+    whole, done, _ = resume_plan(damaged, units)
+    assert [(u.index, len(skip)) for u, skip in (pickle.loads(t["task"]) for t in
+                                                 make_tasks(units, done, whole))] == [(0, 20)]
 
 
 def test_a_sharded_set_is_a_unit_per_tar_and_resumes_by_shard(trained, digits_data, tmp_path):
@@ -381,6 +397,7 @@ def test_a_sharded_set_is_a_unit_per_tar_and_resumes_by_shard(trained, digits_da
     inputs = [str(shards / "*.tar")]
     units = sources.plan(inputs)
     assert [u.kind for u in units] == ["tarshard"] * n and sources.count_known(units) is None
+    assert sources.estimated_rows(units) == pytest.approx(10 * n, rel=0.05)  # for placing it
     out = tmp_path / "labels"
     opts = LabelOptions(str(trained), inputs, str(out))
     assert run_label(opts)["rows_in"] == 10 * n
@@ -404,6 +421,23 @@ def test_a_sharded_set_is_a_unit_per_tar_and_resumes_by_shard(trained, digits_da
     os.remove(out / "summary.json")
     fourth = run_label(opts)
     assert fourth["errors"] == {"truncated": 1} and fourth["rows_labeled"] > 10 * n + 5
+
+
+def test_make_tasks_skips_a_folders_written_files(tmp_path, digits_data):
+    """A folder unit's rows are skipped by the keys in its slice alone; one whose every file
+    is written is no task."""
+    pngs, _ = digits_data
+    for i in range(5):
+        (tmp_path / "d" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / "a" / f"{i}.png").write_bytes(pngs[i])
+    src = str(tmp_path / "d")
+    units = sources.plan([src], chunk=2)  # a/0-1, a/2-3, a/4
+    done = {(src, "a/0.png"), (src, "a/1.png"), (src, "a/2.png"), (src, "b/9.png")}
+    import pickle
+
+    got = [pickle.loads(t["task"]) for t in make_tasks(units, done)]
+    assert [(u.items[1], sorted(skip)) for u, skip in got] == [("2.png", ["a/2.png"]),
+                                                               ("4.png", [])]
 
 
 def test_make_tasks_skips_done_rows(digits_data, tmp_path):

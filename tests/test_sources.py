@@ -3,6 +3,7 @@ their error kind, nothing extracted to disk. No Ray."""
 
 from __future__ import annotations
 
+import os
 import tarfile
 import time
 import zipfile
@@ -157,6 +158,16 @@ def test_a_directory_plans_its_folders_without_their_names(tmp_path, goods, monk
     assert outcome(read_all(root, chunk=2)) == dict.fromkeys(files)
     assert [r.path for r in sources.read_unit(units[1], skip=frozenset({"b/c/0.png"}))] == [
         "b/c/1.png"]
+    # An entry whose kind cannot be read (a link that loops) is a file, and an error row of
+    # its own; a folder that can no longer be listed stops the job (its rows are not lost).
+    (root / "b" / "c" / "0a.png").symlink_to(root / "b" / "c" / "0a.png")
+    assert outcome(sources.read_unit(units[1])) == {"b/c/0.png": None, "b/c/1.png": None,
+                                                    "b/c/0a.png": "not_a_file"}
+    os.remove(root / "b" / "c" / "0a.png")
+    os.rename(root / "b" / "c", root / "b" / "gone")
+    with pytest.raises(storage.StorageError, match="cannot list the folder again"):
+        list(sources.read_unit(units[1]))
+    os.rename(root / "b" / "gone", root / "b" / "c")
     before = [sources.unit_id(u) for u in units]
     time.sleep(0.01)
     (root / "b" / "c" / "9.png").write_bytes(goods["good/001.png"])

@@ -39,6 +39,34 @@ def test_image_training_rows_are_shuffled_across_classes(ray_local, digits_data,
     assert len(shuffled) >= 8 and n_shuffled == n  # the same rows, in a mixed order
 
 
+def test_labeled_images_from_a_directory_and_from_a_sharded_set(ray_local, digits_data,
+                                                                tmp_path):
+    """A directory's classes are its folders (their files listed by the tasks); a sharded set
+    of tars learns its classes as it is read."""
+    from kiln import embedded
+    from kiln.pipelines import sources
+    from kiln.pipelines.train_data import check_image_source, image_dataset
+    from kiln.pipelines.transforms import ImagePreset
+
+    pngs, labels = digits_data
+    root = tmp_path / "classes"
+    for i in range(40):
+        (root / labels[i]).mkdir(parents=True, exist_ok=True)
+        (root / labels[i] / f"{i:03d}.png").write_bytes(pngs[i])
+    units, known = check_image_source(str(root))
+    assert {u.kind for u in units} == {"folder"} and known == 40
+    data = image_dataset(str(root), ImagePreset(), 0.25, seed=0)
+    got = [r["label"] for ds in (data.train, data.val) for r in ds.take_all()]
+    assert sorted(got) == sorted(labels[:40])
+    with pytest.raises(ValueError, match="no class folders"):
+        check_image_source(str(root / labels[0]))  # its files, in no class folder
+    for s in range(sources.SHARDED_TARS):
+        embedded.write_class_tar(tmp_path / f"shard-{s:02d}.tar", pngs[s * 5:(s + 1) * 5],
+                                 labels[s * 5:(s + 1) * 5])
+    units, known = check_image_source(str(tmp_path / "shard-*.tar"))
+    assert {u.kind for u in units} == {"tarshard"} and known is None
+
+
 def test_text_streams_cut_the_text_into_contiguous_stretches(ray_local):
     from kiln.pipelines.train_data import text_streams
 

@@ -93,7 +93,7 @@ class GenerateJob(BulkJob):
                 "gates": s.gates}
 
     def plan(self, written: Written) -> Plan:
-        held = written.column("id")  # every written row's id: 8 bytes a row, not a set
+        held = written.column("id")  # every written row's id, one Arrow array, not a set
         blocks = gen.plan_blocks(self.table, held, self.block_rows(self.table.num_rows -
                                                                    len(held)))
         return Plan([pack(b) for b in blocks], sum(b.num_rows for b in blocks),

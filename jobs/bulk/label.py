@@ -18,14 +18,21 @@ from kiln.cluster.placement import Placement
 from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
 from kiln.pipelines.fence import check_output
-from kiln.pipelines.label import LabelPredictor, LabelSettings, flip_tta, make_tasks
+from kiln.pipelines.label import (
+    LabelPredictor,
+    LabelSettings,
+    flip_tta,
+    make_tasks,
+    resume_plan,
+)
 from kiln.pipelines.sink import Written
-from kiln.pipelines.sources import count_known, unit_id
+from kiln.pipelines.sources import count_known, estimated_rows
 from kiln.redact import redact
 
 # How many 28x28 digits one core labels a second with the MNIST net (bench/label.py;
 # BENCHMARKS.md, Labeling section); a job whose size is unknown before reading (Parquet,
-# streamed tars) counts as big.
+# compressed tars) counts as big, a sharded set of tars as its estimate
+# (sources.estimated_rows).
 IMAGES_PER_CPU_S = 1300
 
 
@@ -39,7 +46,7 @@ class LabelJob(BulkJob):
     def __init__(self, opts: LabelOptions, loaded, units: list, where=None):
         super().__init__(opts, loaded, where)
         self.units = units
-        self._earlier: tuple[Counter, Counter] | None = None
+        self.earlier: tuple[Counter, Counter] = Counter(), Counter()  # plan() counts them
         self.tta = flip_tta(opts.tta, loaded.config)
 
     def identity(self) -> dict:
@@ -50,30 +57,23 @@ class LabelJob(BulkJob):
     def plan(self, written: Written) -> Plan:
         # Units whose last part is written are skipped whole; the keys of the other parts
         # (the units in flight when an earlier run stopped) are read, and skipped row by row.
-        whole = written.whole_units() & {unit_id(u) for u in self.units}
-        done = written.keys(whole)
-        tasks = make_tasks(self.units, {(s, p) for s, p, _, _ in done}, whole)
-        known = count_known(self.units)
-        rows = None if known is None else known - written.rows
-        return Plan(tasks, rows, float("inf") if rows is None else rows)
-
-    def earlier(self, written: Written) -> tuple[Counter, Counter]:
-        """(errors by kind, labels) of the rows an earlier run wrote: their parts' stats, or
-        where an earlier kiln wrote none, their rows."""
-        if self._earlier is not None:
-            return self._earlier
+        whole, done, legacy = resume_plan(written, self.units)
         errors, labels = Counter(), Counter()
         for p in written.parts:
             if p.stats is not None:
                 errors.update(p.stats.get("errors", {}))
                 labels.update(p.stats.get("labels", {}))
-        for _, _, label, error in written.read_keys(written.legacy()):
+        for _, _, label, error in legacy:  # an earlier kiln's parts: their rows tell
             if error:
                 errors[error.split(":", 1)[0]] += 1
             if label is not None:
                 labels[label] += 1
-        self._earlier = errors, labels
-        return self._earlier
+        self.earlier = errors, labels
+        tasks = make_tasks(self.units, done, whole)
+        known = count_known(self.units)
+        rows = None if known is None else max(0, known - written.rows)
+        work = rows if rows is not None else max(0.0, estimated_rows(self.units) - written.rows)
+        return Plan(tasks, rows, work)
 
     def settings(self, out, layout) -> LabelSettings:
         o = self.opts
@@ -82,10 +82,10 @@ class LabelJob(BulkJob):
                              thumbs=16 if o.report else 0, tta=self.tta)
 
     def done_errors(self, written: Written) -> Counter:
-        return self.earlier(written)[0]
+        return Counter(self.earlier[0])
 
     def summary(self, written: Written, parts: dict[str, dict], common: dict) -> dict:
-        labels = self.earlier(written)[1]
+        labels = Counter(self.earlier[1])
         for p in parts.values():
             labels.update(p["labels"])
         return {"rows_labeled": common["rows_in"] - common["error_rows"],
