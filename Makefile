@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/tune.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf demo-output .pytest_cache
