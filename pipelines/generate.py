@@ -24,6 +24,7 @@ characters and is counted."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from collections.abc import Iterator
@@ -171,6 +172,19 @@ def prompt_stats(prompts: list[str | None], vocab: CharVocab, max_prompt_chars: 
         stats.with_unknown += n > 0
         stats.unknown_chars += n
     return stats, unknown
+
+
+def table_prompt_stats(table: pa.Table, vocab: CharVocab, max_prompt_chars: int,
+                       rows: int = 65_536) -> PromptStats:
+    """prompt_stats' counts over a whole prompt table, `rows` prompts at a time as Python
+    strings (a million prompts at once would hold them all)."""
+    total = PromptStats()
+    for start in range(0, table.num_rows, rows):
+        prompts = table.column("prompt").slice(start, rows).to_pylist()
+        part, _ = prompt_stats(prompts, vocab, max_prompt_chars)
+        for f in dataclasses.fields(PromptStats):
+            setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+    return total
 
 
 def plan_blocks(table: pa.Table, held, batch_size: int) -> list[pa.Table]:

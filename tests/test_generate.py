@@ -124,6 +124,10 @@ def test_prompt_policy_counts():
     stats, unknown = gen.prompt_stats(["ab", "", None, "a☃☃", "x" * 30], vocab, 10)
     assert (stats.empty, stats.truncated, stats.with_unknown) == (2, 1, 2)
     assert stats.unknown_chars == 2 + 10 and unknown == [0, 0, 0, 2, 10]
+    # A whole table's counts, a few prompts at a time, are the same.
+    table = pa.table({"prompt": pa.array(["ab", "", None, "a☃☃", "x" * 30] * 3, pa.string())})
+    assert gen.table_prompt_stats(table, vocab, 10, rows=4) == gen.prompt_stats(
+        table.column("prompt").to_pylist(), vocab, 10)[0]
 
 
 def test_wrong_kind_model_is_a_clear_error(tmp_path):

@@ -45,8 +45,7 @@ class GenerateJob(BulkJob):
     def __init__(self, opts: GenerateOptions, loaded, sampling: SamplingSettings, where=None):
         super().__init__(opts, loaded, where)
         self.table = gen.read_prompts(opts.prompts, opts.num_samples)  # bad UTF-8: by line
-        self.stats, _ = gen.prompt_stats(self.table.column("prompt").to_pylist(),
-                                         loaded.vocab, sampling.max_prompt_chars)
+        self.stats = gen.table_prompt_stats(self.table, loaded.vocab, sampling.max_prompt_chars)
         self.kernels = None
         if not opts.gpu:  # the CPU kernels, decided here once for every worker of the job
             self.kernels = self.cpu_kernels(sampling)
