@@ -27,7 +27,7 @@ import pyarrow as pa
 from . import names, sink, storage
 from .bulk import BulkActor, pack, short_switch_interval
 from .sink import Written
-from .sources import Record, Unit, folder_holds, read_unit, unit_id, unit_paths
+from .sources import Record, Unit, read_unit, slice_holds, unit_id, unit_paths
 from .transforms import (
     ImageError,
     ImagePreset,
@@ -113,9 +113,10 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]],
             skip = frozenset(p for p in paths if p in done_here)
             if len(skip) == len(paths) and paths:
                 continue  # the whole unit is written already
-        elif unit.kind == "folder":
-            skip = frozenset(p for p in by_folder.get((unit.source, unit.items[0]), ())
-                             if folder_holds(unit, p))
+        elif unit.kind in ("folder", "s3page"):
+            near = (by_folder.get((unit.source, unit.items[0]), ()) if unit.kind == "folder"
+                    else done_here)
+            skip = frozenset(p for p in near if slice_holds(unit, p))
             if len(skip) >= unit.items[3]:
                 continue  # every file it held when planned is written already
         else:
@@ -462,7 +463,8 @@ def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str |
             known = unit_paths(unit)
             if known is not None and not paths.intersection(known):
                 continue
-            if unit.kind == "folder" and not any(folder_holds(unit, p) for p in paths):
+            if unit.kind in ("folder", "s3page") and not any(slice_holds(unit, p)
+                                                              for p in paths):
                 continue
             skip = frozenset(known).difference(paths) if known is not None else frozenset()
             for rec in read_unit(unit, skip):

@@ -3,7 +3,8 @@ with an `image` column, local or s3://, and glob patterns of these.
 
 plan() cuts the inputs into Units, small slices that one task reads on its own: a local
 folder's files in slices (named by their first and last file, listed again by the task), an
-S3 prefix's objects in chunks, a local tar's or a zip's members in chunks (found from the
+S3 prefix's objects a listing page at a time (named by the keys around it, listed again by the
+task), a local tar's or a zip's members in chunks (found from the
 headers, so one huge archive is read by many tasks at once), a Parquet file's row groups. A
 compressed tar (or a tar on S3) can only be read front to back, so it is one streaming unit
 that yields its members a few at a time. Each tar of a sharded set (SHARDED_TARS or more local
@@ -47,10 +48,11 @@ class Record:
 @dataclass
 class Unit:
     source: str
-    kind: str  # files | folder | tar | tarshard (a whole local tar) | tarstream | zip | parquet
-    # | broken
+    kind: str  # files | folder | s3page | tar | tarshard (a whole local tar) | tarstream | zip
+    # | parquet | broken
     items: list = field(default_factory=list)  # files: (path, URI, size, error); folder:
-    # [folder under the source, first name, last name, files]; tar: (path, data offset, size,
+    # [folder under the source, first name, last name, files]; s3page: [prefix, the key before
+    # the page, its last key, objects, their first folders]; tar: (path, data offset, size,
     # error); zip: (path, entry index); parquet: row group numbers
     index: int = 0
     repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
@@ -118,9 +120,13 @@ def unit_paths(unit: Unit) -> list[str] | None:
     return None  # folders, parquet and whole tars only learn their paths as they read
 
 
-def folder_holds(unit: Unit, key: str) -> bool:
-    """Whether a folder unit's slice is where the row of `key` (a path's text form) comes
-    from: its folder, and a name from the slice's first to its last."""
+def slice_holds(unit: Unit, key: str) -> bool:
+    """Whether a folder or S3 page unit is where the row of `key` (a path's text form) comes
+    from: a folder's, from its slice's first name to its last; a page's, after the key
+    before it up to its last."""
+    if unit.kind == "s3page":
+        prefix, after, last = unit.items[:3]
+        return after < prefix + names.parse(key)[0] <= last
     rel, first, last, _ = unit.items
     folder, _, name = names.parse(key)[0].rpartition("/")
     return (folder or ".") == rel and first <= name <= last
@@ -130,7 +136,7 @@ def count_known(units: list[Unit]) -> int | None:
     """How many rows the units hold, when every unit knows without reading."""
     total = 0
     for unit in units:
-        if unit.kind == "folder":
+        if unit.kind in ("folder", "s3page"):
             total += unit.items[3]
             continue
         paths = unit_paths(unit)
@@ -175,9 +181,7 @@ def _plan_one(uri: str, chunk: int, sharded: bool = False) -> list[Unit]:
             unit.stamp = stamp
         return units
     if kind == "dir":
-        if storage.is_s3(uri):
-            return _chunks(uri, "files", _dir_items(uri), chunk)
-        return _plan_folders(uri, chunk)
+        return _plan_pages(uri, chunk) if storage.is_s3(uri) else _plan_folders(uri, chunk)
     if kind == "file":
         i = storage.info(uri)
         error = None if i.type == pafs.FileType.File else \
@@ -264,11 +268,61 @@ def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
     return {"before": before}
 
 
-def _dir_items(uri: str) -> list[tuple]:
-    """(path under the prefix, URI, size, None) of every object under an S3 prefix."""
-    _, base = storage.filesystem(uri)
-    return [(names.text(posixpath.relpath(i.path, base)), storage.to_uri(uri, i.path), i.size,
-             None) for i in storage.list_files(uri)]
+def _plan_pages(uri: str, chunk: int) -> list[Unit]:
+    """An S3 prefix's units without its keys: a unit a listing page of `chunk` objects, named
+    by the key before the page and its last key (the task lists the page again from there),
+    with a digest of its keys, sizes and ETags in its id: an object added, removed or
+    replaced between two runs makes its page another unit."""
+    bucket, prefix = _prefix(uri)
+    units, after = [], ""
+    for page in _pages(uri, bucket, prefix, "", chunk):
+        objects = [o for o in page if not o["Key"].endswith("/")]  # folder markers: no image
+        if objects:
+            digest = hashlib.sha1("\n".join(f"{o['Key']}\t{o['Size']}\t{o.get('ETag', '')}"
+                                            for o in objects).encode()).hexdigest()
+            folders = sorted({names.folder(o["Key"][len(prefix):]) or "" for o in objects})
+            units.append(Unit(uri, "s3page", [prefix, after, objects[-1]["Key"], len(objects),
+                                              folders], len(units), stamp=(digest,)))
+        after = page[-1]["Key"]
+    return units
+
+
+def _prefix(uri: str) -> tuple[str, str]:
+    from .s3 import s3_bucket_key
+
+    bucket, key = s3_bucket_key(uri)
+    return bucket, key.rstrip("/") + "/" if key.strip("/") else ""
+
+
+def _pages(uri: str, bucket: str, prefix: str, after: str, size: int) -> Iterator[list[dict]]:
+    """The prefix's objects after `after`, a listing page at a time."""
+    from .s3 import s3_client
+
+    try:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, **({"StartAfter": after} if after else {}),
+            PaginationConfig={"PageSize": size})
+        for page in pages:
+            if page.get("Contents"):
+                yield page["Contents"]
+    except Exception as e:  # botocore's errors: a dead endpoint, a missing bucket, a denial
+        raise storage.StorageError(f"{uri}: cannot list: {type(e).__name__}: {e}") from None
+
+
+def _read_page(unit: Unit, skip) -> Iterator[Record]:
+    """An S3 page unit's objects, listed again: those after the key before it up to its last
+    one."""
+    prefix, after, last = unit.items[:3]
+    bucket, _ = _prefix(unit.source)
+    found = []
+    for page in _pages(unit.source, bucket, prefix, after, 1000):
+        found += [o for o in page if o["Key"] <= last and not o["Key"].endswith("/")]
+        if page[-1]["Key"] >= last:
+            break
+    for o in found:
+        key = names.text(o["Key"][len(prefix):])
+        if key not in skip:
+            yield _file_record(unit.source, key, f"s3://{bucket}/{o['Key']}", o["Size"], None)
 
 
 FOLDER_NAMES_HELD = 20_000  # a folder with more files directly in it: the plan holds them
@@ -363,7 +417,8 @@ def _file_status(path: str) -> tuple[int | None, str | None]:
 def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
               with_labels: bool = False) -> Iterator[Record]:
     """Every record of a unit, in order, but those whose path is in `skip`."""
-    readers = {"files": _read_files, "folder": _read_folder, "tar": _read_tar,
+    readers = {"files": _read_files, "folder": _read_folder, "s3page": _read_page,
+               "tar": _read_tar,
                "tarshard": _read_tar,
                "tarstream": _read_tarstream,
                "zip": _read_zip, "parquet": _read_parquet, "broken": _read_broken}

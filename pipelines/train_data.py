@@ -90,6 +90,9 @@ def check_image_source(uri: str, chunk: int = 500, min_classes: int = 2
             rel = u.items[0]
             classes.add(names.text(rel.split("/", 1)[0]) if rel != "." else None)
             count += u.items[3]
+        elif u.kind == "s3page":  # its objects' first folders, seen when it was planned
+            classes.update(f or None for f in u.items[4])
+            count += u.items[3]
         elif u.kind != "broken":
             paths = sources.unit_paths(u) or []
             classes.update(map(names.folder, paths))

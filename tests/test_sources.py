@@ -203,5 +203,22 @@ def test_s3_sources(s3_bucket, tmp_path, goods):
     assert outcome(read_all(f"{s3_bucket}/in/bad.zip")) == {**dict.fromkeys(goods),
                                                              **ic.BAD_ZIP_KINDS}
     assert outcome(read_all(f"{s3_bucket}/dir")) == dict.fromkeys(goods)
+    # A prefix is planned a listing page at a time, without its keys; each page's task lists
+    # it again; an object added changes its page's id alone.
+    pages = sources.plan([f"{s3_bucket}/dir"], chunk=7)
+    assert {(u.kind, tuple(u.items[4])) for u in pages} == {("s3page", ("good",))}
+    assert len(pages) >= 5 and sources.count_known(pages) == len(goods)  # folder markers: none
+    read = [[r.path for r in sources.read_unit(u)] for u in pages]
+    assert [len(r) for r in read] == [u.items[3] for u in pages]
+    assert sum(read, []) == sorted(goods)
+    first = read[1]
+    assert [r.path for r in sources.read_unit(pages[1], frozenset(first[:5]))] == first[5:]
+    assert sources.slice_holds(pages[1], first[0]) and not sources.slice_holds(pages[0],
+                                                                                first[0])
+    storage.write_bytes(f"{s3_bucket}/dir/good/010a.png", goods["good/000.png"])
+    again = sources.plan([f"{s3_bucket}/dir"], chunk=7)
+    changed = [sources.unit_id(a) != sources.unit_id(b) for a, b in zip(pages, again,
+                                                                         strict=False)]
+    assert changed[:2] == [False, True]
     assert len(read_all(f"{s3_bucket}/in/p.parquet")) == len(goods)
     assert len(sources.plan([f"{s3_bucket}/in/*.zip"])) == 1
