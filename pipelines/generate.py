@@ -193,9 +193,9 @@ def plan_blocks(table: pa.Table, held, batch_size: int) -> list[pa.Table]:
 
     Each block is sampled in one call; similar lengths together waste fewer steps, and the
     long ones starting early keeps the last blocks short. Order changes no row's text."""
-    if len(held):
-        held = held.cast(table.column("id").type)
-        table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=held)))
+    if len(held):  # compared in held's type: string ids past 2 GiB are large_string there
+        ids = table.column("id").cast(held.type)
+        table = table.filter(pc.invert(pc.is_in(ids, value_set=held)))
     lengths = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy()
     order = np.argsort(-lengths, kind="stable")
     blocks = []

@@ -11,6 +11,7 @@ overwrites its own parts; a later run skips every unit whose last part is writte
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import heapq
 import io
@@ -27,7 +28,7 @@ import pyarrow as pa
 from . import names, sink, storage
 from .bulk import BulkActor, pack, short_switch_interval
 from .sink import Written
-from .sources import Record, Unit, read_unit, slice_holds, unit_id, unit_paths
+from .sources import Record, Unit, read_paths, read_unit, slice_holds, unit_id, unit_paths
 from .transforms import (
     ImageError,
     ImagePreset,
@@ -98,6 +99,7 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]],
     for source, path in done:
         by_source.setdefault(names.parse(source)[0], set()).add(path)
     by_folder: dict[tuple[str, str], list[str]] = {}  # a folder unit's candidates: its folder's
+    by_key: dict[str, tuple[list[str], list[str]]] = {}  # an S3 page's: (keys, paths), sorted
     if any(u.kind == "folder" for u in units):
         for source, paths in by_source.items():
             for path in paths:
@@ -113,12 +115,17 @@ def make_tasks(units: list[Unit], done: set[tuple[str, str]],
             skip = frozenset(p for p in paths if p in done_here)
             if len(skip) == len(paths) and paths:
                 continue  # the whole unit is written already
-        elif unit.kind in ("folder", "s3page"):
-            near = (by_folder.get((unit.source, unit.items[0]), ()) if unit.kind == "folder"
-                    else done_here)
-            skip = frozenset(p for p in near if slice_holds(unit, p))
-            if len(skip) >= unit.items[3]:
-                continue  # every file it held when planned is written already
+        elif unit.kind == "folder":  # its task, even where all seem written: it lists again
+            skip = frozenset(p for p in by_folder.get((unit.source, unit.items[0]), ())
+                             if slice_holds(unit, p))
+        elif unit.kind == "s3page":
+            if unit.source not in by_key:
+                pairs = sorted((unit.items[0] + names.parse(p)[0], p) for p in done_here)
+                by_key[unit.source] = ([k for k, _ in pairs], [p for _, p in pairs])
+            keys, written = by_key[unit.source]
+            after, last = unit.items[1:3]
+            skip = frozenset(written[bisect.bisect_right(keys, after):
+                                     bisect.bisect_right(keys, last)])
         else:
             skip = frozenset(done_here)
         tasks.append(pack((unit, skip)))
@@ -463,11 +470,11 @@ def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str |
             known = unit_paths(unit)
             if known is not None and not paths.intersection(known):
                 continue
-            if unit.kind in ("folder", "s3page") and not any(slice_holds(unit, p)
-                                                              for p in paths):
-                continue
+            records = None
+            if unit.kind in ("folder", "s3page"):  # the wanted files alone, not their slice
+                records = read_paths(unit, [p for p in paths if slice_holds(unit, p)])
             skip = frozenset(known).difference(paths) if known is not None else frozenset()
-            for rec in read_unit(unit, skip):
+            for rec in records if records is not None else read_unit(unit, skip):
                 if rec.path in paths and rec.data is not None:
                     found[(source, rec.path)] = thumbnail(rec.data)
             if all((source, p) in found for p in paths):

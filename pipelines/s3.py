@@ -119,8 +119,11 @@ def _s3_client(settings: tuple):
     from botocore.config import Config
 
     endpoint, endpoint_s3, region, region2, key, secret, token, *_ = settings
+    url = endpoint_s3 or endpoint or None
+    if url and "://" not in url:  # host:port, which pyarrow's filesystem takes as https
+        url = f"https://{url}"
     return boto3.client(
-        "s3", endpoint_url=endpoint_s3 or endpoint or None,
+        "s3", endpoint_url=url,
         region_name=region or region2 or "us-east-1",
         aws_access_key_id=key or None, aws_secret_access_key=secret or None,
         aws_session_token=token or None,

@@ -97,8 +97,9 @@ class Written:
     their id; the keys of the other parts are read only when asked (keys())."""
 
     def __init__(self, parts: list[PartInfo], key_columns: list[str], damaged: bool = False):
-        """`damaged`: a part's footer could not be read (it is set aside): which unit it held
-        is unknown, so no unit counts as whole and every row is skipped by its key."""
+        """`damaged`: a part was set aside (its footer could not be read, now or by an
+        earlier run): which unit it held is unknown, so no unit counts as whole and every row
+        is skipped by its key."""
         self.parts, self.key_columns, self.damaged = parts, key_columns, damaged
 
     @property
@@ -257,7 +258,8 @@ class OutputDir:
         be read (a disk that lost its last write) is set aside as NAME.unreadable, not
         deleted, and its rows are done again."""
         parts: list[PartInfo] = []
-        damaged = False
+        # A part set aside by this or an earlier run: which unit it held is unknown.
+        damaged = any(n.endswith(".unreadable") for n in storage.list_dir(self.uri))
         self.parts_read = []  # what a later listing is compared with (late parts)
         for part in self.parts():
             try:

@@ -154,7 +154,7 @@ def estimated_rows(units: list[Unit]) -> float:
     if known is not None:
         return known
     shards = [u for u in units if u.kind == "tarshard"]
-    if len(shards) != sum(u.kind not in ("files", "folder", "tar", "zip", "broken")
+    if len(shards) != sum(u.kind not in ("files", "folder", "s3page", "tar", "zip", "broken")
                           for u in units):
         return float("inf")
     rest = count_known([u for u in units if u.kind != "tarshard"]) or 0
@@ -269,21 +269,35 @@ def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
 
 
 def _plan_pages(uri: str, chunk: int) -> list[Unit]:
-    """An S3 prefix's units without its keys: a unit a listing page of `chunk` objects, named
-    by the key before the page and its last key (the task lists the page again from there),
-    with a digest of its keys, sizes and ETags in its id: an object added, removed or
-    replaced between two runs makes its page another unit."""
+    """An S3 prefix's units without its keys: runs of about `chunk` objects in key order,
+    each named by the key before it and its last key (its task lists it again from there),
+    with a digest of its keys, sizes and ETags in its id. A run ends where a key's hash says
+    (content-defined, at most 4 x `chunk` objects), so that an object added, removed or
+    replaced between two runs changes the run it falls in, not every run after it."""
     bucket, prefix = _prefix(uri)
-    units, after = [], ""
-    for page in _pages(uri, bucket, prefix, "", chunk):
-        objects = [o for o in page if not o["Key"].endswith("/")]  # folder markers: no image
-        if objects:
-            digest = hashlib.sha1("\n".join(f"{o['Key']}\t{o['Size']}\t{o.get('ETag', '')}"
-                                            for o in objects).encode()).hexdigest()
-            folders = sorted({names.folder(o["Key"][len(prefix):]) or "" for o in objects})
-            units.append(Unit(uri, "s3page", [prefix, after, objects[-1]["Key"], len(objects),
-                                              folders], len(units), stamp=(digest,)))
-        after = page[-1]["Key"]
+    units: list[Unit] = []
+    objects: list[dict] = []
+    after = ""
+
+    def close() -> None:
+        digest = hashlib.sha1("\n".join(f"{o['Key']}\t{o['Size']}\t{o.get('ETag', '')}"
+                                        for o in objects).encode()).hexdigest()
+        folders = sorted({names.folder(names.text(o["Key"][len(prefix):])) or ""
+                          for o in objects})
+        units.append(Unit(uri, "s3page", [prefix, after, objects[-1]["Key"], len(objects),
+                                          folders], len(units), stamp=(digest,)))
+
+    for page in _pages(uri, bucket, prefix, "", 1000):
+        for o in page:
+            if o["Key"].endswith("/"):
+                continue  # a folder marker: no image
+            objects.append(o)
+            cut = int(hashlib.sha1(o["Key"].encode()).hexdigest()[:8], 16) % chunk == 0
+            if cut or len(objects) >= 4 * chunk:
+                close()
+                after, objects = o["Key"], []
+    if objects:
+        close()
     return units
 
 
@@ -307,6 +321,21 @@ def _pages(uri: str, bucket: str, prefix: str, after: str, size: int) -> Iterato
                 yield page["Contents"]
     except Exception as e:  # botocore's errors: a dead endpoint, a missing bucket, a denial
         raise storage.StorageError(f"{uri}: cannot list: {type(e).__name__}: {e}") from None
+
+
+def read_paths(unit: Unit, paths: list[str]) -> Iterator[Record]:
+    """The records of these paths (their text forms) of a folder or S3 page unit, read
+    without listing the unit again."""
+    if unit.kind == "folder":
+        base = storage.local_path(unit.source)
+        for key in paths:
+            full = os.path.join(base, names.parse(key)[0])
+            yield _file_record(unit.source, key, full, *_file_status(full))
+        return
+    bucket, prefix = _prefix(unit.source)
+    for key in paths:
+        yield _file_record(unit.source, key, f"s3://{bucket}/{prefix}{names.parse(key)[0]}",
+                           None, None)
 
 
 def _read_page(unit: Unit, skip) -> Iterator[Record]:
@@ -448,7 +477,7 @@ def _file_record(source: str, rel: str, uri: str, size: int | None, error: str |
         return Record(source, rel, storage.read_bytes(uri, archives.MAX_MEMBER_BYTES))
     except storage.TooLarge as e:
         return Record(source, rel, None, f"too_large: {e}")
-    except storage.StorageError as e:
+    except (storage.StorageError, ValueError) as e:  # ValueError: a key Arrow cannot take
         return Record(source, rel, None, f"unreadable: {e}")
 
 
