@@ -8,11 +8,13 @@ read from /proc/PID/smaps_rollup every SAMPLE_S seconds for the command and all 
 descendants (Ray's raylet and workers descend from the command that started them).
 
     .venv/bin/python bench/scale.py [--label 20000 200000 2000000] [--dir 20000 200000]
-                                    [--generate 10000 100000 1000000] [--no-resume]
+                                    [--s3 10000 100000] [--generate 10000 100000 1000000]
+                                    [--no-resume]
                                     [--work FOLDER] [--no-write]
 
-Label inputs are tar shards of 10,000 28x28 digit PNGs each (200 shards at 2,000,000) and
-directories of loose PNG files; generate's are Parquet files of prompts. The plan time is the
+Label inputs are tar shards of 10,000 28x28 digit PNGs each (200 shards at 2,000,000),
+directories of loose PNG files and an S3 prefix of them (moto in server mode on 127.0.0.1,
+whose memory is not counted); generate's are Parquet files of prompts. The plan time is the
 time from launch to the line that says how many units the job runs, and where; the steady
 rate is the rows between the first and the last progress line over the time between them. The
 biggest label job is also killed half way (SIGKILL) and resumed: its rows are counted, each
@@ -93,10 +95,10 @@ class Sampler(threading.Thread):
             self.halt.wait(SAMPLE_S)
 
 
-def run_measured(cmd: list[str], plan_line: str) -> dict:
+def run_measured(cmd: list[str], plan_line: str, extra_env: dict | None = None) -> dict:
     """Runs a whole command as a user would, sampling its tree's memory; returns wall time,
     plan time (launch to the first line matching `plan_line`), steady rate and peak PSS."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (extra_env or {})
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -163,6 +165,44 @@ def label_dir(work: Path, n: int) -> Path:
     return top
 
 
+def s3_prefix(n: int) -> tuple[subprocess.Popen, dict, str]:
+    """moto in server mode on 127.0.0.1 holding n digit PNGs under s3://scale/imgs/, 1,000 to
+    a folder: (its process, the AWS variables that reach it, the prefix's URI)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    from kiln import embedded
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "scale",
+           "AWS_SECRET_ACCESS_KEY": "scale-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="scale", aws_secret_access_key="scale-secret")
+    client.create_bucket(Bucket="scale")
+    pngs, _ = embedded.digits(28)
+
+    def put(i: int) -> None:
+        client.put_object(Bucket="scale", Key=f"imgs/{i // 1000:04d}/{i:07d}.png",
+                          Body=pngs[i % len(pngs)])
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(n)))
+    return proc, env, "s3://scale/imgs"
+
+
 def prompt_parquet(work: Path, n: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -197,12 +237,12 @@ def models(work: Path) -> tuple[Path, Path]:
 
 # -- jobs ------------------------------------------------------------------------------------
 
-def label(model: Path, inputs: list[Path], out: Path) -> dict:
+def label(model: Path, inputs: list, out: Path, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "kiln", "label", "--model", str(model), "--output", str(out),
            "--overwrite"]
     for i in inputs:
         cmd += ["--input", str(i)]
-    res = run_measured(cmd, r"^labeling [\d,]+ unit")
+    res = run_measured(cmd, r"^labeling [\d,]+ unit", env)
     res["summary"] = json.loads((out / "summary.json").read_text())
     return res
 
@@ -285,6 +325,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", type=int, nargs="*", default=[20_000, 200_000, 2_000_000])
     ap.add_argument("--dir", type=int, nargs="*", default=[20_000, 200_000])
+    ap.add_argument("--s3", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--generate", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                     help="kill the biggest label job half way and resume it")
@@ -311,6 +352,16 @@ def main() -> None:
         r = label(cnn, [label_dir(work, n)], work / "out-dir")
         lines.append(row("label, a directory", n, r))
         points.setdefault("label (directory)", []).append((n, r["peak_mib"]))
+        print(lines[-1], flush=True)
+    for n in sorted(args.s3):
+        moto, env, prefix = s3_prefix(n)
+        try:
+            r = label(cnn, [prefix], work / "out-s3", env)
+        finally:
+            moto.terminate()
+            moto.wait(10)
+        lines.append(row("label, an S3 prefix (moto on 127.0.0.1)", n, r))
+        points.setdefault("label (S3 prefix)", []).append((n, r["peak_mib"]))
         print(lines[-1], flush=True)
     for n in sorted(args.generate):
         r = generate(rnn, prompt_parquet(work, n), work / "out-gen")
