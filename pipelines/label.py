@@ -10,11 +10,7 @@ overwrites its own parts; a later run skips every unit whose last part is writte
 
 from __future__ import annotations
 
-import base64
-import bisect
 import hashlib
-import heapq
-import io
 import queue
 import threading
 from collections import Counter
@@ -26,18 +22,18 @@ import numpy as np
 import pyarrow as pa
 
 from . import names, sink, storage
-from .bulk import BulkActor, pack, short_switch_interval
-from .sink import Written
-from .sources import Record, Unit, read_paths, read_unit, slice_holds, unit_id, unit_paths
+from .bulk import BulkActor, short_switch_interval
+from .sources import Record, Unit, read_unit
+from .thumbnails import Thumbs
 from .transforms import (
     ImageError,
     ImagePreset,
     decode_jpegs_on,
     decode_uint8,
     device_jpeg,
-    open_image,
     scale_shift,
 )
+from .units import unit_id
 
 SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -50,7 +46,6 @@ SCHEMA = pa.schema([
     ("model", pa.string()),
 ])
 EVAL_SCHEMA = SCHEMA.append(pa.field("truth", pa.string()))  # kiln eval: the true class
-THUMB_PX = 96
 
 
 @dataclass(frozen=True)
@@ -87,62 +82,6 @@ def flip_tta(tta: str, config: dict) -> bool:
 
 def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
-
-
-def make_tasks(units: list[Unit], done: set[tuple[str, str]],
-               whole: set[str] | frozenset = frozenset()) -> list[dict]:
-    """One task per unit that still has work: the unit and the paths of it that are already
-    written (`skip`). `whole`: the ids of units every row of which is written (their last
-    part is), skipped without their keys; `done`: the (source, path) of the other rows
-    written."""
-    by_source: dict[str, set[str]] = {}
-    for source, path in done:
-        by_source.setdefault(names.parse(source)[0], set()).add(path)
-    by_folder: dict[tuple[str, str], list[str]] = {}  # a folder unit's candidates: its folder's
-    by_key: dict[str, tuple[list[str], list[str]]] = {}  # an S3 page's: (keys, paths), sorted
-    if any(u.kind == "folder" for u in units):
-        for source, paths in by_source.items():
-            for path in paths:
-                folder = names.parse(path)[0].rpartition("/")[0] or "."
-                by_folder.setdefault((source, folder), []).append(path)
-    tasks = []
-    for unit in units:
-        if whole and unit_id(unit) in whole:
-            continue
-        done_here = by_source.get(unit.source, set())
-        paths = unit_paths(unit)
-        if paths is not None:
-            skip = frozenset(p for p in paths if p in done_here)
-            if len(skip) == len(paths) and paths:
-                continue  # the whole unit is written already
-        elif unit.kind == "folder":  # its task, even where all seem written: it lists again
-            skip = frozenset(p for p in by_folder.get((unit.source, unit.items[0]), ())
-                             if slice_holds(unit, p))
-        elif unit.kind == "s3page":
-            if unit.source not in by_key:
-                pairs = sorted((unit.items[0] + names.parse(p)[0], p) for p in done_here)
-                by_key[unit.source] = ([k for k, _ in pairs], [p for _, p in pairs])
-            keys, written = by_key[unit.source]
-            after, last = unit.items[1:3]
-            skip = frozenset(written[bisect.bisect_right(keys, after):
-                                     bisect.bisect_right(keys, last)])
-        else:
-            skip = frozenset(done_here)
-        tasks.append(pack((unit, skip)))
-    return tasks
-
-
-def resume_plan(written: Written, units: list[Unit]
-                ) -> tuple[set[str], set[tuple[str, str]], set[tuple]]:
-    """What an output holds of these units: the ids of the units whose last part is written
-    (skipped whole, their parts not read), the (source, path) of the rows of the other
-    parts, and every row of an earlier kiln's parts (no footer record) as (source, path,
-    label, error), each part read once."""
-    whole = written.whole_units() & {unit_id(u) for u in units}
-    legacy = written.read_keys(written.legacy(), ["source", "path", "label", "error"])
-    done = written.read_keys(written.unfinished(whole), ["source", "path"])
-    done.update((s, p) for s, p, _, _ in legacy)
-    return whole, done, legacy
 
 
 def part_name(unit: Unit, index: int) -> str:
@@ -255,40 +194,6 @@ class Batch:
     good: np.ndarray  # (G,) positions in records of the labeled ones
     idx: np.ndarray  # (G, k) class indices, best first
     scores: np.ndarray  # (G, k) their probabilities
-
-
-class Thumbs:
-    """The n least confident labeled records of a part, for the report's contact sheet. Only
-    they keep their image bytes; every other record drops them at once, so a part of large
-    photos does not sit in memory."""
-
-    def __init__(self, n: int):
-        self.n, self.heap = n, []  # max-heap on confidence: (-confidence, seq, record, class)
-        self.seq = 0
-
-    def offer(self, batch: Batch) -> None:
-        keep = set()
-        for pos, idx, score in zip(batch.good, batch.idx[:, 0], batch.scores[:, 0],
-                                   strict=True):
-            if self.n == 0:
-                break
-            self.seq += 1
-            item = (-float(score), self.seq, batch.records[pos], int(idx))
-            if len(self.heap) < self.n:
-                heapq.heappush(self.heap, item)
-            elif item[0] > self.heap[0][0]:  # less confident than the most confident kept
-                heapq.heapreplace(self.heap, item)[2].data = None
-            else:
-                continue
-            keep.add(int(pos))
-        for pos, rec in enumerate(batch.records):
-            if pos not in keep:
-                rec.data = None
-
-    def render(self, classes: np.ndarray) -> list[dict]:
-        kept = sorted(self.heap, key=lambda t: -t[0])
-        return [{"source": names.text(r.source), "path": r.path, "label": classes[c],
-                 "confidence": -s, "image": thumbnail(r.data)} for s, _, r, c in kept]
 
 
 # The encoded bytes a batch holds at most (one member alone may hold more, up to
@@ -442,41 +347,3 @@ def truth_of(rec: Record) -> str | None:
     return None if rec.label is None or str(rec.label) == "" else str(rec.label)
 
 
-def thumbnail(data: bytes) -> str | None:
-    """A small PNG of an image as a data: URI, or None when it cannot be shown."""
-    try:
-        img = open_image(data, max_pixels=50_000_000)
-        img = img.convert("RGBA" if "A" in img.mode or img.mode == "P" else "RGB")
-        img.thumbnail((THUMB_PX, THUMB_PX))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-    except Exception:
-        return None
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
-    """Thumbnails of given (source, path) rows, read again from their sources: the report
-    needs them for rows that an earlier run labeled. Units that hold none of the paths are
-    not read; Parquet files and streamed tars are read through."""
-    from .sources import plan
-
-    wanted: dict[str, set[str]] = {}
-    for source, path in keys:
-        wanted.setdefault(source, set()).add(path)
-    found: dict[tuple[str, str], str | None] = {}
-    for source, paths in wanted.items():
-        for unit in plan([names.parse(source)[0]]):
-            known = unit_paths(unit)
-            if known is not None and not paths.intersection(known):
-                continue
-            records = None
-            if unit.kind in ("folder", "s3page"):  # the wanted files alone, not their slice
-                records = read_paths(unit, [p for p in paths if slice_holds(unit, p)])
-            skip = frozenset(known).difference(paths) if known is not None else frozenset()
-            for rec in records if records is not None else read_unit(unit, skip):
-                if rec.path in paths and rec.data is not None:
-                    found[(source, rec.path)] = thumbnail(rec.data)
-            if all((source, p) in found for p in paths):
-                break
-    return found

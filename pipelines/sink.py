@@ -86,7 +86,7 @@ class PartInfo:
 
     uri: str
     rows: int
-    unit: str | None = None  # the unit of input it came from (pipelines.sources.unit_id)
+    unit: str | None = None  # the unit of input it came from (pipelines.units.unit_id)
     last: bool = False  # its unit's last part: every row of the unit is written
     stats: dict | None = None  # what its writer counted (rows, errors, labels); None: an
     # earlier kiln's part, whose keys tell
@@ -94,7 +94,7 @@ class PartInfo:
 
 class Written:
     """What an output holds already, from its parts' footers. Whole units are skipped by
-    their id; the keys of the other parts are read only when asked (keys())."""
+    their id; the keys of the other parts are read only when asked (read_keys, column)."""
 
     def __init__(self, parts: list[PartInfo], key_columns: list[str], damaged: bool = False):
         """`damaged`: a part was set aside (its footer could not be read, now or by an
@@ -258,10 +258,11 @@ class OutputDir:
         be read (a disk that lost its last write) is set aside as NAME.unreadable, not
         deleted, and its rows are done again."""
         parts: list[PartInfo] = []
+        held = storage.list_dir(self.uri)
         # A part set aside by this or an earlier run: which unit it held is unknown.
-        damaged = any(n.endswith(".unreadable") for n in storage.list_dir(self.uri))
+        damaged = any(n.endswith(".unreadable") for n in held)
         self.parts_read = []  # what a later listing is compared with (late parts)
-        for part in self.parts():
+        for part in (storage.join(self.uri, n) for n in held if is_part(n)):
             try:
                 parts.append(read_part_info(part))
             except (pa.ArrowInvalid, OSError, ValueError):

@@ -15,64 +15,21 @@ read_unit() yields Records; nothing is ever extracted onto disk."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import posixpath
-import stat
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import archives, names, storage
+from .listing import plan_folders, plan_pages, read_folder, read_page
+from .units import Record, Unit, chunks, file_record
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-@dataclass
-class Record:
-    source: str  # the input URI: archive, directory, Parquet file or lone image file
-    path: str  # member path, path under the directory, or the Parquet row's path/id, in
-    # pipelines.names' text form: unique in its source
-    data: bytes | None  # encoded image; None where error is set
-    error: str | None = None  # "kind: detail"
-    label: str | None = None  # class name, for training data
-
-
-@dataclass
-class Unit:
-    source: str
-    kind: str  # files | folder | s3page | tar | tarshard (a whole local tar) | tarstream | zip
-    # | parquet | broken
-    items: list = field(default_factory=list)  # files: (path, URI, size, error); folder:
-    # [folder under the source, first name, last name, files]; s3page: [prefix, the key before
-    # the page, its last key, objects, their first folders]; tar: (path, data offset, size,
-    # error); zip: (path, entry index); parquet: row group numbers
-    index: int = 0
-    repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
-    # that repeat in the file
-    stamp: tuple | None = None  # an archive's or Parquet file's (size, mtime_ns), a folder's
-    # (mtime_ns,), at planning: part of its units' ids, so that a unit whose file or folder
-    # changed between two runs is another, whose rows are skipped by key, not whole
-
-    @property
-    def key(self) -> str:
-        return f"{self.source}#{self.index}"
-
-
-def unit_id(unit: Unit) -> str:
-    """What names a unit across runs: its source, kind, items (paths, offsets, sizes, a
-    folder's slice) and stamp, hashed; not its place in the plan, which a change elsewhere in
-    the input shifts. An input that changed between two runs plans other units, whose ids the
-    first run's parts do not carry: their rows are then skipped by key, not by unit."""
-    record = json.dumps([unit.source, unit.kind, unit.items, unit.stamp], default=str)
-    return hashlib.sha1(record.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 def input_kind(uri: str) -> str:
@@ -120,18 +77,6 @@ def unit_paths(unit: Unit) -> list[str] | None:
     return None  # folders, parquet and whole tars only learn their paths as they read
 
 
-def slice_holds(unit: Unit, key: str) -> bool:
-    """Whether a folder or S3 page unit is where the row of `key` (a path's text form) comes
-    from: a folder's, from its slice's first name to its last; a page's, after the key
-    before it up to its last."""
-    if unit.kind == "s3page":
-        prefix, after, last = unit.items[:3]
-        return after < prefix + names.parse(key)[0] <= last
-    rel, first, last, _ = unit.items
-    folder, _, name = names.parse(key)[0].rpartition("/")
-    return (folder or ".") == rel and first <= name <= last
-
-
 def count_known(units: list[Unit]) -> int | None:
     """How many rows the units hold, when every unit knows without reading."""
     total = 0
@@ -168,11 +113,6 @@ def estimated_rows(units: list[Unit]) -> float:
     return rest + per_byte * sum(u.stamp[0] or 0 for u in shards)
 
 
-def _chunks(source: str, kind: str, items: list, chunk: int) -> list[Unit]:
-    return [Unit(source, kind, items[i : i + chunk], n)
-            for n, i in enumerate(range(0, len(items), chunk))]
-
-
 def _plan_one(uri: str, chunk: int, sharded: bool = False) -> list[Unit]:
     kind = input_kind(uri)
     if kind in ("tarstream", "tar", "zip", "parquet"):
@@ -181,7 +121,7 @@ def _plan_one(uri: str, chunk: int, sharded: bool = False) -> list[Unit]:
             unit.stamp = stamp
         return units
     if kind == "dir":
-        return _plan_pages(uri, chunk) if storage.is_s3(uri) else _plan_folders(uri, chunk)
+        return plan_pages(uri, chunk) if storage.is_s3(uri) else plan_folders(uri, chunk)
     if kind == "file":
         i = storage.info(uri)
         error = None if i.type == pafs.FileType.File else \
@@ -204,7 +144,7 @@ def _plan_file(uri: str, kind: str, chunk: int, sharded: bool) -> list[Unit]:
                 tar = tarfile.open(fileobj=f, mode="r:", tarinfo=archives.CheckedTarInfo)
             except tarfile.TarError as e:
                 return [Unit(uri, "broken", [str(e)])]
-            return _chunks(uri, "tar", archives.scan_tar(tar), chunk)
+            return chunks(uri, "tar", archives.scan_tar(tar), chunk)
         try:
             with archives.open_zip(f) as zf:
                 count = names.Counter()
@@ -212,7 +152,7 @@ def _plan_file(uri: str, kind: str, chunk: int, sharded: bool) -> list[Unit]:
                            if not i.is_dir()]
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             return [Unit(uri, "broken", [str(e)])]
-        return _chunks(uri, "zip", entries, chunk)
+        return chunks(uri, "zip", entries, chunk)
 
 
 def _plan_parquet(uri: str) -> list[Unit]:
@@ -227,7 +167,7 @@ def _plan_parquet(uri: str) -> list[Unit]:
     if "image" not in cols:
         raise storage.StorageError(f"{uri}: Parquet input needs an 'image' column (encoded "
                                    f"image bytes); it has {', '.join(cols)}")
-    units = _chunks(uri, "parquet", list(range(groups)), 1)
+    units = chunks(uri, "parquet", list(range(groups)), 1)
     for unit, before in zip(units, repeats.get("before", []), strict=False):
         unit.repeats = before
     return units
@@ -268,185 +208,10 @@ def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
     return {"before": before}
 
 
-def _plan_pages(uri: str, chunk: int) -> list[Unit]:
-    """An S3 prefix's units without its keys: runs of about `chunk` objects in key order,
-    each named by the key before it and its last key (its task lists it again from there),
-    with a digest of its keys, sizes and ETags in its id. A run ends where a key's hash says
-    (content-defined, at most 4 x `chunk` objects), so that an object added, removed or
-    replaced between two runs changes the run it falls in, not every run after it."""
-    bucket, prefix = _prefix(uri)
-    units: list[Unit] = []
-    objects: list[dict] = []
-    after = ""
-
-    def close() -> None:
-        digest = hashlib.sha1("\n".join(f"{o['Key']}\t{o['Size']}\t{o.get('ETag', '')}"
-                                        for o in objects).encode()).hexdigest()
-        folders = sorted({names.folder(names.text(o["Key"][len(prefix):])) or ""
-                          for o in objects})
-        units.append(Unit(uri, "s3page", [prefix, after, objects[-1]["Key"], len(objects),
-                                          folders], len(units), stamp=(digest,)))
-
-    for page in _pages(uri, bucket, prefix, "", 1000):
-        for o in page:
-            if o["Key"].endswith("/"):
-                continue  # a folder marker: no image
-            objects.append(o)
-            cut = int(hashlib.sha1(o["Key"].encode()).hexdigest()[:8], 16) % chunk == 0
-            if cut or len(objects) >= 4 * chunk:
-                close()
-                after, objects = o["Key"], []
-    if objects:
-        close()
-    return units
-
-
-def _prefix(uri: str) -> tuple[str, str]:
-    from .s3 import s3_bucket_key
-
-    bucket, key = s3_bucket_key(uri)
-    return bucket, key.rstrip("/") + "/" if key.strip("/") else ""
-
-
-def _pages(uri: str, bucket: str, prefix: str, after: str, size: int) -> Iterator[list[dict]]:
-    """The prefix's objects after `after`, a listing page at a time."""
-    from .s3 import s3_client
-
-    try:
-        pages = s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, **({"StartAfter": after} if after else {}),
-            PaginationConfig={"PageSize": size})
-        for page in pages:
-            if page.get("Contents"):
-                yield page["Contents"]
-    except Exception as e:  # botocore's errors: a dead endpoint, a missing bucket, a denial
-        raise storage.StorageError(f"{uri}: cannot list: {type(e).__name__}: {e}") from None
-
-
-def read_paths(unit: Unit, paths: list[str]) -> Iterator[Record]:
-    """The records of these paths (their text forms) of a folder or S3 page unit, read
-    without listing the unit again."""
-    if unit.kind == "folder":
-        base = storage.local_path(unit.source)
-        for key in paths:
-            full = os.path.join(base, names.parse(key)[0])
-            yield _file_record(unit.source, key, full, *_file_status(full))
-        return
-    bucket, prefix = _prefix(unit.source)
-    for key in paths:
-        yield _file_record(unit.source, key, f"s3://{bucket}/{prefix}{names.parse(key)[0]}",
-                           None, None)
-
-
-def _read_page(unit: Unit, skip) -> Iterator[Record]:
-    """An S3 page unit's objects, listed again: those after the key before it up to its last
-    one."""
-    prefix, after, last = unit.items[:3]
-    bucket, _ = _prefix(unit.source)
-    found = []
-    for page in _pages(unit.source, bucket, prefix, after, 1000):
-        found += [o for o in page if o["Key"] <= last and not o["Key"].endswith("/")]
-        if page[-1]["Key"] >= last:
-            break
-    for o in found:
-        key = names.text(o["Key"][len(prefix):])
-        if key not in skip:
-            yield _file_record(unit.source, key, f"s3://{bucket}/{o['Key']}", o["Size"], None)
-
-
-FOLDER_NAMES_HELD = 20_000  # a folder with more files directly in it: the plan holds them
-
-
-def _plan_folders(uri: str, chunk: int) -> list[Unit]:
-    """A local directory's units without its files' names: each folder's files, sorted, in
-    slices of `chunk` named by their first and last name, which the task lists again (a
-    folder's mtime in the unit's id: a file added or removed between two runs makes it
-    another unit). A folder of more than FOLDER_NAMES_HELD files is held name by name
-    instead (listing it again for each slice would cost more than holding it), as are the
-    error rows of folders that cannot be listed and links to folders (never followed: they
-    can loop). A link to a regular file is followed; a broken link, a FIFO or a device is an
-    error row, never opened (reading one can block forever)."""
-    base = storage.local_path(uri)
-    units: list[Unit] = []
-    held: list[tuple] = []
-
-    def unlistable(e: OSError) -> None:
-        rel = os.path.relpath(e.filename or base, base)
-        held.append((names.text(rel), e.filename or base, None,
-                     f"unreadable: cannot list directory: {e.strerror}"))
-
-    for root, dirs, files in os.walk(base, onerror=unlistable):
-        dirs.sort()  # the walk's order, and so the units', is the names'
-        for name in dirs:
-            full = os.path.join(root, name)
-            if os.path.islink(full):
-                held.append((names.text(os.path.relpath(full, base)), full, None,
-                             "not_a_file: link to a directory (not followed)"))
-        rel = os.path.relpath(root, base)
-        files.sort()
-        if len(files) > FOLDER_NAMES_HELD:
-            for name in files:
-                full = os.path.join(root, name)
-                held.append((names.text(os.path.relpath(full, base)), full,
-                             *_file_status(full)))
-            continue
-        try:
-            stamp = os.stat(root).st_mtime_ns
-        except OSError:
-            stamp = None
-        for i in range(0, len(files), chunk):
-            part = files[i : i + chunk]
-            units.append(Unit(uri, "folder", [rel, part[0], part[-1], len(part)],
-                              stamp=(stamp,)))
-    held.sort()
-    units += _chunks(uri, "files", held, chunk)
-    for n, unit in enumerate(units):
-        unit.index = n
-    return units
-
-
-def _read_folder(unit: Unit, skip) -> Iterator[Record]:
-    """A folder unit's files, listed again: those from its first name to its last."""
-    rel, first, last, _ = unit.items
-    base = storage.local_path(unit.source)
-    root = os.path.normpath(os.path.join(base, rel))
-    try:
-        with os.scandir(root) as it:
-            found = sorted(e.name for e in it if first <= e.name <= last and not _is_dir(e))
-    except OSError as e:  # listed when the job was planned: its files' rows are not lost
-        raise storage.StorageError(f"{root}: cannot list the folder again ({e.strerror}); it "
-                                   "could be listed when the job started: make it readable "
-                                   "and run the command again to finish") from None
-    for name in found:
-        full = os.path.join(root, name)
-        key = names.text(os.path.relpath(full, base))
-        if key not in skip:
-            yield _file_record(unit.source, key, full, *_file_status(full))
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    """As os.walk tells a folder from a file: a link to a folder is one; an entry whose kind
-    cannot be read (a link that loops) is a file, which then becomes an error row."""
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _file_status(path: str) -> tuple[int | None, str | None]:
-    try:
-        st = os.stat(path)  # follows links
-    except OSError:
-        return None, "not_a_file: broken link"
-    if not stat.S_ISREG(st.st_mode):
-        return None, "not_a_file: device, fifo, socket or other special file"
-    return st.st_size, None
-
-
 def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
               with_labels: bool = False) -> Iterator[Record]:
     """Every record of a unit, in order, but those whose path is in `skip`."""
-    readers = {"files": _read_files, "folder": _read_folder, "s3page": _read_page,
+    readers = {"files": _read_files, "folder": read_folder, "s3page": read_page,
                "tar": _read_tar,
                "tarshard": _read_tar,
                "tarstream": _read_tarstream,
@@ -464,21 +229,7 @@ def _read_broken(unit: Unit, skip) -> Iterator[Record]:
 def _read_files(unit: Unit, skip) -> Iterator[Record]:
     for rel, uri, size, error in unit.items:
         if rel not in skip:
-            yield _file_record(unit.source, rel, uri, size, error)
-
-
-def _file_record(source: str, rel: str, uri: str, size: int | None, error: str | None
-                 ) -> Record:
-    if error:
-        return Record(source, rel, None, error)
-    if size is not None and size > archives.MAX_MEMBER_BYTES:
-        return Record(source, rel, None, f"too_large: {size} bytes")
-    try:  # at most archives.MAX_MEMBER_BYTES, and only a regular file: it may have changed
-        return Record(source, rel, storage.read_bytes(uri, archives.MAX_MEMBER_BYTES))
-    except storage.TooLarge as e:
-        return Record(source, rel, None, f"too_large: {e}")
-    except (storage.StorageError, ValueError) as e:  # ValueError: a key Arrow cannot take
-        return Record(source, rel, None, f"unreadable: {e}")
+            yield file_record(unit.source, rel, uri, size, error)
 
 
 def _read_tar(unit: Unit, skip) -> Iterator[Record]:

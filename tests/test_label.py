@@ -23,15 +23,11 @@ from kiln.bulk.label import run_label
 from kiln.models import CNNSpec, build_cnn, model_to_bytes
 from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
-from kiln.pipelines.label import (
-    SCHEMA,
-    LabelPredictor,
-    LabelSettings,
-    make_tasks,
-    resume_plan,
-)
+from kiln.pipelines.label import SCHEMA, LabelPredictor, LabelSettings
+from kiln.pipelines.resume import make_tasks, resume_plan
 from kiln.pipelines.sink import PART_META, OutputDir, OutputError
 from kiln.pipelines.transforms import ImagePreset, augment_batch, decode
+from kiln.pipelines.units import unit_id
 from tests import image_cases as ic
 from tests.plain_fit import fit
 
@@ -351,7 +347,7 @@ def test_a_resume_reads_the_keys_of_unfinished_units_alone(trained, digits_data,
             for name in names}
     os.remove(part[stats[1][1]])  # unit 1 stopped after its first 100 rows
     strip_part_meta(part[stats[2][0]])  # unit 2 written by an earlier kiln
-    ids = [sources.unit_id(u) for u in units]
+    ids = [unit_id(u) for u in units]
 
     written = OutputDir(out, {}).written(["source", "path"])
     assert written.rows == 280 and written.whole_units() == {ids[0]}

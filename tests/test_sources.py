@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kiln import embedded
-from kiln.pipelines import sources, storage
+from kiln.pipelines import listing, sources, storage
 from kiln.pipelines.transforms import ImageError, ImagePreset, decode
+from kiln.pipelines.units import unit_id
 from tests import image_cases as ic
 
 PRESET = ImagePreset()
@@ -149,7 +150,7 @@ def test_a_directory_plans_its_folders_without_their_names(tmp_path, goods, monk
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
-    monkeypatch.setattr(sources, "FOLDER_NAMES_HELD", 4)  # so folder a/ is held by name
+    monkeypatch.setattr(listing, "FOLDER_NAMES_HELD", 4)  # so folder a/ is held by name
     units = sources.plan([str(root)], chunk=2)
     assert [(u.kind, u.items if u.kind == "folder" else len(u.items)) for u in units] == [
         ("folder", [".", "top.png", "top.png", 1]), ("folder", ["b/c", "0.png", "1.png", 2]),
@@ -158,7 +159,7 @@ def test_a_directory_plans_its_folders_without_their_names(tmp_path, goods, monk
     assert outcome(read_all(root, chunk=2)) == dict.fromkeys(files)
     assert [r.path for r in sources.read_unit(units[1], skip=frozenset({"b/c/0.png"}))] == [
         "b/c/1.png"]
-    got = list(sources.read_paths(units[1], ["b/c/1.png"]))  # one file, the folder not listed
+    got = list(listing.read_paths(units[1], ["b/c/1.png"]))  # one file, the folder not listed
     assert [(r.path, r.data) for r in got] == [("b/c/1.png", files["b/c/1.png"])]
     # An entry whose kind cannot be read (a link that loops) is a file, and an error row of
     # its own; a folder that can no longer be listed stops the job (its rows are not lost).
@@ -170,10 +171,10 @@ def test_a_directory_plans_its_folders_without_their_names(tmp_path, goods, monk
     with pytest.raises(storage.StorageError, match="cannot list the folder again"):
         list(sources.read_unit(units[1]))
     os.rename(root / "b" / "gone", root / "b" / "c")
-    before = [sources.unit_id(u) for u in units]
+    before = [unit_id(u) for u in units]
     time.sleep(0.01)
     (root / "b" / "c" / "9.png").write_bytes(goods["good/001.png"])
-    after = [sources.unit_id(u) for u in sources.plan([str(root)], chunk=2)]
+    after = [unit_id(u) for u in sources.plan([str(root)], chunk=2)]
     assert after[0] == before[0] and not set(after[1:3]) & set(before)
 
 
@@ -215,12 +216,12 @@ def test_s3_sources(s3_bucket, tmp_path, goods):
     assert sum(read, []) == sorted(goods)
     first = read[1]
     assert [r.path for r in sources.read_unit(pages[1], frozenset(first[:5]))] == first[5:]
-    assert sources.slice_holds(pages[1], first[0]) and not sources.slice_holds(pages[0],
+    assert listing.slice_holds(pages[1], first[0]) and not listing.slice_holds(pages[0],
                                                                                 first[0])
     storage.write_bytes(f"{s3_bucket}/dir/good/010a.png", goods["good/000.png"])
     again = sources.plan([f"{s3_bucket}/dir"], chunk=7)
-    before, after = ({sources.unit_id(u) for u in p} for p in (pages, again))
+    before, after = ({unit_id(u) for u in p} for p in (pages, again))
     assert len(before - after) == 1 and 1 <= len(after - before) <= 2
-    assert [r.path for r in sources.read_paths(pages[0], read[0][:1])] == read[0][:1]
+    assert [r.path for r in listing.read_paths(pages[0], read[0][:1])] == read[0][:1]
     assert len(read_all(f"{s3_bucket}/in/p.parquet")) == len(goods)
     assert len(sources.plan([f"{s3_bucket}/in/*.zip"])) == 1

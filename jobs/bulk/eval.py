@@ -54,7 +54,7 @@ class EvalJob(LabelJob):
                              truth=True, tta=self.tta)
 
     def finish(self, out: OutputDir, summary: dict, parts: dict, console: Console) -> None:
-        from kiln.pipelines.label import fetch_thumbnails
+        from kiln.pipelines.thumbnails import fetch_thumbnails
         from kiln.reports.eval import image_metrics, render
 
         scored = read_scored(out)

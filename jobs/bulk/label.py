@@ -18,13 +18,8 @@ from kiln.cluster.placement import Placement
 from kiln.options import LabelOptions
 from kiln.pipelines import sources, storage
 from kiln.pipelines.fence import check_output
-from kiln.pipelines.label import (
-    LabelPredictor,
-    LabelSettings,
-    flip_tta,
-    make_tasks,
-    resume_plan,
-)
+from kiln.pipelines.label import LabelPredictor, LabelSettings, flip_tta
+from kiln.pipelines.resume import make_tasks, resume_plan
 from kiln.pipelines.sink import Written
 from kiln.pipelines.sources import count_known, estimated_rows
 from kiln.redact import redact

@@ -14,8 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kiln.pipelines import storage
-from kiln.pipelines.label import fetch_thumbnails
 from kiln.pipelines.sink import OutputDir
+from kiln.pipelines.thumbnails import fetch_thumbnails
 
 REPORT_FILE = "report.html"
 SHEET = 48  # images on the contact sheet
