@@ -50,7 +50,8 @@ def secrets_in_a_file():
     names = {"AWS_ACCESS_KEY_ID": "aws_access_key_id",
              "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
              "AWS_SESSION_TOKEN": "aws_session_token"}
-    fd, path = tempfile.mkstemp(prefix="kiln-aws-", suffix=".ini")  # mode 0600
+    sweep_secret_files()
+    fd, path = tempfile.mkstemp(prefix=f"{SECRETS_PREFIX}{os.getpid()}-", suffix=".ini")  # 0600
     with os.fdopen(fd, "w") as f:
         f.write("[kiln]\n" + "".join(f"{names[k]} = {v}\n" for k, v in secrets.items()))
     saved = {k: os.environ.get(k) for k in (*AWS_SECRETS, *PROFILE_VARS)}
@@ -66,6 +67,43 @@ def secrets_in_a_file():
             else:
                 os.environ[k] = v
         os.unlink(path)
+
+
+SECRETS_PREFIX = "kiln-aws-"
+
+
+def sweep_secret_files() -> list[str]:
+    """Removes the credentials files that secrets_in_a_file wrote for processes no longer
+    alive (a command killed with SIGKILL never reaches its own unlink): this user's files of
+    that name in the temp folder, named by the process that wrote them. Returns their paths."""
+    folder, gone = tempfile.gettempdir(), []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return gone
+    for name in names:
+        pid = name[len(SECRETS_PREFIX):].split("-", 1)[0]
+        if not (name.startswith(SECRETS_PREFIX) and name.endswith(".ini") and pid.isdigit()):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or _alive(int(pid)):
+                continue
+            os.unlink(path)
+            gone.append(path)
+        except OSError:
+            continue  # another command swept it first, or it is not ours to remove
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # The package that carries a user's AWS variables to a cluster's processes when they ask for
