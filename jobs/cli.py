@@ -18,6 +18,7 @@ from kiln.options import (
     EvalOptions,
     GenerateOptions,
     LabelOptions,
+    ReviewOptions,
     TrainOptions,
 )
 
@@ -223,6 +224,12 @@ app.command("eval", epilog="Example: kiln eval --model runs/digits --data test.t
     job_command(EvalOptions, "kiln.bulk.eval:run_eval",
                 "Measure a trained model on labeled images (accuracy, per-class F1, "
                 "confusion, calibration) or on text (nats and bits per character)."))
+
+app.command("review", epilog="Example: kiln review --labels labels/  (then open the address "
+            "it prints); kiln review --labels labels/ --export final.parquet")(
+    job_command(ReviewOptions, "kiln.review.server:run_review",
+                "Review a label output in the browser, the least certain rows first; each "
+                "decision is saved as it is made."))
 
 
 @app.command(epilog="Example: kiln info runs/digits")

@@ -170,6 +170,21 @@ class EvalOptions:
 
 
 @dataclass
+class ReviewOptions:
+    labels: str = opt(help="A kiln label output folder (or a kiln eval output).")
+    model: str | None = opt(None, "The model whose classes the page offers; default: the one "
+                            "that labeled the output.")
+    export: str | None = opt(None, "Write the final labels (the person's where reviewed, else "
+                             "the model's) to this .parquet or .csv file, and exit.")
+    host: str = opt("127.0.0.1", "The address to serve on; another than this machine's own "
+                    "lets others on the network review (and save decisions).")
+    port: int = opt(8765, "The port to serve on; 0 picks a free one.")
+    reviewer: str | None = opt(None, "The name each saved decision carries; default: the "
+                               "user's login name.")
+    debug: bool = False
+
+
+@dataclass
 class SubmitOptions:
     entrypoint: list[str]
     address: str | None = None

@@ -14,7 +14,7 @@ from kiln.models.checkpoint import model_to_bytes
 from kiln.pipelines import storage
 
 COMMANDS = {"train", "tune", "label", "generate", "eval", "info", "submit", "status", "logs",
-            "stop", "list", "demo"}
+            "stop", "list", "demo", "review"}
 GROUPS = ("train", "tune")  # each has cnn and rnn
 
 
@@ -240,3 +240,10 @@ def test_installed_kiln_leaves_a_users_own_models_and_jobs_packages_theirs(tmp_p
     kiln_models, whose = res.stdout.splitlines()
     assert kiln_models.startswith(str(target / "kiln" / "models"))
     assert whose == "the user’s models / the user’s jobs"
+    # The package's files that are not Python (kiln review's page, a logging config) came too.
+    probe = ("from importlib import resources; "
+             "print(resources.files('kiln.review').joinpath('page.html').is_file(), "
+             "resources.files('kiln.cluster').joinpath('ray_data_logging.yaml').is_file())")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert res.stdout.split() == ["True", "True"]

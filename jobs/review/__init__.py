@@ -1,0 +1,1 @@
+"""kiln review: a label output reviewed in the browser."""

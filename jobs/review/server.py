@@ -1,0 +1,167 @@
+"""`kiln review`: a local web server whose page shows a label output's rows, the ones the model is
+least sure of first, and saves each decision a person makes as it is made
+(kiln.pipelines.review). `--export FILE` writes the final labels instead.
+
+The page (page.html) and any script use the same HTTP API:
+- GET  /api/rows?offset=&limit=&predicted=&source=&unreviewed=0: rows in review order (by
+  default only those not yet reviewed), with the classes, the sources and the progress;
+- GET  /api/thumbs?i=3,4,5: the rows' images, read again from their sources, as data: URIs;
+- POST /api/decide {"i": row, "action": "accept"|"correct"|"undo", "label": ...}: one
+  decision, saved before the answer;
+- GET  /api/progress."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import getpass
+import json
+import socket
+import threading
+from importlib import resources
+
+from rich.console import Console
+
+from kiln.options import ReviewOptions
+from kiln.pipelines.review import Review, export
+from kiln.pipelines.thumbnails import fetch_thumbnails
+
+MAX_PAGE = 200  # rows a request may ask for
+
+
+def run_review(opts: ReviewOptions, console: Console | None = None) -> dict:
+    console = console or Console(highlight=False)
+    review = Review(opts.labels, opts.model)
+    if opts.export:
+        n = export(review, opts.export)
+        console.print(f"[bold green]done[/]: {n:,} final labels ({review.progress()['reviewed']:,}"
+                      f" reviewed) -> {opts.export}")
+        return {"rows": n, "export": opts.export}
+    reviewer = opts.reviewer or _user()
+    asyncio.run(serve(review, opts.host, opts.port, reviewer, console))
+    return review.progress()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "reviewer"
+
+
+def make_app(review: Review, reviewer: str):
+    """The aiohttp application over one Review. Its methods read and write files, so they run
+    in threads, one at a time (a lock), off the event loop."""
+    from aiohttp import web
+
+    lock = threading.Lock()
+    page = resources.files("kiln.review").joinpath("page.html").read_text(encoding="utf-8")
+
+    async def locked(fn, *args):
+        def run():
+            with lock:
+                return fn(*args)
+        return await asyncio.to_thread(run)
+
+    def rows(q) -> dict:
+        review.read_decisions()  # another reviewer's decisions too
+        predicted, source = q.get("predicted") or None, q.get("source") or None
+        unreviewed = q.get("unreviewed", "1") != "0"  # by default, what is left
+        offset = max(0, _int(q.get("offset"), 0))
+        limit = min(MAX_PAGE, max(1, _int(q.get("limit"), 24)))
+        picked = [i for i, r in enumerate(review.rows)
+                  if (predicted is None or r["label"] == predicted)
+                  and (source is None or r["source"] == source)
+                  and not (unreviewed and (r["source"], r["path"]) in review.decisions)]
+        return {"rows": [_row(review, i) for i in picked[offset:offset + limit]],
+                "total": len(picked), "offset": offset, "classes": review.classes,
+                "sources": sorted({r["source"] for r in review.rows}),
+                "progress": review.progress(), "reviewer": reviewer,
+                "has_truth": review.has_truth}
+
+    def thumbs(ids: list[int]) -> dict:
+        keys = {i: (review.rows[i]["source"], review.rows[i]["path"]) for i in ids
+                if 0 <= i < len(review.rows)}
+        found = fetch_thumbnails(list(keys.values()))
+        return {str(i): found.get(k) for i, k in keys.items()}
+
+    def decide(body: dict) -> dict:
+        review.decide(_int(body.get("i"), -1), body.get("action"), body.get("label"), reviewer)
+        return {"row": _row(review, _int(body.get("i"), -1)), "progress": review.progress()}
+
+    async def index(_request):
+        return web.Response(text=page, content_type="text/html")
+
+    async def api_rows(request):
+        return web.json_response(await locked(rows, request.query))
+
+    async def api_thumbs(request):
+        ids = [_int(x, -1) for x in request.query.get("i", "").split(",")[:MAX_PAGE] if x]
+        return web.json_response(await locked(thumbs, ids))
+
+    async def api_decide(request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.json_response({"error": "the body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "the body is not a JSON object"}, status=400)
+        try:
+            return web.json_response(await locked(decide, body))
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+
+    async def api_progress(_request):
+        return web.json_response(await locked(lambda: (review.read_decisions(),
+                                                       review.progress())[1]))
+
+    app = web.Application(client_max_size=1 << 16)
+    app.add_routes([web.get("/", index), web.get("/api/rows", api_rows),
+                    web.get("/api/thumbs", api_thumbs), web.post("/api/decide", api_decide),
+                    web.get("/api/progress", api_progress)])
+    return app
+
+
+def _int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _row(review: Review, i: int) -> dict:
+    r = review.rows[i]
+    d = review.decisions.get((r["source"], r["path"]))
+    return {"i": i, "source": r["source"], "path": r["path"], "label": r["label"],
+            "confidence": r["confidence"], "top_labels": r["top_labels"],
+            "top_scores": r["top_scores"], "truth": r.get("truth"),
+            "review": None if d is None else {"label": d.label, "action": d.action,
+                                              "reviewer": d.reviewer}}
+
+
+async def serve(review: Review, host: str, port: int, reviewer: str, console: Console) -> None:
+    """Serves until interrupted; prints the address (the port chosen, with --port 0)."""
+    from aiohttp import web
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((host, port), family=family)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is in use: pass --port another (0 "
+                             "picks a free one)") from None
+        raise ValueError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    runner = web.AppRunner(make_app(review, reviewer), access_log=None)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        p = review.progress()
+        console.print(f"review: http://{shown}:{bound}/  ({p['rows']:,} rows, "
+                      f"{p['reviewed']:,} reviewed; each decision is saved as it is made; "
+                      "Ctrl-C stops)", soft_wrap=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        sock.close()
