@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .sink import SUMMARY_FILE, OutputDir, read_job
+from .units import Unit, chunks
 
 REVIEWS = "reviews"  # the folder of decisions inside the label output
 ACTIONS = ("accept", "correct", "undo")
@@ -47,6 +48,49 @@ class Reviewed:
     at: float  # seconds since the epoch
 
 
+def is_label_output(uri: str) -> bool:
+    """Whether `uri` is the output folder of kiln label (or kiln eval)."""
+    job = read_job(uri)
+    return job is not None and job.get("job") in ("label", "eval")
+
+
+def read_decisions(output: str) -> dict[tuple[str, str], Reviewed]:
+    """The review of a label output: the last saved decision of each row, by (source, path);
+    an undone row has none."""
+    folder = storage.join(output, REVIEWS)
+    files = sorted(n for n in storage.list_dir(folder)
+                   if n.startswith("d-") and n.endswith(".parquet"))
+    state: dict[tuple[str, str], Reviewed] = {}
+    for name in files:
+        try:
+            data = storage.read_bytes(storage.join(folder, name), MAX_DECISION_FILE)
+            table = pq.read_table(io.BytesIO(data))
+        except (storage.StorageError, pa.ArrowInvalid, OSError):
+            continue  # not one of ours after all: it decides nothing
+        for d in table.to_pylist():
+            key = (d.get("source"), d.get("path"))
+            if d.get("action") == "undo":
+                state.pop(key, None)
+            elif d.get("action") in ("accept", "correct") and d.get("label") is not None:
+                at = d["at"].timestamp() if d.get("at") is not None else 0.0
+                state[key] = Reviewed(d["label"], d["action"], d.get("reviewer") or "", at)
+    return state
+
+
+def reviewed_units(output: str, chunk: int = 500) -> list[Unit]:
+    """A label output's reviewed rows as training data: units of kind `reviewed`, up to
+    `chunk` rows of one source each, which pipelines.sources reads again from that source
+    with the person's labels."""
+    by_source: dict[str, list] = {}
+    for (source, path), d in sorted(read_decisions(output).items()):
+        by_source.setdefault(source, []).append([path, d.label])
+    units = [u for source, rows in by_source.items()
+             for u in chunks(source, "reviewed", rows, chunk)]
+    for i, u in enumerate(units):
+        u.index = i
+    return units
+
+
 class Review:
     """A label output's rows in the order a person should see them, and its decisions.
 
@@ -57,8 +101,7 @@ class Review:
 
     def __init__(self, output: str, model: str | None = None):
         self.output = storage.absolute(output)
-        job = read_job(self.output)
-        if job is None or job.get("job") not in ("label", "eval"):
+        if not is_label_output(self.output):
             raise ValueError(f"{self.output} is not a label output: kiln review takes the "
                              "--output folder of kiln label (or kiln eval)")
         table = OutputDir(self.output).read_table()
@@ -93,24 +136,8 @@ class Review:
         return storage.join(self.output, REVIEWS)
 
     def read_decisions(self) -> None:
-        """Every saved decision, again (another reviewer's too): the last of each row wins."""
-        files = sorted(n for n in storage.list_dir(self.folder)
-                       if n.startswith("d-") and n.endswith(".parquet"))
-        state: dict[tuple[str, str], Reviewed] = {}
-        for name in files:
-            try:
-                data = storage.read_bytes(storage.join(self.folder, name), MAX_DECISION_FILE)
-                table = pq.read_table(io.BytesIO(data))
-            except (storage.StorageError, pa.ArrowInvalid, OSError):
-                continue  # not one of ours after all: it decides nothing
-            for d in table.to_pylist():
-                key = (d["source"], d["path"])
-                if d["action"] == "undo":
-                    state.pop(key, None)
-                elif d["action"] in ("accept", "correct") and d["label"] is not None:
-                    at = d["at"].timestamp() if d["at"] is not None else 0.0
-                    state[key] = Reviewed(d["label"], d["action"], d["reviewer"] or "", at)
-        self.decisions = state
+        """Every saved decision, again (another reviewer's too)."""
+        self.decisions = read_decisions(self.output)
 
     def decide(self, i: int, action: str, label: str | None, reviewer: str) -> None:
         """Saves one decision on row `i` (an index into rows): accept the model's label,

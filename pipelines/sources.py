@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import archives, names, storage
-from .listing import plan_folders, plan_pages, read_folder, read_page
+from .listing import plan_folders, plan_pages, read_folder, read_page, read_paths, slice_holds
 from .units import Record, Unit, chunks, file_record
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -208,6 +208,43 @@ def _repeated_keys(pf: pq.ParquetFile, key: str) -> dict:
     return {"before": before}
 
 
+def read_named(source: str, paths: set[str]) -> Iterator[Record]:
+    """The records of a source whose paths are among `paths` (pipelines.names' text forms),
+    read again from it: units that hold none are not read, a folder's or an S3 page's wanted
+    files alone; it stops once every path is found. A path the source no longer holds yields
+    nothing."""
+    left = set(paths)
+    for unit in plan([names.parse(source)[0]]):
+        known = unit_paths(unit)
+        if known is not None and not left.intersection(known):
+            continue
+        records = None
+        if unit.kind in ("folder", "s3page"):  # the wanted files alone, not their slice
+            records = read_paths(unit, [p for p in left if slice_holds(unit, p)])
+        skip = frozenset(known).difference(left) if known is not None else frozenset()
+        for rec in records if records is not None else read_unit(unit, skip):
+            if rec.path in left:
+                left.discard(rec.path)
+                yield rec
+        if not left:
+            return
+
+
+def _read_reviewed(unit: Unit, skip) -> Iterator[Record]:
+    """A `reviewed` unit (pipelines.review.reviewed_units): rows of a label output that a
+    person labeled, read again from their source, with the person's labels."""
+    wanted = {path: label for path, label in unit.items if path not in skip}
+    why = "missing: its source no longer holds it"
+    if storage.exists(names.parse(unit.source)[0]):
+        for rec in read_named(unit.source, set(wanted)):
+            rec.label = wanted.pop(rec.path)
+            yield rec
+    else:
+        why = "missing: its source is gone (moved or deleted since it was labeled)"
+    for path in wanted:
+        yield Record(unit.source, path, None, why)
+
+
 def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
               with_labels: bool = False) -> Iterator[Record]:
     """Every record of a unit, in order, but those whose path is in `skip`."""
@@ -215,7 +252,8 @@ def read_unit(unit: Unit, skip: frozenset[str] = frozenset(),
                "tar": _read_tar,
                "tarshard": _read_tar,
                "tarstream": _read_tarstream,
-               "zip": _read_zip, "parquet": _read_parquet, "broken": _read_broken}
+               "zip": _read_zip, "parquet": _read_parquet, "broken": _read_broken,
+               "reviewed": _read_reviewed}
     for rec in readers[unit.kind](unit, skip):
         if with_labels and rec.label is None and unit.kind != "parquet":
             rec.label = names.folder(rec.path)

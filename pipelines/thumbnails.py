@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import names
-from .listing import read_paths, slice_holds
-from .sources import plan, read_unit, unit_paths
+from .sources import read_named
 from .transforms import open_image
 
 if TYPE_CHECKING:
@@ -78,17 +77,7 @@ def fetch_thumbnails(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str |
         wanted.setdefault(source, set()).add(path)
     found: dict[tuple[str, str], str | None] = {}
     for source, paths in wanted.items():
-        for unit in plan([names.parse(source)[0]]):
-            known = unit_paths(unit)
-            if known is not None and not paths.intersection(known):
-                continue
-            records = None
-            if unit.kind in ("folder", "s3page"):  # the wanted files alone, not their slice
-                records = read_paths(unit, [p for p in paths if slice_holds(unit, p)])
-            skip = frozenset(known).difference(paths) if known is not None else frozenset()
-            for rec in records if records is not None else read_unit(unit, skip):
-                if rec.path in paths and rec.data is not None:
-                    found[(source, rec.path)] = thumbnail(rec.data)
-            if all((source, p) in found for p in paths):
-                break
+        for rec in read_named(source, paths):
+            if rec.data is not None:
+                found[(source, rec.path)] = thumbnail(rec.data)
     return found

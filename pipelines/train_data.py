@@ -71,7 +71,18 @@ def check_image_source(uri: str, chunk: int = 500, min_classes: int = 2
     Parquet without `label`. Returns its plan
     (for image_dataset) and how many files it holds when that is known without reading."""
     layout = ("labeled image data is a directory or an archive (.tar, .tar.gz, .tgz, .zip) "
-              "laid out CLASS_NAME/file.png, or Parquet with image and label columns")
+              "laid out CLASS_NAME/file.png, Parquet with image and label columns, or a kiln "
+              "label output with reviews (kiln review)")
+    from .review import is_label_output, reviewed_units
+
+    if storage.is_dir(uri) and is_label_output(uri):
+        units = reviewed_units(uri, chunk)
+        classes = {label for u in units for _, label in u.items}
+        if len(classes) < min_classes:
+            raise ValueError(f"{uri}: a label output whose reviewed rows hold "
+                             f"{len(classes)} class(es); review rows of at least "
+                             f"{min_classes} classes first (kiln review --labels {uri})")
+        return units, sum(len(u.items) for u in units)
     units = sources.plan([uri], chunk=chunk)
     if any(sources.input_kind(u.source) == "file" for u in units):
         raise ValueError(f"{uri}: not a directory, an archive or a Parquet file; {layout}")

@@ -27,11 +27,11 @@ class Record:
 class Unit:
     source: str
     kind: str  # files | folder | s3page | tar | tarshard (a whole local tar) | tarstream | zip
-    # | parquet | broken
+    # | parquet | broken | reviewed (a label output's reviewed rows of one source)
     items: list = field(default_factory=list)  # files: (path, URI, size, error); folder:
     # [folder under the source, first name, last name, files]; s3page: [prefix, the key before
     # the page, its last key, objects, their first folders]; tar: (path, data offset, size,
-    # error); zip: (path, entry index); parquet: row group numbers
+    # error); zip: (path, entry index); parquet: row group numbers; reviewed: (path, label)
     index: int = 0
     repeats: dict | None = None  # parquet: {key: rows of it before this unit} for the keys
     # that repeat in the file

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -288,3 +289,60 @@ def test_the_page_in_chromium_keys_reload_and_a_killed_server(labels, tmp_path):
         if server.proc.poll() is None:
             server.kill()
     assert os.path.exists(out / "summary.json")
+
+
+def test_reviewed_rows_are_training_data_read_from_their_source(labels, tmp_path, ray_local):
+    """`kiln train cnn --data LABELS` trains on the reviewed rows alone, each image read again
+    from its source with the person's label (a new class too); with --init, from the model
+    that labeled them."""
+    from kiln.options import TrainOptions
+    from kiln.pipelines import sources
+    from kiln.pipelines.review import Review
+    from kiln.pipelines.train_data import check_image_source
+    from kiln.train.job import run_train
+
+    out = tmp_path / "labels"
+    shutil.copytree(labels["out"], out, ignore=shutil.ignore_patterns(REVIEWS, "_kiln_lease*"))
+    with pytest.raises(ValueError, match="review rows of at least 2 classes first"):
+        check_image_source(str(out))
+    review = Review(str(out))
+    rows = review.rows
+    wanted = {}
+    for k, row in enumerate(rows[:12]):
+        if k == 1:
+            review.decide(k, "correct", "smudge", "dee")
+            wanted[row["path"]] = "smudge"
+        elif k == 11:  # decided, then undone: not training data
+            review.decide(k, "accept", None, "dee")
+            review.decide(k, "undo", None, "dee")
+        else:
+            truth = labels["truth"][row["path"]]
+            review.decide(k, "correct" if truth != row["label"] else "accept", truth, "dee")
+            wanted[row["path"]] = truth
+    units, count = check_image_source(str(out))
+    assert count == len(wanted) == 11
+    records = [r for u in units for r in sources.read_unit(u, with_labels=True)]
+    assert {r.path: r.label for r in records} == wanted
+    with tarfile.open(labels["dir"] / "digits.tar") as t:
+        assert all(r.data == t.extractfile(r.path).read() for r in records)
+
+    tuned = tmp_path / "tuned"
+    run_train(TrainOptions("cnn", str(out), str(tuned), init=str(labels["dir"] / "run"),
+                           max_steps=2, batch_size=4, workers=1, val_fraction=0.2))
+    card = storage.read_model_config(str(tuned))
+    assert set(card["spec"]["classes"]) == set(wanted.values())
+    assert "smudge" in card["spec"]["classes"] and card["train"]["init"]["from"] == str(
+        labels["dir"] / "run")
+
+    # A source that moved: its reviewed rows are error rows naming why, not a crash.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(out, moved / "labels")
+    (labels["dir"] / "digits.tar").rename(labels["dir"] / "elsewhere.tar")
+    try:
+        records = [r for u in check_image_source(str(moved / "labels"))[0]
+                   for r in sources.read_unit(u, with_labels=True)]
+    finally:
+        (labels["dir"] / "elsewhere.tar").rename(labels["dir"] / "digits.tar")
+    assert len(records) == 11 and all(r.error.startswith("missing: its source is gone")
+                                      for r in records)
