@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/tune.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/review.py
 
 clean:
 	rm -rf demo-output .pytest_cache
