@@ -54,36 +54,57 @@ def is_label_output(uri: str) -> bool:
     return job is not None and job.get("job") in ("label", "eval")
 
 
+class Decisions:
+    """The saved decisions of a label output, read incrementally: a decision file is never
+    rewritten, so each is read once, and `state()` is the last decision of each row, by
+    (source, path), in the files' order (their names: a time, then a random tag); an undone
+    row has none. A file that cannot be read stops the caller (an error, never a decision
+    silently lost); a file that is not a decision (it does not parse) decides nothing."""
+
+    def __init__(self, output: str):
+        self.folder = storage.join(output, REVIEWS)
+        self.files: dict[str, list[dict]] = {}
+        self.ignored: list[str] = []
+
+    def refresh(self) -> dict[tuple[str, str], Reviewed]:
+        names = sorted(n for n in storage.list_dir(self.folder)
+                       if n.startswith("d-") and n.endswith(".parquet"))
+        for name in names:
+            if name in self.files or name in self.ignored:
+                continue
+            try:
+                data = storage.read_bytes(storage.join(self.folder, name), MAX_DECISION_FILE)
+                self.files[name] = pq.read_table(io.BytesIO(data)).to_pylist()
+            except (storage.TooLarge, pa.ArrowInvalid):
+                self.ignored.append(name)  # not one of ours: it decides nothing
+        state: dict[tuple[str, str], Reviewed] = {}
+        for name in names:
+            for d in self.files.get(name, ()):
+                key = (d.get("source"), d.get("path"))
+                if d.get("action") == "undo":
+                    state.pop(key, None)
+                elif d.get("action") in ("accept", "correct") and d.get("label") is not None:
+                    at = d["at"].timestamp() if d.get("at") is not None else 0.0
+                    state[key] = Reviewed(d["label"], d["action"], d.get("reviewer") or "", at)
+        return state
+
+
 def read_decisions(output: str) -> dict[tuple[str, str], Reviewed]:
-    """The review of a label output: the last saved decision of each row, by (source, path);
-    an undone row has none."""
-    folder = storage.join(output, REVIEWS)
-    files = sorted(n for n in storage.list_dir(folder)
-                   if n.startswith("d-") and n.endswith(".parquet"))
-    state: dict[tuple[str, str], Reviewed] = {}
-    for name in files:
-        try:
-            data = storage.read_bytes(storage.join(folder, name), MAX_DECISION_FILE)
-            table = pq.read_table(io.BytesIO(data))
-        except (storage.StorageError, pa.ArrowInvalid, OSError):
-            continue  # not one of ours after all: it decides nothing
-        for d in table.to_pylist():
-            key = (d.get("source"), d.get("path"))
-            if d.get("action") == "undo":
-                state.pop(key, None)
-            elif d.get("action") in ("accept", "correct") and d.get("label") is not None:
-                at = d["at"].timestamp() if d.get("at") is not None else 0.0
-                state[key] = Reviewed(d["label"], d["action"], d.get("reviewer") or "", at)
-    return state
+    """The review of a label output: the last saved decision of each row (Decisions)."""
+    return Decisions(output).refresh()
 
 
 def reviewed_units(output: str, chunk: int = 500) -> list[Unit]:
     """A label output's reviewed rows as training data: units of kind `reviewed`, up to
     `chunk` rows of one source each, which pipelines.sources reads again from that source
     with the person's labels."""
+    table = OutputDir(output).read_table()
+    rows = set() if table.num_rows == 0 else set(zip(
+        table["source"].to_pylist(), table["path"].to_pylist(), strict=True))
     by_source: dict[str, list] = {}
     for (source, path), d in sorted(read_decisions(output).items()):
-        by_source.setdefault(source, []).append([path, d.label])
+        if (source, path) in rows:  # a decision on a row the output no longer holds: none
+            by_source.setdefault(source, []).append([path, d.label])
     units = [u for source, rows in by_source.items()
              for u in chunks(source, "reviewed", rows, chunk)]
     for i, u in enumerate(units):
@@ -100,7 +121,7 @@ class Review:
     the rows whose given label the model contradicts come first, the most confident first."""
 
     def __init__(self, output: str, model: str | None = None):
-        self.output = storage.absolute(output)
+        self.output = storage.absolute(output).rstrip("/")
         if not is_label_output(self.output):
             raise ValueError(f"{self.output} is not a label output: kiln review takes the "
                              "--output folder of kiln label (or kiln eval)")
@@ -119,25 +140,31 @@ class Review:
             seen |= {r["truth"] for r in rows if r["truth"]}
         # The model's classes in its order, then any other (a truth column's, a person's).
         self.classes = [*self.model_classes, *sorted(seen - set(self.model_classes))]
+        self._saved = Decisions(self.output)
         self.decisions: dict[tuple[str, str], Reviewed] = {}
         self.read_decisions()
 
     def _rank(self, row: dict) -> tuple:
+        """(group, primary, confidence, source, path): the contradicted rows of an output
+        with a truth column (group 0), the most confident first; then every other row by its
+        top-two margin and its confidence, smallest first."""
         scores = row["top_scores"] or [row["confidence"]]
         margin = scores[0] - (scores[1] if len(scores) > 1 else 0.0)
-        if self.has_truth and row.get("truth") is not None:
-            contradicted = row["truth"] != row["label"]
-            return (not contradicted, -row["confidence"] if contradicted else margin,
-                    row["source"], row["path"])
-        return (True, margin, row["confidence"], row["source"], row["path"])
+        if self.has_truth and row.get("truth") is not None and row["truth"] != row["label"]:
+            return (0, -row["confidence"], row["confidence"], row["source"], row["path"])
+        return (1, margin, row["confidence"], row["source"], row["path"])
 
     @property
     def folder(self) -> str:
         return storage.join(self.output, REVIEWS)
 
     def read_decisions(self) -> None:
-        """Every saved decision, again (another reviewer's too)."""
-        self.decisions = read_decisions(self.output)
+        """Every saved decision (another reviewer's too); a class that a decision named and
+        the model does not know is offered from then on."""
+        self.decisions = self._saved.refresh()
+        for d in self.decisions.values():
+            if d.label not in self.classes:
+                self.classes.append(d.label)
 
     def decide(self, i: int, action: str, label: str | None, reviewer: str) -> None:
         """Saves one decision on row `i` (an index into rows): accept the model's label,
@@ -182,18 +209,31 @@ class Review:
 
     def final_labels(self) -> pa.Table:
         """Every labeled row with its final label: the person's where reviewed, else the
-        model's; `labeled_by` says which."""
+        given one where the output has it (kiln eval's `truth`), else the model's;
+        `labeled_by` says which (person, given, model)."""
         out = {"source": [], "path": [], "label": [], "labeled_by": [], "model_label": [],
                "confidence": []}
+        if self.has_truth:
+            out["truth"] = []
         for r in sorted(self.rows, key=lambda r: (r["source"], r["path"])):
             d = self.decisions.get((r["source"], r["path"]))
+            given = r.get("truth") if self.has_truth else None
+            label, by = ((d.label, "person") if d else (given, "given") if given is not None
+                         else (r["label"], "model"))
             out["source"].append(r["source"])
             out["path"].append(r["path"])
-            out["label"].append(d.label if d else r["label"])
-            out["labeled_by"].append("person" if d else "model")
+            out["label"].append(label)
+            out["labeled_by"].append(by)
             out["model_label"].append(r["label"])
             out["confidence"].append(r["confidence"])
+            if self.has_truth:
+                out["truth"].append(given)
         return pa.table(out)
+
+    def inputs(self) -> list[str]:
+        """The inputs the label job read, as its output records them."""
+        job = read_job(self.output) or {}
+        return [i for i in job.get("inputs") or () if isinstance(i, str)]
 
 
 def model_classes(output: str, model: str | None) -> list[str]:
@@ -212,22 +252,36 @@ def model_classes(output: str, model: str | None) -> list[str]:
 
 
 def export(review: Review, file: str) -> int:
-    """Writes the final labels to `file` (.parquet, or .csv), whole or not at all; refuses a
-    file that exists. Returns the rows written."""
+    """Writes the final labels to `file` (.parquet, or .csv), whole or not at all, as a new
+    file: one that exists, or that lies inside the label output or one of its inputs, is
+    refused (pipelines.fence). Returns the rows written."""
+    import os
+
     import pyarrow.csv as pacsv
 
-    file = storage.absolute(file)
-    if not file.endswith((".parquet", ".csv")):
+    from .fence import check_output
+
+    if not str(file).endswith((".parquet", ".csv")):
         raise ValueError(f"--export {file}: name a .parquet or .csv file")
+    file = check_output(file, [review.output, *review.inputs()], "--export")
     if storage.exists(file):
         raise ValueError(f"--export {file} exists; kiln writes a new file: choose another name")
-    if storage.is_dir(review.output) and (file + "/").startswith(review.output + "/"):
-        raise ValueError(f"--export {file} lies inside the label output: choose a file outside")
     table = review.final_labels()
     buf = io.BytesIO()
     if file.endswith(".csv"):
         pacsv.write_csv(table, buf)
     else:
         pq.write_table(table, buf)
-    storage.write_bytes(file, buf.getvalue())
+    if storage.is_s3(file):
+        storage.write_bytes(file, buf.getvalue())
+        return table.num_rows
+    tmp = f"{file}.{uuid.uuid4().hex[:8]}.tmp"
+    storage.write_bytes(tmp, buf.getvalue())
+    try:  # a link fails where a file of that name appeared since: it is never written over
+        os.link(tmp, file)
+    except FileExistsError:
+        raise ValueError(f"--export {file} exists; kiln writes a new file: choose another "
+                         "name") from None
+    finally:
+        os.unlink(tmp)
     return table.num_rows

@@ -103,6 +103,15 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def raw(self, path: str, body, headers: dict) -> tuple[int, str]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
@@ -153,6 +162,16 @@ def test_rows_least_certain_first_decisions_saved_and_survive_a_kill(labels, tmp
         assert ann.post({"i": N + 5, "action": "accept"})[0] == 400
         assert ann.post({"i": first["i"], "action": "correct", "label": " "})[0] == 400
         assert ann.post([1, 2])[0] == 400
+        # Only its own page and scripts: no form or no-cors post from another site (not
+        # JSON), no other site's page (Origin), no name rebound to this machine (Host).
+        assert ann.raw("/api/decide", {"i": first["i"], "action": "accept"},
+                       {"Content-Type": "text/plain"})[0] == 415
+        assert ann.raw("/api/decide", {"i": first["i"], "action": "accept"},
+                       {"Content-Type": "application/json",
+                        "Origin": "http://evil.example"})[0] == 403
+        assert ann.raw("/api/rows", None, {"Host": f"evil.example:{ann.port}"})[0] == 403
+        status, page_html = ann.raw("/", None, {"Host": f"localhost:{ann.port}"})
+        assert status == 200 and "kiln review" in page_html
         assert len(decisions(out)) == 4
         # The rows left to review leave out the reviewed; a filter by predicted class.
         left = ann.get("/api/rows?limit=200")
@@ -163,7 +182,8 @@ def test_rows_least_certain_first_decisions_saved_and_survive_a_kill(labels, tmp
         assert all(v.startswith("data:image/png;base64,") for v in thumbs.values())
         ann.kill()  # mid-review: every answered decision is on disk
 
-        bob, ann = Server(out, "bob"), Server(out, "ann")
+        bob = Server(out, "bob")
+        ann = Server(out, "ann")
         assert bob.get("/api/progress")["reviewed"] == 2
         assert bob.post({"i": rows[3]["i"], "action": "accept"})[0] == 200
         # Two reviewers on one output: each sees the other's decisions, each row counts once.
@@ -200,6 +220,9 @@ def test_rows_least_certain_first_decisions_saved_and_survive_a_kill(labels, tmp
     assert pq.read_table(_export(out, tmp_path / "final.parquet")).num_rows == N
     again = kiln("review", "--labels", out, "--export", final)
     assert again.returncode == 2 and "exists" in again.stderr
+    inside = kiln("review", "--labels", out, "--export", out / "final.csv")
+    assert inside.returncode == 2 and "lies inside" in inside.stderr
+    assert not (out / "final.csv").exists()
     # The output still resumes as a label output: its reviews are not parts.
     summary = run_label(LabelOptions(model=str(labels["dir"] / "run"),
                                      inputs=[str(labels["dir"] / "digits.tar")],
@@ -283,6 +306,15 @@ def test_the_page_in_chromium_keys_reload_and_a_killed_server(labels, tmp_path):
             assert reviewed() == "2"
             page.keyboard.press("a")
             page.wait_for_function("document.getElementById('progress').dataset.reviewed==='3'")
+            # The next page of rows to review starts after this page's skipped rows.
+            shown = [int(cards.nth(k).get_attribute("data-i")) for k in range(cards.count())]
+            left = [r["i"] for r in server.get("/api/rows?limit=200")["rows"]]
+            still = [i for i in shown if i in set(left)]
+            assert len(shown) == 24 and len(still) == 23
+            page.keyboard.press("n")
+            page.wait_for_function("document.querySelector('.card') && "
+                                   f"document.querySelector('.card').dataset.i === "
+                                   f"'{left[len(still)]}'")
             browser.close()
         assert len(decisions(out)) == 5
     finally:
@@ -346,3 +378,31 @@ def test_reviewed_rows_are_training_data_read_from_their_source(labels, tmp_path
         (labels["dir"] / "elsewhere.tar").rename(labels["dir"] / "digits.tar")
     assert len(records) == 11 and all(r.error.startswith("missing: its source is gone")
                                       for r in records)
+
+
+def test_an_eval_output_shows_the_contradicted_labels_first_and_exports_the_given(labels,
+                                                                                  tmp_path):
+    """On kiln eval's output (a truth column) the rows whose given label the model
+    contradicts come first, the most confident first; the export keeps the given labels where
+    no one reviewed."""
+    from kiln.bulk.eval import run_eval
+    from kiln.options import EvalOptions
+    from kiln.pipelines.review import Review, export
+
+    out = tmp_path / "eval"
+    run_eval(EvalOptions(model=str(labels["dir"] / "run"), data=str(labels["dir"] /
+                                                                      "digits.tar"),
+                         output=str(out)))
+    review = Review(str(out))
+    wrong = [r for r in review.rows if r["truth"] != r["label"]]
+    assert wrong and review.rows[:len(wrong)] == sorted(wrong, key=lambda r: -r["confidence"])
+    rest = review.rows[len(wrong):]
+    margins = [r["top_scores"][0] - r["top_scores"][1] for r in rest]
+    assert margins == sorted(margins)
+    review.decide(0, "accept", None, "eve")  # the model was right after all
+    assert export(review, str(tmp_path / "final.parquet")) == N
+    final = {r["path"]: r for r in pq.read_table(tmp_path / "final.parquet").to_pylist()}
+    assert final[review.rows[0]["path"]]["labeled_by"] == "person"
+    assert final[review.rows[0]["path"]]["label"] == review.rows[0]["label"]
+    others = [r for p, r in final.items() if p != review.rows[0]["path"]]
+    assert all(r["labeled_by"] == "given" and r["label"] == r["truth"] for r in others)

@@ -49,9 +49,10 @@ def _user() -> str:
         return "reviewer"
 
 
-def make_app(review: Review, reviewer: str):
+def make_app(review: Review, reviewer: str, hosts: set[str] | None = None):
     """The aiohttp application over one Review. Its methods read and write files, so they run
-    in threads, one at a time (a lock), off the event loop."""
+    in threads, one at a time (a lock), off the event loop; thumbnails, which read the
+    sources, without it. `hosts`: the Host header values it answers (guard)."""
     from aiohttp import web
 
     lock = threading.Lock()
@@ -97,9 +98,12 @@ def make_app(review: Review, reviewer: str):
 
     async def api_thumbs(request):
         ids = [_int(x, -1) for x in request.query.get("i", "").split(",")[:MAX_PAGE] if x]
-        return web.json_response(await locked(thumbs, ids))
+        return web.json_response(await asyncio.to_thread(thumbs, ids))  # rows never change
 
     async def api_decide(request):
+        if request.content_type != "application/json":  # a form or a no-cors fetch cannot
+            return web.json_response({"error": "a decision is posted as application/json"},
+                                     status=415)  # send JSON without asking first (CORS)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -115,11 +119,47 @@ def make_app(review: Review, reviewer: str):
         return web.json_response(await locked(lambda: (review.read_decisions(),
                                                        review.progress())[1]))
 
-    app = web.Application(client_max_size=1 << 16)
+    app = web.Application(client_max_size=1 << 16, middlewares=[guard(hosts)])
     app.add_routes([web.get("/", index), web.get("/api/rows", api_rows),
                     web.get("/api/thumbs", api_thumbs), web.post("/api/decide", api_decide),
                     web.get("/api/progress", api_progress)])
     return app
+
+
+def guard(hosts: set[str] | None):
+    """Middleware: answers only requests addressed to this server by a name it was given
+    (`hosts`: a web page that rebinds its own name to 127.0.0.1 is refused), from its own
+    page or no page (an Origin header, where sent, is this server's), never in a frame; a
+    storage error is a JSON answer naming it, as every other error is."""
+    from aiohttp import web
+
+    from kiln.pipelines.storage import StorageError
+
+    @web.middleware
+    async def check(request, handler):
+        if hosts is not None and request.host not in hosts:
+            return web.json_response({"error": "unknown Host"}, status=403)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"http://{request.host}":
+            return web.json_response({"error": "another site's page"}, status=403)
+        try:
+            response = await handler(request)
+        except StorageError as e:
+            response = web.json_response({"error": str(e)}, status=503)
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        return response
+
+    return check
+
+
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The Host header values a browser sends for this server: the address it was given, and
+    this machine's own names where it listens on this machine alone."""
+    names = {host, f"[{host}]" if ":" in host else host}
+    if host in ("127.0.0.1", "localhost", "::1"):
+        names |= {"127.0.0.1", "localhost", "[::1]"}
+    return {f"{n}:{port}" for n in names}
 
 
 def _int(value, default: int) -> int:
@@ -143,6 +183,8 @@ async def serve(review: Review, host: str, port: int, reviewer: str, console: Co
     """Serves until interrupted; prints the address (the port chosen, with --port 0)."""
     from aiohttp import web
 
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a port is 0 to 65535 (0 picks a free one)")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((host, port), family=family)
@@ -151,11 +193,12 @@ async def serve(review: Review, host: str, port: int, reviewer: str, console: Co
             raise ValueError(f"port {port} on {host} is in use: pass --port another (0 "
                              "picks a free one)") from None
         raise ValueError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
-    runner = web.AppRunner(make_app(review, reviewer), access_log=None)
+    bound = sock.getsockname()[1]
+    hosts = None if host in ("0.0.0.0", "::") else allowed_hosts(host, bound)
+    runner = web.AppRunner(make_app(review, reviewer, hosts), access_log=None)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
-        bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         p = review.progress()
         console.print(f"review: http://{shown}:{bound}/  ({p['rows']:,} rows, "
