@@ -358,6 +358,18 @@ def test_reviewed_rows_are_training_data_read_from_their_source(labels, tmp_path
     with tarfile.open(labels["dir"] / "digits.tar") as t:
         assert all(r.data == t.extractfile(r.path).read() for r in records)
 
+    # kiln eval scores a model on the person's labels the same way.
+    from kiln.bulk.eval import run_eval
+    from kiln.options import EvalOptions
+
+    run_eval(EvalOptions(model=str(labels["dir"] / "run"), data=str(out),
+                         output=str(tmp_path / "scored")))
+    figures = json.loads((tmp_path / "scored" / "eval.json").read_text())
+    model_said = {r["path"]: r["label"] for r in rows}
+    assert figures["images"] == 11
+    assert figures["accuracy"] == pytest.approx(
+        sum(model_said[p] == label for p, label in wanted.items()) / 11)
+
     tuned = tmp_path / "tuned"
     run_train(TrainOptions("cnn", str(out), str(tuned), init=str(labels["dir"] / "run"),
                            max_steps=2, batch_size=4, workers=1, val_fraction=0.2))
