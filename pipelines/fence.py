@@ -90,12 +90,12 @@ def _check_local_input(output: str, out: str, given: str, flag: str) -> None:
         if _within(out, src):
             where = "is" if out == src else "lies inside"
             raise FenceError(f"{flag} {output} {where} the input {storage.shown(uri)}: a "
-                             "run would read its own output as input; choose an --output "
-                             "outside it")
+                             f"run would read its own output as input; choose another "
+                             f"{flag} outside it")
         if _within(src, out):
             raise FenceError(f"{flag} {output} holds the input {storage.shown(uri)}: kiln "
-                             "keeps its output apart from its inputs; choose an --output "
-                             "that does not contain them")
+                             f"keeps its output apart from its inputs; choose another "
+                             f"{flag} that does not contain them")
     if pattern:
         _check_pattern(output, out, storage.local_path(given), given, _real, flag)
 
@@ -112,9 +112,9 @@ def _check_pattern(output: str, out: str, full: str, given: str, real, flag: str
         if all(fnmatch.fnmatchcase(o, p) for o, p in zip(below, segments, strict=False)):
             raise FenceError(f"{flag} {output} is matched by the input pattern {given}, or "
                              "holds what it matches: a later run would read the output as "
-                             "input; choose an --output the pattern does not reach")
+                             f"input; choose another {flag} the pattern does not reach")
     elif _within(base, out):
-        raise FenceError(f"{flag} {output} holds the inputs {given}; choose an --output "
+        raise FenceError(f"{flag} {output} holds the inputs {given}; choose another {flag} "
                          "that does not contain them")
 
 
@@ -132,8 +132,8 @@ def _check_s3(output: str, inputs: list[str], flag: str) -> str:
         src = _s3_path(given)
         if _within(out, src) or _within(src, out):
             raise FenceError(f"{flag} {output} and the input {given} overlap (one holds the "
-                             "other): kiln keeps its output apart from its inputs; choose "
-                             "another --output")
+                             f"other): kiln keeps its output apart from its inputs; choose "
+                             f"another {flag}")
     return output
 
 

@@ -418,3 +418,29 @@ def test_an_eval_output_shows_the_contradicted_labels_first_and_exports_the_give
     assert final[review.rows[0]["path"]]["label"] == review.rows[0]["label"]
     others = [r for p, r in final.items() if p != review.rows[0]["path"]]
     assert all(r["labeled_by"] == "given" and r["label"] == r["truth"] for r in others)
+
+
+def test_a_review_of_an_s3_output_saves_reads_and_exports_there(labels, s3_bucket):
+    """The same review on S3 (the moto server): decisions as objects under reviews/, read
+    back by a second reader, the export an object beside them that is never written over."""
+    from kiln.pipelines.review import Review, export, read_decisions
+
+    out = f"{s3_bucket}/labels"
+    run_label(LabelOptions(model=str(labels["dir"] / "run"),
+                           inputs=[str(labels["dir"] / "digits.tar")], output=out, top_k=3))
+    review = Review(out + "/")  # as a user types it
+    first, second = review.rows[:2]
+    review.decide(0, "accept", None, "fay")
+    review.decide(1, "correct", "smudge", "fay")
+    again = read_decisions(out)
+    assert {k: d.label for k, d in again.items()} == {
+        (first["source"], first["path"]): first["label"],
+        (second["source"], second["path"]): "smudge"}
+    assert len(storage.list_dir(f"{out}/{REVIEWS}")) == 2
+    assert export(review, f"{s3_bucket}/final.parquet") == N
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/final.parquet")))
+    assert sorted(table["labeled_by"].to_pylist()).count("person") == 2
+    with pytest.raises(ValueError, match="exists"):
+        export(review, f"{s3_bucket}/final.parquet")
+    with pytest.raises(ValueError, match="overlap.*choose another --export"):
+        export(review, f"{out}/final.parquet")
