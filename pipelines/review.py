@@ -56,7 +56,7 @@ def is_label_output(uri: str) -> bool:
 
 class Decisions:
     """The saved decisions of a label output, read incrementally: a decision file is never
-    rewritten, so each is read once, and `state()` is the last decision of each row, by
+    rewritten, so each is read once, and `refresh()` gives the last decision of each row, by
     (source, path), in the files' order (their names: a time, then a random tag); an undone
     row has none. A file that cannot be read stops the caller (an error, never a decision
     silently lost); a file that is not a decision (it does not parse) decides nothing."""
@@ -64,7 +64,7 @@ class Decisions:
     def __init__(self, output: str):
         self.folder = storage.join(output, REVIEWS)
         self.files: dict[str, list[dict]] = {}
-        self.ignored: list[str] = []
+        self.ignored: set[str] = set()
 
     def refresh(self) -> dict[tuple[str, str], Reviewed]:
         names = sorted(n for n in storage.list_dir(self.folder)
@@ -76,7 +76,7 @@ class Decisions:
                 data = storage.read_bytes(storage.join(self.folder, name), MAX_DECISION_FILE)
                 self.files[name] = pq.read_table(io.BytesIO(data)).to_pylist()
             except (storage.TooLarge, pa.ArrowInvalid):
-                self.ignored.append(name)  # not one of ours: it decides nothing
+                self.ignored.add(name)  # not one of ours: it decides nothing
         state: dict[tuple[str, str], Reviewed] = {}
         for name in names:
             for d in self.files.get(name, ()):
@@ -99,14 +99,14 @@ def reviewed_units(output: str, chunk: int = 500) -> list[Unit]:
     `chunk` rows of one source each, which pipelines.sources reads again from that source
     with the person's labels."""
     table = OutputDir(output).read_table()
-    rows = set() if table.num_rows == 0 else set(zip(
+    held = set() if table.num_rows == 0 else set(zip(
         table["source"].to_pylist(), table["path"].to_pylist(), strict=True))
     by_source: dict[str, list] = {}
     for (source, path), d in sorted(read_decisions(output).items()):
-        if (source, path) in rows:  # a decision on a row the output no longer holds: none
+        if (source, path) in held:  # a decision on a row the output no longer holds: none
             by_source.setdefault(source, []).append([path, d.label])
-    units = [u for source, rows in by_source.items()
-             for u in chunks(source, "reviewed", rows, chunk)]
+    units = [u for source, items in by_source.items()
+             for u in chunks(source, "reviewed", items, chunk)]
     for i, u in enumerate(units):
         u.index = i
     return units
@@ -154,10 +154,6 @@ class Review:
             return (0, -row["confidence"], row["confidence"], row["source"], row["path"])
         return (1, margin, row["confidence"], row["source"], row["path"])
 
-    @property
-    def folder(self) -> str:
-        return storage.join(self.output, REVIEWS)
-
     def read_decisions(self) -> None:
         """Every saved decision (another reviewer's too); a class that a decision named and
         the model does not know is offered from then on."""
@@ -190,7 +186,7 @@ class Review:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         name = f"d-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        storage.write_bytes(storage.join(self.folder, name), buf.getvalue())
+        storage.write_bytes(storage.join(self._saved.folder, name), buf.getvalue())
         key = (row["source"], row["path"])
         if action == "undo":
             self.decisions.pop(key, None)

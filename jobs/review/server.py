@@ -87,8 +87,13 @@ def make_app(review: Review, reviewer: str, hosts: set[str] | None = None):
         return {str(i): found.get(k) for i, k in keys.items()}
 
     def decide(body: dict) -> dict:
-        review.decide(_int(body.get("i"), -1), body.get("action"), body.get("label"), reviewer)
-        return {"row": _row(review, _int(body.get("i"), -1)), "progress": review.progress()}
+        i = _int(body.get("i"), -1)
+        review.decide(i, body.get("action"), body.get("label"), reviewer)
+        return {"row": _row(review, i), "progress": review.progress()}
+
+    def progress() -> dict:
+        review.read_decisions()  # another reviewer's decisions too
+        return review.progress()
 
     async def index(_request):
         return web.Response(text=page, content_type="text/html")
@@ -116,8 +121,7 @@ def make_app(review: Review, reviewer: str, hosts: set[str] | None = None):
             return web.json_response({"error": str(e)}, status=400)
 
     async def api_progress(_request):
-        return web.json_response(await locked(lambda: (review.read_decisions(),
-                                                       review.progress())[1]))
+        return web.json_response(await locked(progress))
 
     app = web.Application(client_max_size=1 << 16, middlewares=[guard(hosts)])
     app.add_routes([web.get("/", index), web.get("/api/rows", api_rows),
